@@ -1,0 +1,78 @@
+"""LEGO on Ego4D: every setting of the paper (and, behind switches, of the PyTorch release).
+
+Full model sizes: LLaVA on LLaMA-2-13B-chat with a CLIP ViT-L/14 tower and a linear projector;
+Stable Diffusion 1.5 UNet widened to 8 input channels, KL-f8 VAE, CLIP ViT-L/14 text encoder.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+  cfg.name = "lego_ego4d"
+  cfg.seed = 42
+
+  cfg.data = dict(
+      source="lego_json",             # "synthetic" or "lego_json" (the release's annotation format)
+      dataset="ego4d",                # ego4d: "#C C cuts ..." narrations are normalised
+      annotation_train="",            # path to the LEGO train annotation JSON
+      annotation_test="",             # path to the LEGO test (official val) annotation JSON
+      frames_dir="",                  # directory of the release's JPEG frames
+      metadata="",                    # optional metadata JSON (height/width per clip)
+      records_dir="",                 # ArrayRecord output; default WORKDIR/records
+      num_shards=64,
+      max_bad_fraction=0.01,          # conversion fails if more records than this are broken
+      image_size=256,                 # LDM frames: LANCZOS squash to 256x256
+      vllm_image_size=224,            # CLIP view: bicubic short side 224, center crop 224
+      hflip_prob=0.5,                 # joint flip of input and target
+      num_workers=2,
+      synthetic=dict(num_train=0, num_val=0, num_test=0, seed=0, frame_size=256),
+      tokenizer_dir="",               # LLaMA SentencePiece tokenizer directory (local)
+      clip_tokenizer_dir="",          # CLIP BPE tokenizer directory (local)
+      tokenizer_vocab_size=32000,
+  )
+
+  # CLIP ViT-L/14 @224 vision tower: 303,179,776 params.
+  cfg.clip_vision = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
+                         image_size=224, patch_size=14, layer_norm_eps=1e-5, select_layer=-2,
+                         projection_dim=768)
+  # CLIP ViT-L/14 text encoder: 123,060,480 params.
+  cfg.clip_text = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_layers=12,
+                       num_heads=12, max_position=77, layer_norm_eps=1e-5)
+  # LLaMA-2-13B-chat: 13,015,864,320 params.
+  cfg.llama = dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40,
+                   num_heads=40, num_kv_heads=40, rms_norm_eps=1e-5, rope_theta=10000.0,
+                   max_position=4096, tie_embeddings=False)
+  # LLaVA glue: ONE linear layer 1024 -> 5120 in LEGO ("mlp2x_gelu" is LLaVA-1.5's).
+  cfg.llava = dict(projector="linear", vision_hidden=1024, text_hidden=5120)
+  # SD KL-f8 VAE: 83,653,863 params.
+  cfg.vae = dict(in_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                 layers_per_block=2, norm_groups=32, scaling_factor=0.18215)
+  # SD-1.5 UNet with 8 input channels: 859,532,484 params.
+  cfg.unet = dict(in_channels=8, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                  attention_levels=(True, True, True, False), layers_per_block=2, num_heads=8,
+                  transformer_depth=1, context_dim=768, norm_groups=32)
+  # LEGO conditioner: proj_img, proj_txt (5120 -> 768) and a 2-layer pre-LN transformer encoder.
+  cfg.conditioner = dict(llm_dim=5120, context_dim=768, text_len=77, num_heads=8, ffn_dim=2048,
+                         num_layers=2, dropout=0.1)
+
+  cfg.vllm_train = dict(
+      batch_size=128, grad_accum=8, epochs=3, num_steps=-1, lr=2e-5, weight_decay=0.0,
+      warmup_ratio=0.03, schedule="constant",  # the release's DeepSpeed config: warmup then constant
+      max_length=2048, frozen=r"^vision/.*", remat=True, log_every=10, ckpt_every=500)
+  cfg.vllm_generate = dict(temperature=0.2, top_p=1.0, greedy=False, max_new_tokens=1024, seed=42,
+                           batch_size=16, feature_dtype="float16")
+  cfg.ldm_train = dict(
+      batch_size=1024, grad_accum=4, num_steps=20000, lr=1e-4, weight_decay=0.01,
+      b1=0.9, b2=0.999, eps=1e-8, ema_decay=0.9999, train_projections=True,
+      use_image_embedding=True, use_text_embedding=True, text_source="description",
+      drop_text_prob=0.05, drop_both_prob=0.05, drop_image_prob=0.05, remat=True,
+      cache_frozen=False, init="sd15", init_checkpoint="", log_every=50, ckpt_every=1000,
+      sample_every=1000, num_timesteps=1000, beta_start=0.00085, beta_end=0.012)
+  cfg.sampler = dict(kind="euler_ancestral", num_steps=100, text_guidance=7.5, image_guidance=1.5,
+                     seed=0, use_ema=True, output_norm="minmax")
+  cfg.eval = dict(metrics=("psnr", "lpips", "fid", "clip", "egovlp", "egovlp_plus"),
+                  lpips_net="alex", lpips_release_range=False, egovlp_frames=4, weights_dir="")
+  cfg.mesh = dict(shape=(-1, 1, 1))   # (data, fsdp, tensor); -1 takes the remaining devices
+  cfg.checkpoint = dict(keep=3, async_save=True)
+  return cfg

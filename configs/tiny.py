@@ -1,0 +1,50 @@
+"""The embedded default: the SAME pipeline as the paper's configs at a size that runs on 2 CPU
+cores in minutes, on synthetic egocentric scenes the package generates itself (no downloads).
+
+Model sections use the field names of each model's Config dataclass in lego_jax/models/.
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _base(name):
+  spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name(f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+  cfg = _base("lego_ego4d").get_config()
+  cfg.name = "tiny"
+
+  cfg.data.source = "synthetic"
+  cfg.data.image_size = 64            # frames squashed to 64x64 for the LDM
+  cfg.data.vllm_image_size = 32       # CLIP view for the VLLM
+  cfg.data.synthetic = dict(num_train=512, num_val=32, num_test=64, seed=0, frame_size=64)
+  cfg.data.num_shards = 2
+  cfg.data.tokenizer_vocab_size = 512
+
+  cfg.clip_vision.update(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                         image_size=32, patch_size=8, projection_dim=32)
+  cfg.clip_text.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, max_position=77)
+  cfg.llama.update(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                   num_heads=4, num_kv_heads=4, max_position=512)
+  cfg.llava.update(vision_hidden=64, text_hidden=128)
+  cfg.vae.update(block_out_channels=(32, 64, 64), layers_per_block=1, norm_groups=16)
+  cfg.unet.update(block_out_channels=(64, 128), attention_levels=(True, True),
+                  layers_per_block=1, num_heads=4, context_dim=64, norm_groups=16)
+  cfg.conditioner.update(llm_dim=128, context_dim=64, num_heads=4, ffn_dim=128)
+
+  cfg.vllm_train.update(batch_size=16, grad_accum=1, num_steps=300, lr=1e-3, max_length=160,
+                        log_every=20, ckpt_every=100)
+  cfg.vllm_generate.update(max_new_tokens=48)
+  cfg.ldm_train.update(batch_size=16, grad_accum=1, num_steps=800, lr=5e-4, ema_decay=0.999,
+                       log_every=50, ckpt_every=200, sample_every=400, init="random")
+  cfg.sampler.update(num_steps=20)
+  cfg.mesh.shape = (-1, 1, 1)
+  return cfg

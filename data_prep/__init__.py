@@ -1,0 +1,1 @@
+"""Converters from released datasets and raw videos to lego_jax ArrayRecord records."""

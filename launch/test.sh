@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Quickstart command 2: a virtual env with the test extras, then the whole test suite.
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+python -m pip install -q -e ".[test]"
+# JAX and torch share two cores in CI: one thread each per process, two test processes.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 TF_CPP_MIN_LOG_LEVEL=3
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+python -m pytest -n "${LEGO_TEST_WORKERS:-2}" --dist loadfile tests "$@"

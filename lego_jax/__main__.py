@@ -1,0 +1,3 @@
+from lego_jax.cli import run
+
+run()

@@ -1,0 +1,25 @@
+"""Test-wide settings: 8 fake CPU devices for mesh tests, one thread per library.
+
+JAX and torch share the CI machine's two cores; without pinning, torch's thread pool fights
+XLA's and runs tens of times slower.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")  # parity tests compare fp32 exactly
+
+try:
+  import torch  # noqa: E402
+
+  torch.set_num_threads(1)
+except ImportError:
+  pass
+
+import lego_jax  # noqa: E402,F401  (applies the project's flax settings)

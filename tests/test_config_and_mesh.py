@@ -1,0 +1,41 @@
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lego_jax import config as config_lib
+from lego_jax.parallel import sharding
+
+
+def test_overrides_and_unknown_keys(tmp_path):
+  cfg = config_lib.load("tiny", ["ldm_train.lr=0.25", "unet.block_out_channels=(8,16)",
+                                 "sampler.use_ema=false"])
+  assert cfg.ldm_train.lr == 0.25 and cfg.unet.block_out_channels == (8, 16)
+  assert cfg.sampler.use_ema is False
+  with pytest.raises(config_lib.ConfigError, match="ldm_train.nope"):
+    config_lib.load("tiny", ["ldm_train.nope=1"])
+  out = config_lib.save(cfg, tmp_path)
+  assert '"lr": 0.25' in out.read_text()
+
+
+def test_full_configs_hold_the_paper_settings():
+  cfg = config_lib.load("lego_ego4d")
+  assert cfg.llama.hidden_size == 5120 and cfg.llama.num_layers == 40
+  assert cfg.unet.in_channels == 8 and cfg.vae.scaling_factor == 0.18215
+  assert (cfg.sampler.text_guidance, cfg.sampler.image_guidance, cfg.sampler.num_steps) == (7.5, 1.5, 100)
+  assert config_lib.load("lego_epickitchens").eval.egovlp_frames == 16
+
+
+def test_rule_table_and_mesh():
+  assert sharding.logical_to_spec(("batch", "length", "embed")) == P(("data", "fsdp"), None, None)
+  assert sharding.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+  with pytest.raises(KeyError, match="nonsense"):
+    sharding.logical_to_spec(("nonsense",))
+  mesh = sharding.make_mesh((2, 2, -1), devices=jax.devices()[:8])
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  with pytest.raises(ValueError, match="needs"):
+    sharding.make_mesh((3, 1, 1), devices=jax.devices()[:8])
+  x = np.arange(16.0).reshape(8, 2)
+  with sharding.use_mesh(mesh):
+    y = jax.jit(lambda a: sharding.constrain(a * 2, ("batch", None)))(x)
+  np.testing.assert_array_equal(np.asarray(y), x * 2)
