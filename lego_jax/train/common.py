@@ -1,0 +1,138 @@
+"""Pieces every trainer shares: optimizer from config, freezing by regex, EMA, logging.
+
+Trainers keep parameters as a plain pytree (from `nnx.split`) so that the step function is a pure
+function of (params, opt_state, batch, rng) that jits once with explicit shardings and donation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+
+class NonFiniteError(RuntimeError):
+  """Loss or gradient went NaN/Inf; the last good checkpoint is kept."""
+
+
+def path_str(path) -> str:
+  return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def label_params(params: Any, frozen: str | None) -> Any:
+  """'frozen' for parameters whose path (a/b/c) matches the regex, else 'trained'."""
+  rx = re.compile(frozen) if frozen else None
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: "frozen" if rx is not None and rx.search(path_str(p)) else "trained", params)
+
+
+def learning_rate(base: float, total_steps: int, warmup_ratio: float = 0.0,
+                  schedule: str = "constant") -> optax.Schedule:
+  """Linear warm-up over `warmup_ratio` of the steps, then constant or cosine to 0."""
+  warmup = int(math.ceil(warmup_ratio * max(total_steps, 1)))
+  if schedule == "constant":
+    after = optax.constant_schedule(base)
+  elif schedule == "cosine":
+    after = optax.cosine_decay_schedule(base, max(total_steps - warmup, 1))
+  else:
+    raise ValueError(f"unknown lr schedule {schedule!r} (constant or cosine)")
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), after], [warmup])
+
+
+def adamw(params: Any, lr: optax.Schedule | float, *, weight_decay: float = 0.0, b1=0.9, b2=0.999,
+          eps=1e-8, frozen: str | None = None, grad_clip: float | None = None) -> optax.GradientTransformation:
+  """AdamW (PyTorch defaults) on trained params only; frozen ones get zero updates and no state."""
+  chain = []
+  if grad_clip:
+    chain.append(optax.clip_by_global_norm(grad_clip))
+  chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  tx = optax.chain(*chain)
+  if frozen is None:
+    return tx
+  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                               label_params(params, frozen))
+
+
+def ema_decay(num_updates: jax.Array, max_decay: float) -> jax.Array:
+  """LitEma's warm-up: decay = min(max_decay, (1 + n) / (10 + n))."""
+  n = num_updates.astype(jnp.float32)
+  return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema: Any, params: Any, num_updates: jax.Array, max_decay: float) -> Any:
+  d = ema_decay(num_updates, max_decay)
+  return jax.tree.map(lambda e, p: e - (1.0 - d) * (e - p.astype(e.dtype)), ema, params)
+
+
+def all_finite(*trees) -> jax.Array:
+  leaves = [x for t in trees for x in jax.tree.leaves(t) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def cast_tree(tree: Any, dtype) -> Any:
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def step_rng(seed: int, step: int | jax.Array) -> jax.Array:
+  # Derived from (seed, step) alone so a resumed run draws exactly what an uninterrupted one did.
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+class MetricWriter:
+  """TensorBoard scalars/images (tensorboardX) plus a metrics.jsonl anyone can plot."""
+
+  def __init__(self, logdir: str | Path, enabled: bool = True):
+    self.logdir = Path(logdir)
+    self.enabled = enabled and jax.process_index() == 0
+    self._tb = None
+    if self.enabled:
+      self.logdir.mkdir(parents=True, exist_ok=True)
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(self.logdir))
+      self._jsonl = open(self.logdir / "metrics.jsonl", "a")
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    for k, v in values.items():
+      self._tb.add_scalar(k, float(v), step)
+    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(),
+                                  **{k: float(v) for k, v in values.items()}}) + "\n")
+    self._jsonl.flush()
+
+  def image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:
+    if self.enabled:
+      self._tb.add_image(tag, image_hwc_uint8, step, dataformats="HWC")
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def read_metrics(logdir: str | Path) -> list[dict]:
+  p = Path(logdir) / "metrics.jsonl"
+  if not p.exists():
+    return []
+  return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def split_params(model: nnx.Module):
+  """(graphdef, params, rest): params are what the optimizer sees."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def param_count(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
