@@ -1,0 +1,507 @@
+"""The Stable Diffusion KL-f8 autoencoder (AutoencoderKL) in Flax NNX, NHWC.
+
+    x (B, H, W, 3) in [-1, 1] --encoder--> (B, H/f, W/f, 2*latent) --quant_conv--> mean, logvar
+    z (B, H/f, W/f, latent) --post_quant_conv--> --decoder--> image (B, H, W, 3)
+
+with f = 2 ** (len(block_out_channels) - 1) (8 for SD). The encoder/decoder are the LDM ones:
+ResNet blocks (GroupNorm + SiLU), a mid block (ResNet, single-head spatial self-attention, ResNet),
+strided downsampling with SD's asymmetric (0, 1, 0, 1) zero padding, nearest-2x upsampling.
+
+Weights load from both layouts users hold (diffusers `AutoencoderKL` and the CompVis single-file
+`first_stage_model.*`); the key maps are data computed from the config (`vae_rules`).
+
+The building blocks (`conv2d`, `group_norm`, `ResnetBlock`, `resize_nearest`) and the key-map
+helpers (`block_rules`, `load_mapped`, `export_mapped`) are shared with the UNet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lego_jax.parallel.sharding import constrain
+from lego_jax.weights import io as weight_io
+from lego_jax.weights.mapping import Kind, KeyMappingError, Rule, jax_to_torch, torch_to_jax
+from lego_jax.weights.state import flat_params, load_params, param_shapes
+
+Array = jax.Array
+IMAGE_AXES = ("batch", "height", "width", None)
+
+
+def _dtype(d):
+  return jnp.dtype(d) if isinstance(d, str) else d
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  in_channels: int = 3
+  latent_channels: int = 4
+  block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+  layers_per_block: int = 2
+  norm_groups: int = 32
+  scaling_factor: float = 0.18215
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+    object.__setattr__(self, "dtype", _dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", _dtype(self.param_dtype))
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.block_out_channels) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks (shared with the UNet)
+
+
+def conv2d(cin: int, cout: int, kernel: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+           stride: int = 1, padding: Any = None) -> nnx.Conv:
+  """A PyTorch-style Conv2d on NHWC: explicit symmetric padding k//2 unless given.
+
+  Explicit padding matters: flax's "SAME" pads stride-2 convs (0, 1), PyTorch's padding=1 (1, 1).
+  """
+  if padding is None:
+    padding = ((kernel // 2, kernel // 2),) * 2
+  return nnx.Conv(
+      cin, cout, (kernel, kernel), strides=stride, padding=padding, dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                        (None, None, "conv_in", "conv_out")),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
+      rngs=rngs)
+
+
+def dense(din: int, dout: int, names: tuple[str | None, str | None], *, dtype, param_dtype,
+          rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+  return nnx.Linear(
+      din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
+      rngs=rngs)
+
+
+def group_norm(channels: int, groups: int, eps: float, *, dtype, param_dtype,
+               rngs: nnx.Rngs) -> nnx.GroupNorm:
+  # Two-pass variance: E[x^2]-E[x]^2 loses digits on large activations and breaks 1e-4 parity.
+  return nnx.GroupNorm(
+      channels, num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+      use_fast_variance=False,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
+      rngs=rngs)
+
+
+def resize_nearest(x: Array, height: int, width: int) -> Array:
+  """PyTorch `interpolate(mode="nearest")` to (height, width): source index floor(i * in / out).
+
+  For an exact 2x this is a repeat; other sizes occur in the UNet when a latent side is not a
+  multiple of 2**downsamplings (the upsampled map must match its skip connection).
+  """
+  _, h, w, _ = x.shape
+  if (height, width) == (2 * h, 2 * w):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  rows = np.floor(np.arange(height) * (h / height)).astype(np.int32)
+  cols = np.floor(np.arange(width) * (w / width)).astype(np.int32)
+  return x[:, rows][:, :, cols]
+
+
+class ResnetBlock(nnx.Module):
+  """GroupNorm-SiLU-conv3x3 twice, an optional time-embedding add, a 1x1 shortcut if widths differ.
+
+  (B, H, W, cin) [, temb (B, temb_dim)] -> (B, H, W, cout)
+  """
+
+  def __init__(self, cin: int, cout: int, *, groups: int, eps: float, temb_dim: int | None,
+               dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = group_norm(cin, groups, eps, **kw)
+    self.conv1 = conv2d(cin, cout, 3, **kw)
+    self.time_emb_proj = dense(temb_dim, cout, ("embed", "conv_out"), **kw) if temb_dim else None
+    self.norm2 = group_norm(cout, groups, eps, **kw)
+    self.conv2 = conv2d(cout, cout, 3, **kw)
+    self.conv_shortcut = conv2d(cin, cout, 1, **kw) if cin != cout else None
+
+  def __call__(self, x: Array, temb: Array | None = None) -> Array:
+    h = self.conv1(jax.nn.silu(self.norm1(x)))
+    if self.time_emb_proj is not None:
+      h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+    h = self.conv2(jax.nn.silu(self.norm2(h)))
+    skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+    return constrain(skip + h, IMAGE_AXES)
+
+
+class SpatialSelfAttention(nnx.Module):
+  """The VAE mid-block attention: GroupNorm, one head over all H*W positions, residual add.
+
+  (B, H, W, C) -> (B, H, W, C)
+  """
+
+  def __init__(self, channels: int, *, groups: int, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.group_norm = group_norm(channels, groups, 1e-6, **kw)
+    self.to_q = dense(channels, channels, ("embed", "heads"), **kw)
+    self.to_k = dense(channels, channels, ("embed", "heads"), **kw)
+    self.to_v = dense(channels, channels, ("embed", "heads"), **kw)
+    self.to_out = dense(channels, channels, ("heads", "embed"), **kw)
+
+  def __call__(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    t = self.group_norm(x).reshape(b, h * w, c)
+    q, k, v = (proj(t)[:, :, None, :] for proj in (self.to_q, self.to_k, self.to_v))
+    o = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
+    return x + self.to_out(o).reshape(b, h, w, c)
+
+
+class MidBlock(nnx.Module):
+  """ResNet, attention, ResNet at the lowest resolution."""
+
+  def __init__(self, channels: int, *, groups: int, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.resnets = nnx.List([ResnetBlock(channels, channels, groups=groups, eps=1e-6,
+                                         temb_dim=None, **kw) for _ in range(2)])
+    self.attention = SpatialSelfAttention(channels, groups=groups, **kw)
+
+  def __call__(self, x: Array) -> Array:
+    return self.resnets[1](self.attention(self.resnets[0](x)))
+
+
+class EncoderLevel(nnx.Module):
+  def __init__(self, cin: int, cout: int, *, num_layers: int, downsample: bool, groups: int,
+               dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups=groups, eps=1e-6,
+                                         temb_dim=None, **kw) for i in range(num_layers)])
+    # SD pads only bottom/right before a VALID stride-2 conv (not the UNet's symmetric padding).
+    self.downsample = (conv2d(cout, cout, 3, stride=2, padding=((0, 1), (0, 1)), **kw)
+                       if downsample else None)
+
+  def __call__(self, x: Array) -> Array:
+    for r in self.resnets:
+      x = r(x)
+    return self.downsample(x) if self.downsample is not None else x
+
+
+class DecoderLevel(nnx.Module):
+  def __init__(self, cin: int, cout: int, *, num_layers: int, upsample: bool, groups: int,
+               dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups=groups, eps=1e-6,
+                                         temb_dim=None, **kw) for i in range(num_layers)])
+    self.upsample = conv2d(cout, cout, 3, **kw) if upsample else None
+
+  def __call__(self, x: Array) -> Array:
+    for r in self.resnets:
+      x = r(x)
+    if self.upsample is not None:
+      x = self.upsample(resize_nearest(x, 2 * x.shape[1], 2 * x.shape[2]))
+    return x
+
+
+class Encoder(nnx.Module):
+  """(B, H, W, in) -> (B, H/f, W/f, 2*latent)."""
+
+  def __init__(self, cfg: VAEConfig, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    ch = cfg.block_out_channels
+    self.conv_in = conv2d(cfg.in_channels, ch[0], 3, **kw)
+    self.down_blocks = nnx.List([
+        EncoderLevel(ch[max(i - 1, 0)], ch[i], num_layers=cfg.layers_per_block,
+                     downsample=i < len(ch) - 1, groups=cfg.norm_groups, **kw)
+        for i in range(len(ch))])
+    self.mid_block = MidBlock(ch[-1], groups=cfg.norm_groups, **kw)
+    self.conv_norm_out = group_norm(ch[-1], cfg.norm_groups, 1e-6, **kw)
+    self.conv_out = conv2d(ch[-1], 2 * cfg.latent_channels, 3, **kw)
+
+  def __call__(self, x: Array) -> Array:
+    x = self.conv_in(x)
+    for level in self.down_blocks:
+      x = level(x)
+    x = self.mid_block(x)
+    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nnx.Module):
+  """(B, h, w, latent) -> (B, h*f, w*f, in)."""
+
+  def __init__(self, cfg: VAEConfig, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    rev = cfg.block_out_channels[::-1]
+    self.conv_in = conv2d(cfg.latent_channels, rev[0], 3, **kw)
+    self.mid_block = MidBlock(rev[0], groups=cfg.norm_groups, **kw)
+    self.up_blocks = nnx.List([
+        DecoderLevel(rev[max(i - 1, 0)], rev[i], num_layers=cfg.layers_per_block + 1,
+                     upsample=i < len(rev) - 1, groups=cfg.norm_groups, **kw)
+        for i in range(len(rev))])
+    self.conv_norm_out = group_norm(rev[-1], cfg.norm_groups, 1e-6, **kw)
+    self.conv_out = conv2d(rev[-1], cfg.in_channels, 3, **kw)
+
+  def __call__(self, z: Array) -> Array:
+    x = self.mid_block(self.conv_in(z))
+    for level in self.up_blocks:
+      x = level(x)
+    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+
+class VAE(nnx.Module):
+  """SD's AutoencoderKL. Images NHWC in [-1, 1]; latents NHWC, NOT scaled by `scaling_factor`."""
+
+  def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+    two_l = 2 * config.latent_channels
+    self.encoder = Encoder(config, rngs)
+    self.quant_conv = conv2d(two_l, two_l, 1, **kw)
+    self.post_quant_conv = conv2d(config.latent_channels, config.latent_channels, 1, **kw)
+    self.decoder = Decoder(config, rngs)
+
+  def encode(self, x: Array) -> tuple[Array, Array]:
+    """x (B, H, W, in) -> posterior mean, logvar, each (B, H/f, W/f, latent), float32.
+
+    logvar is clamped to [-30, 20] as in CompVis/diffusers' DiagonalGaussianDistribution.
+    """
+    moments = self.quant_conv(self.encoder(constrain(x, IMAGE_AXES))).astype(jnp.float32)
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
+
+  def mode(self, x: Array) -> Array:
+    """The posterior mode (= mean) of x's latent: (B, H/f, W/f, latent)."""
+    return self.encode(x)[0]
+
+  def sample(self, x: Array, rng: Array) -> Array:
+    """One posterior sample mean + exp(logvar/2) * N(0, 1): (B, H/f, W/f, latent)."""
+    mean, logvar = self.encode(x)
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+
+  def decode(self, z: Array) -> Array:
+    """z (B, h, w, latent) (unscaled) -> image (B, h*f, w*f, in), float32, not clamped."""
+    z = z.astype(self.config.dtype)
+    return self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
+
+  def __call__(self, x: Array) -> Array:
+    """Reconstruction through the posterior mode: (B, H, W, in) -> (B, H, W, in)."""
+    return self.decode(self.mode(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Key maps as data. A block table row is (jax suffix, {layout: torch suffix}, {layout: Kind});
+# a model is walked block by block from its config, giving (jax prefix, {layout: torch prefix},
+# table, stack placeholder); `block_rules` joins them into `Rule`s.
+
+LAYOUTS = ("diffusers", "compvis")
+
+TableRow = tuple[str, dict[str, str], Kind | dict[str, Kind]]
+
+
+def param_rows(jax_name: str, torch_names: dict[str, str], kind: Kind | dict[str, Kind],
+               weight: str = "kernel", bias: bool = True) -> list[TableRow]:
+  """Rows for one layer: its weight (`kernel`/`scale`) and, if it has one, its bias."""
+  rows = [(f"{jax_name}.{weight}", {k: f"{v}.weight" for k, v in torch_names.items()}, kind)]
+  if bias:
+    rows.append((f"{jax_name}.bias", {k: f"{v}.bias" for k, v in torch_names.items()},
+                 Kind.IDENTITY))
+  return rows
+
+
+def same(name: str) -> dict[str, str]:
+  return {layout: name for layout in LAYOUTS}
+
+
+def norm_rows(jax_name: str, torch_names: dict[str, str]) -> list[TableRow]:
+  return param_rows(jax_name, torch_names, Kind.IDENTITY, weight="scale")
+
+
+def resnet_table(compvis: dict[str, str], shortcut: bool, time: bool) -> list[TableRow]:
+  """A ResnetBlock's rows; `compvis` names its norm1/conv1/norm2/conv2/shortcut/time layers."""
+  rows = []
+  for name in ("norm1", "norm2"):
+    rows += norm_rows(name, {"diffusers": name, "compvis": compvis[name]})
+  for name in ("conv1", "conv2"):
+    rows += param_rows(name, {"diffusers": name, "compvis": compvis[name]}, Kind.CONV2D)
+  if time:
+    rows += param_rows("time_emb_proj", {"diffusers": "time_emb_proj", "compvis": compvis["time"]},
+                       Kind.LINEAR)
+  if shortcut:
+    rows += param_rows("conv_shortcut", {"diffusers": "conv_shortcut",
+                                         "compvis": compvis["shortcut"]}, Kind.CONV2D)
+  return rows
+
+
+VAE_RESNET_COMPVIS = dict(norm1="norm1", conv1="conv1", norm2="norm2", conv2="conv2",
+                          shortcut="nin_shortcut")
+
+# CompVis keeps the VAE attention projections as 1x1 convs; diffusers as linears.
+VAE_ATTENTION_TABLE: list[TableRow] = (
+    norm_rows("group_norm", {"diffusers": "group_norm", "compvis": "norm"})
+    + [row for jax_name, d, c in (("to_q", "to_q", "q"), ("to_k", "to_k", "k"),
+                                  ("to_v", "to_v", "v"), ("to_out", "to_out.0", "proj_out"))
+       for row in param_rows(jax_name, {"diffusers": d, "compvis": c},
+                             {"diffusers": Kind.LINEAR, "compvis": Kind.CONV1X1_LINEAR})])
+
+CONV_TABLE: list[TableRow] = param_rows("", same(""), Kind.CONV2D)
+NORM_TABLE: list[TableRow] = norm_rows("", same(""))
+
+Block = tuple[str, dict[str, str], list[TableRow], str | None]
+
+
+def _join(prefix: str, suffix: str) -> str:
+  return ".".join(p.strip(".") for p in (prefix, suffix) if p.strip("."))
+
+
+def block_rules(blocks: Sequence[Block], layout: str) -> list[Rule]:
+  """`Rule`s for `layout` from the walked blocks (see the comment above `LAYOUTS`)."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+  rules = []
+  for jax_prefix, torch_prefixes, table, stack in blocks:
+    for jax_suffix, torch_suffixes, kind in table:
+      kind = kind[layout] if isinstance(kind, dict) else kind
+      rules.append(Rule(_join(torch_prefixes[layout], torch_suffixes[layout]),
+                        _join(jax_prefix, jax_suffix), kind, stack=stack))
+  return rules
+
+
+def _vae_blocks(cfg: VAEConfig) -> Iterator[Block]:
+  ch = cfg.block_out_channels
+  n = len(ch)
+
+  def mid(part: str) -> Iterator[Block]:
+    for r in range(2):
+      yield (f"{part}.mid_block.resnets.{r}",
+             {"diffusers": f"{part}.mid_block.resnets.{r}", "compvis": f"{part}.mid.block_{r + 1}"},
+             resnet_table(VAE_RESNET_COMPVIS, shortcut=False, time=False), None)
+    yield (f"{part}.mid_block.attention",
+           {"diffusers": f"{part}.mid_block.attentions.0", "compvis": f"{part}.mid.attn_1"},
+           VAE_ATTENTION_TABLE, None)
+
+  def ends(part: str) -> Iterator[Block]:
+    yield f"{part}.conv_in", same(f"{part}.conv_in"), CONV_TABLE, None
+    yield (f"{part}.conv_norm_out",
+           {"diffusers": f"{part}.conv_norm_out", "compvis": f"{part}.norm_out"}, NORM_TABLE, None)
+    yield f"{part}.conv_out", same(f"{part}.conv_out"), CONV_TABLE, None
+
+  yield from ends("encoder")
+  for b in range(n):
+    cin = ch[max(b - 1, 0)]
+    for r in range(cfg.layers_per_block):
+      yield (f"encoder.down_blocks.{b}.resnets.{r}",
+             {"diffusers": f"encoder.down_blocks.{b}.resnets.{r}",
+              "compvis": f"encoder.down.{b}.block.{r}"},
+             resnet_table(VAE_RESNET_COMPVIS, shortcut=(r == 0 and cin != ch[b]), time=False), None)
+    if b < n - 1:
+      yield (f"encoder.down_blocks.{b}.downsample",
+             {"diffusers": f"encoder.down_blocks.{b}.downsamplers.0.conv",
+              "compvis": f"encoder.down.{b}.downsample.conv"}, CONV_TABLE, None)
+  yield from mid("encoder")
+  yield "quant_conv", same("quant_conv"), CONV_TABLE, None
+  yield "post_quant_conv", same("post_quant_conv"), CONV_TABLE, None
+  yield from ends("decoder")
+  yield from mid("decoder")
+  rev = ch[::-1]
+  for i in range(n):
+    cin = rev[max(i - 1, 0)]
+    level = n - 1 - i  # CompVis numbers decoder levels from the highest resolution
+    for r in range(cfg.layers_per_block + 1):
+      yield (f"decoder.up_blocks.{i}.resnets.{r}",
+             {"diffusers": f"decoder.up_blocks.{i}.resnets.{r}",
+              "compvis": f"decoder.up.{level}.block.{r}"},
+             resnet_table(VAE_RESNET_COMPVIS, shortcut=(r == 0 and cin != rev[i]), time=False), None)
+    if i < n - 1:
+      yield (f"decoder.up_blocks.{i}.upsample",
+             {"diffusers": f"decoder.up_blocks.{i}.upsamplers.0.conv",
+              "compvis": f"decoder.up.{level}.upsample.conv"}, CONV_TABLE, None)
+
+
+def vae_rules(cfg: VAEConfig, layout: str = "diffusers") -> list[Rule]:
+  """The full key map of a VAE of this config, in `layout` ("diffusers" or "compvis")."""
+  return block_rules(list(_vae_blocks(cfg)), layout)
+
+
+# Single-file SD checkpoints may carry the autoencoder's training-loss modules (LPIPS net,
+# discriminator); they are not part of the model.
+VAE_IGNORE = {"diffusers": (), "compvis": (r"^loss\.",)}
+VAE_PREFIX = {"diffusers": "", "compvis": "first_stage_model."}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and export (shared with the UNet)
+
+
+def as_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+  if isinstance(source, (str, os.PathLike)):
+    return weight_io.read_state_dict(source)
+  return dict(source)
+
+
+def find_prefix(state_dict: Mapping[str, Any], anchors: Mapping[str, str],
+                prefix: str | None, what: str) -> tuple[str, str]:
+  """(layout, prefix) of `what` in `state_dict`, found from each layout's anchor key.
+
+  `anchors` maps layout -> a key that only that layout has (relative to the model's prefix).
+  With `prefix` given only that prefix is considered.
+  """
+  found = []
+  for layout, anchor in anchors.items():
+    for key in state_dict:
+      if key.endswith(anchor) and (prefix is None or key == prefix + anchor):
+        found.append((layout, key[: len(key) - len(anchor)]))
+  if len(found) != 1:
+    hint = "none" if not found else ", ".join(f"{lay} at {p!r}" for lay, p in found)
+    raise KeyMappingError(
+        f"cannot tell where the {what} is in this checkpoint (candidates: {hint}); "
+        "pass layout= and prefix=")
+  return found[0]
+
+
+def load_mapped(model: nnx.Module, state_dict: Mapping[str, Any], rules: Sequence[Rule],
+                prefix: str, ignore: Sequence[str], source: str,
+                shape_overrides: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+  """Maps the keys under `prefix` of `state_dict` onto `model`'s parameter paths (checked)."""
+  sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  shapes = dict(param_shapes(model))
+  shapes.update(shape_overrides or {})
+  return torch_to_jax(sub, rules, shapes, ignore=ignore, source=source)
+
+
+def export_mapped(model: nnx.Module, rules: Sequence[Rule], prefix: str) -> dict[str, np.ndarray]:
+  return {prefix + k: v for k, v in jax_to_torch(flat_params(model), rules).items()}
+
+
+def load_vae(model: VAE, state_dict: Mapping[str, Any] | str | os.PathLike,
+             layout: str = "auto", prefix: str | None = None) -> VAE:
+  """Fills `model` from a diffusers `AutoencoderKL` or CompVis (`first_stage_model.*`) state dict.
+
+  Args:
+    model: a VAE whose config matches the checkpoint.
+    state_dict: PyTorch names -> arrays, or a path for `read_state_dict`.
+    layout: "diffusers", "compvis" or "auto" (told apart by their key names).
+    prefix: the key prefix of the autoencoder ("" for a diffusers `vae/` folder,
+      "first_stage_model." in a single-file SD checkpoint); found automatically when None.
+  Raises:
+    KeyMappingError listing unexpected, missing and mis-shaped keys.
+  """
+  sd = as_state_dict(state_dict)
+  anchors = {"diffusers": "encoder.down_blocks.0.resnets.0.conv1.weight",
+             "compvis": "encoder.down.0.block.0.conv1.weight"}
+  if layout != "auto":
+    anchors = {layout: anchors[layout]}
+  layout, prefix = find_prefix(sd, anchors, prefix, "autoencoder")
+  params = load_mapped(model, sd, vae_rules(model.config, layout), prefix, VAE_IGNORE[layout],
+                       f"{layout} VAE checkpoint")
+  return load_params(model, params)
+
+
+def vae_to_torch(model: VAE, layout: str = "diffusers",
+                 prefix: str | None = None) -> dict[str, np.ndarray]:
+  """The model's weights under PyTorch names of `layout` (CompVis: `first_stage_model.` prefix)."""
+  prefix = VAE_PREFIX[layout] if prefix is None else prefix
+  return export_mapped(model, vae_rules(model.config, layout), prefix)
+
