@@ -33,11 +33,13 @@ WEIGHT_FILES: dict[str, tuple[tuple[str, ...], str]] = {
     "clip": (("clip-vit-large-patch14", "clip-vit-large-patch14.safetensors"),
              "openai/clip-vit-large-patch14 from the Hugging Face hub (the directory with "
              "model.safetensors), or a state dict in the original CLIP layout"),
-    "egovlp": (("egovlp.pth",), "EgoVLP's Ego4D checkpoint (github.com/showlab/EgoVLP; LEGO's "
-                                "scripts/download_metric_weights.sh fetches it)"),
-    "egovlp_plus": (("epic_mir_plus.pth",), "EgoVLP's EPIC-Kitchens MIR checkpoint "
-                                            "(github.com/showlab/EgoVLP; LEGO's "
-                                            "scripts/download_metric_weights.sh fetches it)"),
+    # The release scores Ego4D (EgoVLP and EgoVLP+) with egovlp.pth at 4 frames and EPIC-Kitchens
+    # with epic_mir_plus.pth at 16 frames.
+    "egovlp_ego4d": (("egovlp.pth",), "EgoVLP's Ego4D checkpoint (github.com/showlab/EgoVLP; "
+                                      "LEGO's scripts/download_metric_weights.sh fetches it)"),
+    "egovlp_epickitchens": (("epic_mir_plus.pth",),
+                            "EgoVLP's EPIC-Kitchens MIR checkpoint (github.com/showlab/EgoVLP; "
+                            "LEGO's scripts/download_metric_weights.sh fetches it)"),
 }
 
 
