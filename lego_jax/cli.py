@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("lego_jax.data.prepare", "write the dataset (synthetic default or a LEGO release) as ArrayRecord"),
     "show-data": ("lego_jax.data.show", "contact-sheet PNG of N examples: input | target | action | description"),
     "demo": ("lego_jax.demo", "run the whole pipeline on the embedded default config"),
+    "evaluate": ("lego_jax.eval.evaluate", "score generated frames against ground truth"),
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -273,27 +273,37 @@ def egovlp_frame(image: jnp.ndarray, size: int = 224) -> jnp.ndarray:
   return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
 
 
-def _cosine(a, b, eps=1e-8):
+@nnx.jit(static_argnames=("frames",))
+def egovlp_embed(model: EgoVLPVideo, images: jnp.ndarray, frames: int) -> jnp.ndarray:
+  """EgoVLP clip of each image repeated `frames` times: (B, H, W, 3) in [0, 1] -> (B, 256)."""
+  x = egovlp_frame(images, model.cfg.image_size)
+  return model(jnp.repeat(x[:, None], frames, axis=1))
+
+
+@nnx.jit(static_argnames=("frames",))
+def egovlp_plus_embed(model: EgoVLPVideo, inputs: jnp.ndarray, images: jnp.ndarray,
+                      frames: int) -> jnp.ndarray:
+  """EgoVLP+ clip [input x frames/2, image x frames/2]; both (B, H, W, 3) -> (B, 256)."""
+  s = model.cfg.image_size
+  first = jnp.repeat(egovlp_frame(inputs, s)[:, None], frames // 2, axis=1)
+  last = jnp.repeat(egovlp_frame(images, s)[:, None], frames - frames // 2, axis=1)
+  return model(jnp.concatenate([first, last], axis=1))
+
+
+def cosine(a, b, eps: float = 1e-8):
+  """EgoVLP's sim_matrix diagonal: rows normalised by max(norm, eps)."""
   a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), eps)
   b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), eps)
   return jnp.sum(a * b, axis=-1)
 
 
-@nnx.jit(static_argnames=("frames",))
-def egovlp_similarity(model: EgoVLPVideo, generated: jnp.ndarray, reference: jnp.ndarray,
-                      frames: int) -> jnp.ndarray:
-  """EgoVLP: each image repeated `frames` times; (B, H, W, 3) in [0, 1] -> (B,) cosine."""
-  s = model.cfg.image_size
-  clip = lambda x: jnp.repeat(egovlp_frame(x, s)[:, None], frames, axis=1)  # noqa: E731
-  return _cosine(model(clip(generated)), model(clip(reference)))
+def egovlp_similarity(model: EgoVLPVideo, generated, reference, frames: int) -> jnp.ndarray:
+  """EgoVLP score per pair (B,): cosine of the two repeated-image clips' embeddings."""
+  return cosine(egovlp_embed(model, generated, frames), egovlp_embed(model, reference, frames))
 
 
-@nnx.jit(static_argnames=("frames",))
-def egovlp_plus_similarity(model: EgoVLPVideo, inputs: jnp.ndarray, generated: jnp.ndarray,
-                           reference: jnp.ndarray, frames: int) -> jnp.ndarray:
-  """EgoVLP+: clips [input x frames/2, image x frames/2]; all three (B, H, W, 3), same size."""
-  s = model.cfg.image_size
-  first = jnp.repeat(egovlp_frame(inputs, s)[:, None], frames // 2, axis=1)
-  clip = lambda x: jnp.concatenate(  # noqa: E731
-      [first, jnp.repeat(egovlp_frame(x, s)[:, None], frames - frames // 2, axis=1)], axis=1)
-  return _cosine(model(clip(generated)), model(clip(reference)))
+def egovlp_plus_similarity(model: EgoVLPVideo, inputs, generated, reference,
+                           frames: int) -> jnp.ndarray:
+  """EgoVLP+ score per pair (B,); inputs, generated and reference share one size."""
+  return cosine(egovlp_plus_embed(model, inputs, generated, frames),
+                egovlp_plus_embed(model, inputs, reference, frames))
