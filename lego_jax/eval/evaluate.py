@@ -149,6 +149,51 @@ def check_images(pairs: Sequence[im.Pair], limit: int = 20) -> list[str]:
                             "PSNR/LPIPS)", resized, limit)
 
 
+def _score_chunk(chunk, nets: Networks, metrics, egovlp_frames: int, batch: int, put,
+                 gen_acts: list, ref_acts: list, need_ref_acts: bool) -> None:
+  """Every per-image metric for one chunk of pairs; pool3 activations appended to the lists."""
+  import jax.numpy as jnp
+
+  gens = [im.to_unit(im.read_rgb(p.generated)) for p in chunk]
+  refs = [im.to_unit(im.read_rgb(p.reference)) for p in chunk]
+  # The release resizes the generated image to the reference's size before pixel metrics.
+  gen_at_ref = [g if g.shape == r.shape else np.asarray(im.resize(jnp.asarray(g), r.shape[:2]))
+                for g, r in zip(gens, refs)]
+  if "psnr" in metrics:
+    from lego_jax.eval.psnr import psnr
+    put("psnr", _by_shape(refs, lambda r, g: psnr(g, r), batch, gen_at_ref))
+  for net, model in nets.lpips.items():
+    from lego_jax.eval.lpips import lpips_distance
+    for release in (False, True):
+      vals = _by_shape(refs, lambda r, g: lpips_distance(model, g, r, release_range=release),
+                       batch, gen_at_ref)
+      put(f"lpips_{net}" + ("_release_range" if release else ""), vals)
+  if nets.clip is not None:
+    from lego_jax.eval.clip_score import clip_embeddings
+    eg = _by_shape(gens, lambda x: clip_embeddings(nets.clip, x), batch)
+    er = _by_shape(refs, lambda x: clip_embeddings(nets.clip, x), batch)
+    put("clip", np.sum(eg * er, axis=-1))
+  if nets.inception is not None:
+    from lego_jax.eval.inception import pool3_features
+    gen_acts.append(_by_shape(gens, lambda x: pool3_features(nets.inception, x), batch))
+    if need_ref_acts:
+      ref_acts.append(_by_shape(refs, lambda x: pool3_features(nets.inception, x), batch))
+  if nets.egovlp is not None:
+    from lego_jax.eval.egovlp import cosine, egovlp_embed, egovlp_plus_embed
+    if "egovlp" in metrics:
+      eg = _by_shape(gens, lambda x: egovlp_embed(nets.egovlp, x, egovlp_frames), batch)
+      er = _by_shape(refs, lambda x: egovlp_embed(nets.egovlp, x, egovlp_frames), batch)
+      put("egovlp", cosine(eg, er))
+    if "egovlp_plus" in metrics and chunk[0].input is not None:
+      inps = [im.to_unit(im.read_rgb(p.input)) for p in chunk]
+      fit = lambda xs: [x if x.shape == i.shape else  # noqa: E731
+                        np.asarray(im.resize(jnp.asarray(x), i.shape[:2]))
+                        for x, i in zip(xs, inps)]
+      emb = lambda i, x: egovlp_plus_embed(nets.egovlp, i, x, egovlp_frames)  # noqa: E731
+      put("egovlp_plus", cosine(_by_shape(inps, emb, batch, fit(gens)),
+                                _by_shape(inps, emb, batch, fit(refs))))
+
+
 def score_pairs(pairs: Sequence[im.Pair], nets: Networks, metrics: Sequence[str],
                 egovlp_frames: int, batch: int = 16, fid_cache: str | os.PathLike | None = None,
                 progress: bool = True) -> tuple[dict[str, list[float]], dict[str, float], dict]:
@@ -156,7 +201,7 @@ def score_pairs(pairs: Sequence[im.Pair], nets: Networks, metrics: Sequence[str]
 
   Returns (per-image columns, set-level values (FID), FID details).
   """
-  import jax.numpy as jnp
+  import jax
 
   from lego_jax.eval import fid as fid_lib
 
@@ -177,46 +222,12 @@ def score_pairs(pairs: Sequence[im.Pair], nets: Networks, metrics: Sequence[str]
   if progress:
     from tqdm import tqdm
     chunks = tqdm(chunks, desc="evaluate", unit="batch", file=sys.stderr)
-  for start in chunks:
-    chunk = pairs[start:start + batch]
-    gens = [im.to_unit(im.read_rgb(p.generated)) for p in chunk]
-    refs = [im.to_unit(im.read_rgb(p.reference)) for p in chunk]
-    # The release resizes the generated image to the reference's size before pixel metrics.
-    gen_at_ref = [g if g.shape == r.shape else np.asarray(im.resize(jnp.asarray(g), r.shape[:2]))
-                  for g, r in zip(gens, refs)]
-    if "psnr" in metrics:
-      from lego_jax.eval.psnr import psnr
-      put("psnr", _by_shape(refs, lambda r, g: psnr(g, r), batch, gen_at_ref))
-    for net, model in nets.lpips.items():
-      from lego_jax.eval.lpips import lpips_distance
-      for release in (False, True):
-        vals = _by_shape(refs, lambda r, g: lpips_distance(model, g, r, release_range=release),
-                         batch, gen_at_ref)
-        put(f"lpips_{net}" + ("_release_range" if release else ""), vals)
-    if nets.clip is not None:
-      from lego_jax.eval.clip_score import clip_embeddings
-      eg = _by_shape(gens, lambda x: clip_embeddings(nets.clip, x), batch)
-      er = _by_shape(refs, lambda x: clip_embeddings(nets.clip, x), batch)
-      put("clip", np.sum(eg * er, axis=-1))
-    if nets.inception is not None:
-      from lego_jax.eval.inception import pool3_features
-      gen_acts.append(_by_shape(gens, lambda x: pool3_features(nets.inception, x), batch))
-      if ref_stats is None:
-        ref_acts.append(_by_shape(refs, lambda x: pool3_features(nets.inception, x), batch))
-    if nets.egovlp is not None:
-      from lego_jax.eval.egovlp import cosine, egovlp_embed, egovlp_plus_embed
-      if "egovlp" in metrics:
-        eg = _by_shape(gens, lambda x: egovlp_embed(nets.egovlp, x, egovlp_frames), batch)
-        er = _by_shape(refs, lambda x: egovlp_embed(nets.egovlp, x, egovlp_frames), batch)
-        put("egovlp", cosine(eg, er))
-      if "egovlp_plus" in metrics and chunk[0].input is not None:
-        inps = [im.to_unit(im.read_rgb(p.input)) for p in chunk]
-        fit = lambda xs: [x if x.shape == i.shape else  # noqa: E731
-                          np.asarray(im.resize(jnp.asarray(x), i.shape[:2]))
-                          for x, i in zip(xs, inps)]
-        emb = lambda i, x: egovlp_plus_embed(nets.egovlp, i, x, egovlp_frames)  # noqa: E731
-        put("egovlp_plus", cosine(_by_shape(inps, emb, batch, fit(gens)),
-                                  _by_shape(inps, emb, batch, fit(refs))))
+  # Full fp32 matmuls/convs: GPUs otherwise default to TF32-like precision, which moves FID and
+  # LPIPS away from the PyTorch numbers they are compared with.
+  with jax.default_matmul_precision("highest"):
+    for start in chunks:
+      _score_chunk(pairs[start:start + batch], nets, metrics, egovlp_frames, batch, put,
+                   gen_acts, ref_acts, need_ref_acts=ref_stats is None)
   set_level = {}
   if nets.inception is not None:
     mu_g, sigma_g = fid_lib.activation_statistics(np.concatenate(gen_acts))
