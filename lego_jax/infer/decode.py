@@ -1,0 +1,173 @@
+"""KV-cache text generation for `Llama` (and LLaVA): one prefill, then a fixed-shape decode step
+run inside `jax.lax.while_loop`, all under one `jax.jit`.
+
+Besides the tokens it returns LEGO's text embedding H_t: for every generation step the last-layer
+hidden state (after the final RMSNorm) at the position that predicted the step's token. Row 0 is
+the last prompt position, row i the i-th generated token (the last generated token has no row,
+it predicts nothing). This is exactly what the LEGO release stacks from transformers'
+`generate(output_hidden_states=True)`: `hidden_states[w][-1][:, -1]` for every step w.
+
+Prompts are RIGHT-padded (see lego_jax/models/llama.py): row b's real tokens are its first
+`lengths[b]`; every row then decodes at its own cache slot and positions, so a batch of prompts of
+different lengths gives each row what it would give alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lego_jax.models.llama import Llama
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("greedy", "temperature", "top_p", "top_k", "eos_id", "pad_id"),
+                   meta_fields=("max_new_tokens",))
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How tokens are chosen. Greedy (argmax) or temperature -> top-k -> top-p sampling, the order
+  of transformers' logits warpers. The LEGO release samples with temperature 0.2, top_p 1.0 and
+  (transformers' default at the time) top_k 50; LLaMA-2's end-of-sequence id is 2.
+
+  A pytree: only `max_new_tokens` is static, so changing the other knobs does not recompile.
+  """
+  max_new_tokens: int = 1024
+  greedy: bool = False
+  temperature: float = 0.2
+  top_p: float = 1.0
+  top_k: int = 0                 # 0 = no top-k filter
+  eos_id: int = 2
+  pad_id: int = 0                # written after a row's end-of-sequence token
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Generation:
+  """tokens: (B, N) int32, `pad_id` after each row's EOS; hidden: (B, N, hidden) H_t, zero rows
+  after each row's last step; num_tokens: (B,) int32 tokens generated per row, EOS included
+  (= valid rows of `hidden`). N = max_new_tokens."""
+  tokens: jax.Array
+  hidden: jax.Array
+  num_tokens: jax.Array
+
+
+def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+  """Temperature, top-k and top-p (nucleus) on logits (B, V) -> fp32 logits, removed = -inf.
+
+  top-k keeps the k best; top-p then keeps the smallest set of best tokens whose probability mass
+  reaches `top_p` (a token stays while the mass ranked above it is < top_p), at least the best.
+  Works with python or traced knob values.
+  """
+  temperature = jnp.where(config.temperature > 0, config.temperature, 1.0)
+  logits = logits.astype(jnp.float32) / temperature
+  vocab = logits.shape[-1]
+  ranked = jnp.sort(logits, axis=-1)[..., ::-1]
+  k = jnp.where(config.top_k > 0, jnp.minimum(config.top_k, vocab), vocab)
+  kth = jnp.take(ranked, k - 1, axis=-1)[..., None]
+  ranked = jnp.where(ranked < kth, -jnp.inf, ranked)
+  probs = jax.nn.softmax(ranked, axis=-1)
+  mass_above = jnp.cumsum(probs, axis=-1) - probs
+  # top_p >= 1 keeps everything even where rounding lets the cumulative mass pass 1.
+  keep = ((mass_above < config.top_p) | (config.top_p >= 1.0)) & (ranked >= kth)
+  cutoff = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def next_token(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
+  """logits (B, V) -> tokens (B,) int32: argmax when greedy (or temperature 0), else a draw."""
+  best = jnp.argmax(logits, axis=-1)
+  drawn = jax.random.categorical(key, filter_logits(logits, config), axis=-1)
+  greedy = jnp.logical_or(config.greedy, config.temperature == 0)
+  return jnp.where(greedy, best, drawn).astype(jnp.int32)
+
+
+def _generate(graphdef, state, inputs_embeds, lengths, key, config: SamplingConfig, cache_dtype):
+  lm: Llama = nnx.merge(graphdef, state)
+  b, t, e = inputs_embeds.shape
+  n = config.max_new_tokens
+  cache = lm.init_cache(b, t + n, cache_dtype)
+  hidden, cache = lm.hidden_states(inputs_embeds=inputs_embeds, lengths=lengths, cache=cache)
+  h = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]    # (B, E)
+  tok = next_token(lm.logits(h), jax.random.fold_in(key, 0), config)
+  tokens = jnp.full((b, n), config.pad_id, jnp.int32).at[:, 0].set(tok)
+  rows = jnp.zeros((b, n, e), h.dtype).at[:, 0].set(h)
+  done = tok == config.eos_id
+  num = jnp.ones((b,), jnp.int32)
+
+  def cond(carry):
+    step, _, _, _, _, done, _, _ = carry
+    return (step < n) & ~jnp.all(done)
+
+  def body(carry):
+    step, tok, cache, tokens, rows, done, num, params = carry
+    # The parameters travel in the (loop-invariant) carry: NNX refuses to run its scan over
+    # variables that hold tracers of an outer trace level.
+    lm_step: Llama = nnx.merge(graphdef, params)
+    hidden, cache = lm_step.hidden_states(tok[:, None], cache=cache)
+    h = hidden[:, 0]
+    new = next_token(lm_step.logits(h), jax.random.fold_in(key, step), config)
+    new = jnp.where(done, config.pad_id, new)
+    tokens = jax.lax.dynamic_update_index_in_dim(tokens, new, step, axis=1)
+    rows = jax.lax.dynamic_update_index_in_dim(rows, jnp.where(done[:, None], 0, h), step, axis=1)
+    num = num + (~done).astype(jnp.int32)
+    done = done | (new == config.eos_id)
+    return step + 1, new, cache, tokens, rows, done, num, params
+
+  carry = (jnp.int32(1), tok, cache, tokens, rows, done, num, state)
+  _, _, _, tokens, rows, _, num, _ = jax.lax.while_loop(cond, body, carry)
+  return Generation(tokens, rows, num)
+
+
+_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "cache_dtype"))
+
+
+def generate(lm: Llama, inputs_embeds: jax.Array, lengths: jax.Array, config: SamplingConfig,
+             seed: int | jax.Array = 0, cache_dtype=None) -> Generation:
+  """Generates up to `config.max_new_tokens` tokens per row after right-padded prompts.
+
+  Args:
+    lm: the language model.
+    inputs_embeds: (B, T, hidden) prompt embeddings (`lm.embed(ids)`, or LLaVA's with the image
+      features spliced in), right-padded.
+    lengths: (B,) int real prompt tokens per row (>= 1).
+    config: sampling settings (one compilation per max_new_tokens and input shape).
+    seed: int or PRNG key; step i samples with fold_in(key, i).
+    cache_dtype: KV-cache dtype, default the model's compute dtype.
+  Returns:
+    `Generation` (tokens, H_t hidden rows, tokens per row).
+  """
+  key = jax.random.key(seed) if isinstance(seed, int) else seed
+  graphdef, state = nnx.split(lm)
+  knobs = dataclasses.replace(
+      config, greedy=jnp.asarray(config.greedy, bool),
+      temperature=jnp.asarray(config.temperature, jnp.float32),
+      top_p=jnp.asarray(config.top_p, jnp.float32), top_k=jnp.asarray(config.top_k, jnp.int32),
+      eos_id=jnp.asarray(config.eos_id, jnp.int32), pad_id=jnp.asarray(config.pad_id, jnp.int32))
+  return _generate_jit(graphdef, state, inputs_embeds, jnp.asarray(lengths, jnp.int32), key,
+                       knobs, cache_dtype=jnp.dtype(cache_dtype or lm.config.dtype))
+
+
+def generate_from_ids(lm: Llama, input_ids: jax.Array, lengths: jax.Array, config: SamplingConfig,
+                      seed: int | jax.Array = 0, cache_dtype=None) -> Generation:
+  """`generate` for right-padded token prompts (B, T)."""
+  embeds = nnx.jit(lambda m, ids: m.embed(ids))(lm, jnp.asarray(input_ids))
+  return generate(lm, embeds, lengths, config, seed, cache_dtype)
+
+
+def generate_llava(model, input_ids: jax.Array, pixels: jax.Array, lengths: jax.Array,
+                   config: SamplingConfig, seed: int | jax.Array = 0, cache_dtype=None
+                   ) -> tuple[Generation, jax.Array]:
+  """LLaVA generation: right-padded `input_ids` (B, T) with expanded image placeholders and
+  `pixels` (B, S, S, 3). Returns (the `Generation`, H_i image features (B, patches, hidden))."""
+  embeds, features = _llava_inputs(model, jnp.asarray(input_ids), jnp.asarray(pixels))
+  return generate(model.lm, embeds, lengths, config, seed, cache_dtype), features
+
+
+@nnx.jit
+def _llava_inputs(model, input_ids, pixels):
+  features = model.image_features(pixels)
+  return model.embed_inputs(input_ids, image_features=features), features

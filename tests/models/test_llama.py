@@ -1,0 +1,253 @@
+"""LLaMA parity with transformers' LlamaForCausalLM, KV cache, padding, packing, bf16, sharding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lego_jax.infer import decode
+from lego_jax.models import llama as llama_lib
+from lego_jax.models.llama import Llama, LlamaConfig
+from lego_jax.parallel import sharding
+from lego_jax.weights import io
+from lego_jax.weights.mapping import KeyMappingError
+from lego_jax.weights.state import abstract_param_shapes, count_params
+
+# name -> (hidden, intermediate, layers, heads, kv_heads, vocab, tied)
+CONFIGS = {
+    "gqa": (32, 48, 2, 4, 2, 64, False),        # 2 query heads per kv head
+    "mqa_odd": (48, 40, 3, 3, 1, 50, False),    # odd head count, one kv head, odd vocab
+    "mha_tied": (40, 72, 1, 5, 5, 70, True),    # 5 heads of 8, tied embeddings
+}
+
+
+def rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _configs(name, **overrides):
+  hidden, inter, layers, heads, kv, vocab, tied = CONFIGS[name]
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+      num_attention_heads=heads, num_key_value_heads=kv, rms_norm_eps=1e-5,
+      tie_word_embeddings=tied, max_position_embeddings=128)
+  ours = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                     num_layers=layers, num_heads=heads, num_kv_heads=kv, max_position=128,
+                     tie_embeddings=tied, **overrides)
+  return hf_cfg, ours
+
+
+_CACHE = {}
+
+
+def reference(name, tmp_path_factory):
+  """(transformers model, its save_pretrained state dict as read back from disk)."""
+  if name not in _CACHE:
+    torch.manual_seed(sum(map(ord, name)))
+    hf_cfg, _ = _configs(name)
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    path = tmp_path_factory.mktemp(f"llama_{name}")
+    model.save_pretrained(path)
+    _CACHE[name] = (model, io.read_state_dict(path))
+  return _CACHE[name]
+
+
+def ours(name, tmp_path_factory, **overrides):
+  """Our model with the reference weights, built abstractly (no random init to overwrite)."""
+  _, cfg = _configs(name, **overrides)
+  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  return llama_lib.load_llama(model, reference(name, tmp_path_factory)[1])
+
+
+def hf_run(model, ids):
+  with torch.no_grad():
+    out = model(torch.as_tensor(ids), output_hidden_states=True)
+    base = model.model(torch.as_tensor(ids)).last_hidden_state
+  return out.logits.numpy(), out.hidden_states[-1].numpy(), base.numpy()
+
+
+def test_full_size_param_count():
+  shapes = abstract_param_shapes(lambda: Llama(LlamaConfig(), rngs=nnx.Rngs(0)))
+  assert sum(int(np.prod(s)) for s in shapes.values()) == 13_015_864_320
+  assert shapes["layers.self_attn.q_proj.kernel"] == (40, 5120, 5120)
+  assert shapes["layers.mlp.down_proj.kernel"] == (40, 13824, 5120)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_and_hidden_match_transformers(name, tmp_path_factory):
+  hf, sd = reference(name, tmp_path_factory)
+  model = ours(name, tmp_path_factory)
+  assert count_params(model) == sum(p.numel() for p in hf.parameters())
+  ids = np.random.default_rng(1).integers(0, hf.config.vocab_size, (2, 11))
+  ref_logits, ref_last, ref_base = hf_run(hf, ids)
+  # transformers' hidden_states[-1] is the output of the final RMSNorm (= last_hidden_state).
+  np.testing.assert_array_equal(ref_last, ref_base)
+  logits, hidden, cache = model(jnp.asarray(ids))
+  assert cache is None
+  assert logits.shape == ref_logits.shape and hidden.shape == ref_last.shape
+  assert rel(logits, ref_logits) <= 1e-4
+  assert rel(hidden, ref_last) <= 1e-4
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward(tmp_path_factory):
+  hf, _ = reference("gqa", tmp_path_factory)
+  model = ours("gqa", tmp_path_factory)
+  ids = np.random.default_rng(2).integers(0, 64, (2, 9))
+  ref_logits, ref_hidden, _ = hf_run(hf, ids)
+  cache = model.init_cache(2, 12)
+  step = nnx.jit(lambda m, x, c: m(x, cache=c))
+  logits, hidden, cache = step(model, jnp.asarray(ids[:, :5]), cache)
+  outs, hids = [logits], [hidden]
+  for t in range(5, 9):  # one compiled decode step, reused
+    logits, hidden, cache = step(model, jnp.asarray(ids[:, t:t + 1]), cache)
+    outs.append(logits)
+    hids.append(hidden)
+  np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 9])
+  assert cache.k.shape == (2, 2, 12, 2, 8)
+  assert rel(jnp.concatenate(outs, 1), ref_logits) <= 1e-4
+  assert rel(jnp.concatenate(hids, 1), ref_hidden) <= 1e-4
+
+
+def test_right_padded_batch_rows_equal_each_row_alone(tmp_path_factory):
+  hf, _ = reference("mqa_odd", tmp_path_factory)
+  model = ours("mqa_odd", tmp_path_factory)
+  rng = np.random.default_rng(3)
+  lengths = np.array([8, 3, 6])
+  ids = np.zeros((3, 8), np.int64)
+  for b, n in enumerate(lengths):
+    ids[b, :n] = rng.integers(1, 50, n)
+  cache = model.init_cache(3, 10)
+  logits, _, cache = model(jnp.asarray(ids), cache=cache, lengths=jnp.asarray(lengths))
+  np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
+  # One more token per row, written at each row's own slot and position.
+  nxt = rng.integers(1, 50, (3, 1))
+  step_logits, _, cache = model(jnp.asarray(nxt), cache=cache)
+  np.testing.assert_array_equal(np.asarray(cache.lengths), lengths + 1)
+  for b, n in enumerate(lengths):
+    alone = np.concatenate([ids[b:b + 1, :n], nxt[b:b + 1]], axis=1)
+    ref, _, _ = hf_run(hf, alone)
+    assert rel(logits[b, :n], ref[0, :n]) <= 1e-4
+    assert rel(step_logits[b, 0], ref[0, n]) <= 1e-4
+
+
+def test_packed_segments_equal_separate_sequences(tmp_path_factory):
+  hf, _ = reference("gqa", tmp_path_factory)
+  model = ours("gqa", tmp_path_factory)
+  rng = np.random.default_rng(4)
+  a, b = rng.integers(0, 64, (1, 5)), rng.integers(0, 64, (1, 4))
+  packed = np.concatenate([a, b], axis=1)
+  segments = np.array([[0] * 5 + [1] * 4])
+  positions = np.array([list(range(5)) + list(range(4))])
+  logits, _, _ = model(jnp.asarray(packed), segment_ids=jnp.asarray(segments),
+                       positions=jnp.asarray(positions))
+  assert rel(logits[0, :5], hf_run(hf, a)[0][0]) <= 1e-4
+  assert rel(logits[0, 5:], hf_run(hf, b)[0][0]) <= 1e-4
+
+
+def test_bf16_compute_with_fp32_params_stays_close(tmp_path_factory):
+  hf, _ = reference("gqa", tmp_path_factory)
+  model = ours("gqa", tmp_path_factory, dtype=jnp.bfloat16)
+  assert model.layers.self_attn.q_proj.kernel.get_value().dtype == jnp.float32
+  ids = np.random.default_rng(5).integers(0, 64, (2, 10))
+  ref_logits, ref_hidden, _ = hf_run(hf, ids)
+  logits, hidden, _ = model(jnp.asarray(ids))
+  assert logits.dtype == jnp.bfloat16
+  assert rel(logits, ref_logits) <= 3e-2
+  assert rel(hidden, ref_hidden) <= 3e-2
+  # The decode path in bf16, cache in bf16: greedy tokens match the fp32 reference's.
+  gen = decode.generate_from_ids(model, ids[:, :6], np.array([6, 6]),
+                                 decode.SamplingConfig(max_new_tokens=3, greedy=True, eos_id=-1))
+  assert gen.hidden.dtype == jnp.bfloat16
+  with torch.no_grad():
+    ref = hf.generate(torch.as_tensor(ids[:, :6]), do_sample=False, max_new_tokens=3,
+                      eos_token_id=None, pad_token_id=0)
+  np.testing.assert_array_equal(np.asarray(gen.tokens), ref[:, 6:].numpy())
+
+
+def test_sampling_filters_and_seeds(tmp_path_factory):
+  model = ours("gqa", tmp_path_factory)
+  ids = np.random.default_rng(6).integers(0, 64, (2, 4))
+  lengths = np.array([4, 2])
+
+  def run(seed=0, **kw):
+    cfg = decode.SamplingConfig(max_new_tokens=5, eos_id=-1, **kw)
+    return np.asarray(decode.generate_from_ids(model, ids, lengths, cfg, seed=seed).tokens)
+
+  greedy = run(greedy=True)
+  # A vanishing nucleus or k=1 leaves only the argmax, whatever the temperature.
+  np.testing.assert_array_equal(run(temperature=1.0, top_p=1e-6), greedy)
+  np.testing.assert_array_equal(run(temperature=1.0, top_k=1), greedy)
+  np.testing.assert_array_equal(run(7, temperature=5.0), run(7, temperature=5.0))
+  assert not np.array_equal(run(7, temperature=5.0), run(8, temperature=5.0))
+  # top-p keeps exactly the best tokens whose mass above them is < p.
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = np.isfinite(np.asarray(decode.filter_logits(
+      logits, decode.SamplingConfig(temperature=1.0, top_p=0.79))))
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])
+  kept = np.isfinite(np.asarray(decode.filter_logits(
+      logits, decode.SamplingConfig(temperature=1.0, top_p=0.81))))
+  np.testing.assert_array_equal(kept, [[True, True, True, False]])
+
+
+def test_key_errors_and_export_round_trip(tmp_path_factory, tmp_path):
+  hf, sd = reference("mqa_odd", tmp_path_factory)
+  model = ours("mqa_odd", tmp_path_factory)
+  exported = llama_lib.export_llama(model)
+  assert set(exported) == set(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(exported[k], v)
+  # Written as safetensors, transformers loads it as a LlamaForCausalLM state dict.
+  path = llama_lib.save_llama(model, tmp_path / "model.safetensors")
+  back = transformers.LlamaForCausalLM(hf.config).eval()
+  missing, unexpected = back.load_state_dict(
+      {k: torch.from_numpy(v.copy()) for k, v in io.read_state_dict(path).items()}, strict=False)
+  assert not unexpected and all("rotary_emb" in k for k in missing)
+  ids = np.random.default_rng(7).integers(0, 50, (1, 6))
+  np.testing.assert_array_equal(hf_run(back, ids)[0], hf_run(hf, ids)[0])
+  # Old checkpoints carry rotary inv_freq buffers: skipped on purpose.
+  with_buffers = dict(sd, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(8)})
+  llama_lib.load_llama(nnx.eval_shape(lambda: Llama(model.config, rngs=nnx.Rngs(1))), with_buffers)
+  # Anything else is listed.
+  broken = dict(sd)
+  del broken["model.layers.2.mlp.up_proj.weight"]
+  broken["model.layers.0.self_attn.extra.weight"] = np.zeros(3, np.float32)
+  broken["model.norm.weight"] = np.zeros(7, np.float32)
+  with pytest.raises(KeyMappingError) as err:
+    llama_lib.load_llama(nnx.eval_shape(lambda: Llama(model.config, rngs=nnx.Rngs(1))), broken)
+  msg = str(err.value)
+  assert "model.layers.0.self_attn.extra.weight" in msg
+  assert "layers.mlp.up_proj.kernel" in msg and "norm.scale (7,)" in msg
+
+
+def test_sharded_forward_matches_single_device(tmp_path_factory):
+  model = ours("gqa", tmp_path_factory)
+  ids = jnp.asarray(np.random.default_rng(8).integers(0, 64, (4, 6)))
+  ref, _, _ = model(ids)
+  mesh = sharding.make_mesh((2, 2, 2))
+  state = nnx.state(model)
+  shardings = sharding.state_shardings(mesh, state)
+  logical = nnx.get_partition_spec(state)
+  # Logical names on the parameters, resolved to mesh axes by the one rule table.
+  assert tuple(logical["layers"]["self_attn"]["q_proj"]["kernel"].get_value()) == (
+      "layers", "embed", "heads")
+  assert tuple(logical["layers"]["mlp"]["down_proj"]["kernel"].get_value()) == (
+      "layers", "mlp", "embed")
+  q_sharding = shardings["layers"]["self_attn"]["q_proj"]["kernel"].get_value()
+  assert tuple(q_sharding.spec) == (None, "fsdp", "tensor")
+  assert tuple(shardings["embed_tokens"]["embedding"].get_value().spec) == ("tensor", "fsdp")
+  with sharding.use_mesh(mesh):
+    nnx.update(model, jax.device_put(state, shardings))
+    logits, _, cache = nnx.jit(lambda m, x, c: m(x, cache=c))(model, ids, model.init_cache(4, 8))
+  assert model.layers.self_attn.q_proj.kernel.get_value().sharding.spec == q_sharding.spec
+  assert len(logits.sharding.device_set) == 8
+  # The cache follows its logical axes too: batch over (data, fsdp), kv heads over tensor.
+  expected = NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
+  assert cache.k.sharding.is_equivalent_to(expected, cache.k.ndim)
+  assert rel(logits, ref) <= 1e-5
