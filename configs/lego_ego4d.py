@@ -16,9 +16,13 @@ def get_config() -> ml_collections.ConfigDict:
       source="lego_json",             # "synthetic" or "lego_json" (the release's annotation format)
       dataset="ego4d",                # ego4d: "#C C cuts ..." narrations are normalised
       annotation_train="",            # path to the LEGO train annotation JSON
+      annotation_val="",              # optional held-out split (the release has none)
       annotation_test="",             # path to the LEGO test (official val) annotation JSON
       frames_dir="",                  # directory of the release's JPEG frames
       metadata="",                    # optional metadata JSON (height/width per clip)
+      llava_train="",                 # optional LLaVA conversation JSONs; when empty, the
+      llava_val="",                   #   instruction records are derived from the annotation
+      llava_test="",                  #   JSON's llava_forecast_finetune descriptions
       records_dir="",                 # ArrayRecord output; default WORKDIR/records
       num_shards=64,
       max_bad_fraction=0.01,          # conversion fails if more records than this are broken
@@ -56,18 +60,25 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.conditioner = dict(llm_dim=5120, context_dim=768, text_len=77, num_heads=8, ffn_dim=2048,
                          num_layers=2, dropout=0.1)
 
+  # The paper uses SD-1.5's pretrained VAE (init_checkpoint); train-vae trains one from scratch.
+  cfg.vae_train = dict(batch_size=64, num_steps=50000, lr=4.5e-6, warmup_ratio=0.0,
+                       weight_decay=0.0, kl_weight=1e-6, l2_weight=0.0, log_every=50,
+                       ckpt_every=1000, skip_nonfinite=False, init_checkpoint="")
   cfg.vllm_train = dict(
       batch_size=128, grad_accum=8, epochs=3, num_steps=-1, lr=2e-5, weight_decay=0.0,
       warmup_ratio=0.03, schedule="constant",  # the release's DeepSpeed config: warmup then constant
-      max_length=2048, frozen=r"^vision/.*", remat=True, log_every=10, ckpt_every=500)
+      max_length=2048, frozen=r"^vision/.*", remat=True, skip_nonfinite=False, log_every=10,
+      ckpt_every=500)
   cfg.vllm_generate = dict(temperature=0.2, top_p=1.0, greedy=False, max_new_tokens=1024, seed=42,
                            batch_size=16, feature_dtype="float16")
   cfg.ldm_train = dict(
       batch_size=1024, grad_accum=4, num_steps=20000, lr=1e-4, weight_decay=0.01,
       b1=0.9, b2=0.999, eps=1e-8, ema_decay=0.9999, train_projections=True,
-      use_image_embedding=True, use_text_embedding=True, text_source="description",
+      use_image_embedding=True, use_text_embedding=True,
+      text_source="generated",        # CLIP text of: "generated" R, "annotation", or "action"
       drop_text_prob=0.05, drop_both_prob=0.05, drop_image_prob=0.05, remat=True,
-      cache_frozen=False, init="sd15", init_checkpoint="", log_every=50, ckpt_every=1000,
+      cache_frozen=False, init="sd15", init_checkpoint="", init_use_ema=True,
+      skip_nonfinite=False, log_every=50, ckpt_every=1000,
       sample_every=1000, num_timesteps=1000, beta_start=0.00085, beta_end=0.012)
   cfg.sampler = dict(kind="euler_ancestral", num_steps=100, text_guidance=7.5, image_guidance=1.5,
                      seed=0, use_ema=True, output_norm="minmax")

@@ -35,11 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.llama.update(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
                    num_heads=4, num_kv_heads=4, max_position=512)
   cfg.llava.update(vision_hidden=64, text_hidden=128)
-  cfg.vae.update(block_out_channels=(32, 64, 64), layers_per_block=1, norm_groups=16)
+  cfg.vae.update(block_out_channels=(16, 32, 32), layers_per_block=1, norm_groups=8)
   cfg.unet.update(block_out_channels=(64, 128), attention_levels=(True, True),
                   layers_per_block=1, num_heads=4, context_dim=64, norm_groups=16)
   cfg.conditioner.update(llm_dim=128, context_dim=64, num_heads=4, ffn_dim=128)
 
+  cfg.vae_train.update(batch_size=16, num_steps=400, lr=2e-3, l2_weight=1.0, log_every=50,
+                       ckpt_every=300)
   cfg.vllm_train.update(batch_size=16, grad_accum=1, num_steps=300, lr=1e-3, max_length=160,
                         log_every=20, ckpt_every=100)
   cfg.vllm_generate.update(max_new_tokens=48)

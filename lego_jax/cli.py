@@ -20,6 +20,7 @@ from lego_jax import config as config_lib
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("lego_jax.data.prepare", "write the dataset (synthetic default or a LEGO release) as ArrayRecord"),
     "show-data": ("lego_jax.data.show", "contact-sheet PNG of N examples: input | target | action | description"),
+    "train-vae": ("lego_jax.train.vae", "train the KL autoencoder (the embedded default has no SD weights)"),
     "demo": ("lego_jax.demo", "run the whole pipeline on the embedded default config"),
     "evaluate": ("lego_jax.eval.evaluate", "score generated frames against ground truth"),
 }

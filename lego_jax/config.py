@@ -36,11 +36,14 @@ def resolve_path(path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """`path` may carry an argument for get_config after a colon, as config_flags allows:
+  "configs/ablations/ip2p_action.py:tiny"."""
+  path, _, arg = str(path).partition(":")
   p = resolve_path(path)
   spec = importlib.util.spec_from_file_location(f"_lego_config_{p.stem}", p)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = module.get_config(arg) if arg else module.get_config()
   for item in overrides:
     apply_override(cfg, item)
   return cfg

@@ -39,3 +39,16 @@ def test_rule_table_and_mesh():
   with sharding.use_mesh(mesh):
     y = jax.jit(lambda a: sharding.constrain(a * 2, ("batch", None)))(x)
   np.testing.assert_array_equal(np.asarray(y), x * 2)
+
+
+def test_ablation_configs_switch_only_the_conditioning():
+  full = config_lib.load("tiny")
+  for name, src, img, txt in [("ip2p_action", "action", False, False),
+                              ("description_only", "generated", False, False),
+                              ("description_image", "generated", True, False),
+                              ("description_text", "generated", False, True)]:
+    cfg = config_lib.load(f"configs/ablations/{name}.py:tiny")
+    t = cfg.ldm_train
+    assert (t.text_source, t.use_image_embedding, t.use_text_embedding) == (src, img, txt)
+    assert cfg.unet == full.unet and cfg.ldm_train.lr == full.ldm_train.lr
+  assert config_lib.load("configs/ablations/ip2p_action.py").unet.block_out_channels[0] == 320

@@ -16,7 +16,7 @@ def _dotted(path) -> str:
 
 def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
   """Every parameter path -> shape; works on abstract models from `nnx.eval_shape` too."""
-  return {_dotted(p): tuple(v.get_value().shape) for p, v in nnx.state(model, nnx.Param).flat_state()}
+  return {_dotted(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def abstract_param_shapes(make: Callable[[], nnx.Module]) -> dict[str, tuple[int, ...]]:
@@ -25,14 +25,14 @@ def abstract_param_shapes(make: Callable[[], nnx.Module]) -> dict[str, tuple[int
 
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
   return {_dotted(p): np.asarray(jax.device_get(v.get_value()))
-          for p, v in nnx.state(model, nnx.Param).flat_state()}
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def load_params(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> nnx.Module:
   """Writes `arrays` (dotted path -> array) into the model's parameters, keeping their dtypes."""
   state = nnx.state(model, nnx.Param)
   missing = []
-  for path, var in state.flat_state():
+  for path, var in nnx.to_flat_state(state):
     key = _dotted(path)
     if key not in arrays:
       missing.append(key)

@@ -1,0 +1,23 @@
+"""Ablation (paper Table 3): enriched description + image embedding H_i.
+
+The same trainer as LEGO; only the conditioning switches differ (the full model, "+ both", is the
+base config itself). The base is chosen after a colon, default lego_ego4d:
+  --config=configs/ablations/description_image.py            # on top of configs/lego_ego4d.py
+  --config=configs/ablations/description_image.py:tiny       # on top of the embedded default
+"""
+
+import importlib.util
+import pathlib
+
+
+def get_config(base: str = "lego_ego4d"):
+  path = pathlib.Path(__file__).resolve().parent.parent / f"{base or 'lego_ego4d'}.py"
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.name = f"{cfg.name}/description_image"
+  cfg.ldm_train.text_source = "generated"
+  cfg.ldm_train.use_image_embedding = True
+  cfg.ldm_train.use_text_embedding = False
+  return cfg

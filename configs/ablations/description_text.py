@@ -1,0 +1,23 @@
+"""Ablation (paper Table 3): enriched description + text embedding H_t.
+
+The same trainer as LEGO; only the conditioning switches differ (the full model, "+ both", is the
+base config itself). The base is chosen after a colon, default lego_ego4d:
+  --config=configs/ablations/description_text.py            # on top of configs/lego_ego4d.py
+  --config=configs/ablations/description_text.py:tiny       # on top of the embedded default
+"""
+
+import importlib.util
+import pathlib
+
+
+def get_config(base: str = "lego_ego4d"):
+  path = pathlib.Path(__file__).resolve().parent.parent / f"{base or 'lego_ego4d'}.py"
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.name = f"{cfg.name}/description_text"
+  cfg.ldm_train.text_source = "generated"
+  cfg.ldm_train.use_image_embedding = False
+  cfg.ldm_train.use_text_embedding = True
+  return cfg
