@@ -1,0 +1,154 @@
+"""The LEGO release's annotation format -> pair records (schema in lego_jax/data/records.py).
+
+Annotation JSON: {clip_id: {action_id: {"image_0": "<clip>/<action>/<frame>.jpg",
+                                        "image_1": "<clip>/<action>/<frame>.jpg",
+                                        "action": "#C C cuts the carrot",
+                                        "llava_forecast_finetune": "<enriched description>"}}}
+image_0 is the input frame, image_1 the action frame; paths are relative to the frames directory.
+The optional metadata JSON is keyed by clip_id and gives the original "height"/"width". The
+synthetic generator adds, per clip, "actions": {action_id: {"mask": <png path>, "meta": {...}}};
+real metadata files have no such entry, and their records get an empty mask and meta "{}".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_prep.ego4d_text import normalise_action
+from lego_jax.data import images
+
+REQUIRED = ("image_0", "image_1", "action")
+DESCRIPTION_KEY = "llava_forecast_finetune"
+
+
+class RecordError(ValueError):
+  """One bad annotation record; it is counted and skipped."""
+
+
+class ConversionError(ValueError):
+  """The input as a whole cannot be converted (unreadable file, empty split, too many bad)."""
+
+
+def read_json(path: str | Path, what: str) -> Any:
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{what} not found: {path}")
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConversionError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+@dataclass(frozen=True)
+class PairEntry:
+  """One (clip, action) of an annotation file, not yet validated."""
+  clip_id: str
+  action_id: str
+  fields: Any
+
+  @property
+  def id(self) -> str:
+    return f"{self.clip_id}/{self.action_id}"
+
+
+def pair_entries(annotation: Any, source: str) -> list[PairEntry]:
+  """Flattens the annotation dict in file order. A clip whose value is not a dict becomes one
+  entry that fails later, so it is counted as bad rather than stopping the conversion."""
+  if not isinstance(annotation, dict):
+    raise ConversionError(f"{source}: expected a JSON object {{clip_id: {{action_id: {{...}}}}}}, "
+                          f"got {type(annotation).__name__}")
+  out = []
+  for clip_id, actions in annotation.items():
+    if not isinstance(actions, dict):
+      out.append(PairEntry(str(clip_id), "?", actions))
+      continue
+    out.extend(PairEntry(str(clip_id), str(a), fields) for a, fields in actions.items())
+  return out
+
+
+def read_file(frames_dir: Path, rel: Any, record_id: str, field: str) -> bytes:
+  if not isinstance(rel, str) or not rel:
+    raise RecordError(f"{record_id}: field {field!r} is not a path: {rel!r}")
+  path = frames_dir / rel
+  try:
+    return path.read_bytes()
+  except FileNotFoundError:
+    raise RecordError(f"{record_id}: {field} file missing: {path}") from None
+  except OSError as e:
+    raise RecordError(f"{record_id}: {field} file unreadable: {path} ({e})") from None
+
+
+def read_image(frames_dir: Path, rel: Any, record_id: str, field: str) -> tuple[bytes, int, int]:
+  data = read_file(frames_dir, rel, record_id, field)
+  try:
+    return images.normalise_jpeg(data)
+  except images.ImageError as e:
+    raise RecordError(f"{record_id}: {field} {frames_dir / rel}: {e}") from None
+
+
+def _clip_size(metadata: dict, clip_id: str, record_id: str) -> tuple[int, int] | None:
+  info = metadata.get(clip_id)
+  if info is None:
+    return None
+  try:
+    h, w = int(info["height"]), int(info["width"])
+  except (TypeError, KeyError, ValueError):
+    raise RecordError(f"{record_id}: metadata of clip {clip_id!r} has no integer height/width: "
+                      f"{info!r}"[:300]) from None
+  if h <= 0 or w <= 0:
+    raise RecordError(f"{record_id}: metadata of clip {clip_id!r} has size {h}x{w}")
+  return h, w
+
+
+def load_pair(entry: PairEntry, frames_dir: Path, metadata: dict, dataset: str) -> dict:
+  """Reads and validates one annotation record -> a pair record (raises RecordError)."""
+  rid, fields = entry.id, entry.fields
+  if not isinstance(fields, dict):
+    raise RecordError(f"{rid}: expected an object with {REQUIRED}, got {type(fields).__name__}")
+  missing = [k for k in REQUIRED if k not in fields]
+  if missing:
+    raise RecordError(f"{rid}: missing field(s) {missing}")
+  raw_action = fields["action"]
+  if not isinstance(raw_action, str) or not raw_action.strip():
+    raise RecordError(f"{rid}: field 'action' is empty or not a string: {raw_action!r}")
+  description = fields.get(DESCRIPTION_KEY) or ""
+  if not isinstance(description, str):
+    raise RecordError(f"{rid}: field {DESCRIPTION_KEY!r} is not a string")
+  action = normalise_action(raw_action, dataset)
+  if not action:
+    raise RecordError(f"{rid}: action {raw_action!r} is empty after normalisation")
+
+  input_jpeg, h, w = read_image(frames_dir, fields["image_0"], rid, "image_0")
+  target_jpeg, _, _ = read_image(frames_dir, fields["image_1"], rid, "image_1")
+  size = _clip_size(metadata, entry.clip_id, rid)
+  if size is not None:
+    h, w = size
+
+  mask_png, meta = b"", "{}"
+  extra = metadata.get(entry.clip_id, {}).get("actions", {}).get(entry.action_id) \
+      if isinstance(metadata.get(entry.clip_id), dict) else None
+  if isinstance(extra, dict):
+    if "mask" in extra:
+      data = read_file(frames_dir, extra["mask"], rid, "mask")
+      try:
+        mask_png = images.normalise_mask_png(data)
+      except images.ImageError as e:
+        raise RecordError(f"{rid}: mask {frames_dir / extra['mask']}: {e}") from None
+    if "meta" in extra:
+      meta = json.dumps(extra["meta"], sort_keys=True)
+  return dict(id=rid, input_jpeg=input_jpeg, target_jpeg=target_jpeg, action=action,
+              raw_action=raw_action, description=description, height=h, width=w,
+              mask_png=mask_png, meta=meta)
+
+
+def read_metadata(path: str | Path | None) -> dict:
+  """The optional metadata JSON; "" or None means none."""
+  if not path:
+    return {}
+  meta = read_json(path, "metadata JSON")
+  if not isinstance(meta, dict):
+    raise ConversionError(f"metadata JSON {path}: expected an object keyed by clip_id")
+  return meta

@@ -1,0 +1,157 @@
+"""Image bytes in, numpy arrays out: decoding, RGB normalisation of odd modes, the two views.
+
+Two views of one frame feed the two models:
+  * LDM view: LANCZOS squash to (size, size) (aspect ratio NOT kept, as in the release), float32
+    in [-1, 1], NHWC.
+  * CLIP view (the VLLM's vision tower): bicubic resize of the short side to `size`, centre crop
+    (size, size), then CLIP mean/std normalisation; the same arithmetic as transformers'
+    CLIPImageProcessor, so features match the PyTorch release.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073), np.float32)
+CLIP_STD = np.asarray((0.26862954, 0.26130258, 0.27577711), np.float32)
+JPEG_QUALITY = 95
+
+
+class ImageError(ValueError):
+  """An image file that cannot be decoded (missing, truncated, not an image)."""
+
+
+def open_image(data: bytes) -> Image.Image:
+  """Fully decodes `data` (so truncated files fail here, not later in a worker)."""
+  try:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+  except Exception as e:  # PIL raises a zoo of types for bad files
+    raise ImageError(f"cannot decode image ({type(e).__name__}: {e})") from None
+  return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+  """Any PIL mode -> 8-bit RGB.
+
+  16-bit and 32-bit integer greyscale is rescaled (PIL's own convert() clips at 255, which turns
+  16-bit frames white); transparent pixels are composited over black, i.e. alpha-premultiplied.
+  """
+  if img.mode == "RGB":
+    return img
+  if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    arr = np.asarray(img).astype(np.float64)
+    # "I" is how PIL opens 16-bit PNGs; values beyond 16 bits would be a 32-bit image.
+    top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else arr.max()
+    arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "L").convert("RGB")
+  if img.mode == "F":
+    arr = np.asarray(img, np.float64)
+    lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=1.0))
+    top = 1.0 if lo >= 0.0 and hi <= 1.0 else 255.0
+    arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "L").convert("RGB")
+  if img.mode == "P":
+    img = img.convert("RGBA")
+  if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    rgba = np.asarray(img.convert("RGBA"), np.float32)
+    rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)
+    return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+  return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def encode_jpeg(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, "JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def normalise_jpeg(data: bytes) -> tuple[bytes, int, int]:
+  """Validates an image file's bytes -> (RGB JPEG bytes, height, width).
+
+  An 8-bit RGB JPEG is kept byte for byte (re-encoding would lose quality for nothing); every
+  other format or mode is converted to RGB and encoded as JPEG.
+  """
+  img = open_image(data)
+  if img.format == "JPEG" and img.mode == "RGB":
+    return data, img.height, img.width
+  rgb = to_rgb(img)
+  return encode_jpeg(rgb), rgb.height, rgb.width
+
+
+def normalise_mask_png(data: bytes) -> bytes:
+  """Validates a mask image -> single-channel 8-bit PNG bytes (0 = unchanged, 255 = changed)."""
+  img = open_image(data)
+  if img.format == "PNG" and img.mode == "L":
+    return data
+  arr = np.asarray(to_rgb(img).convert("L"))
+  return encode_png(np.where(arr > 127, 255, 0).astype(np.uint8))
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+  """JPEG/PNG bytes -> (H, W, 3) uint8."""
+  img = open_image(data)
+  return np.asarray(to_rgb(img))
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+  """Mask PNG bytes -> (H, W) bool."""
+  return np.asarray(open_image(data).convert("L")) > 127
+
+
+def squash(img: np.ndarray, size: int, resample=Image.Resampling.LANCZOS) -> np.ndarray:
+  """(H, W, C) or (H, W) uint8 -> (size, size, ...) uint8, aspect ratio not kept."""
+  if img.shape[0] == size and img.shape[1] == size:
+    return img
+  return np.asarray(Image.fromarray(img).resize((size, size), resample))
+
+
+def squash_mask(mask: np.ndarray, size: int) -> np.ndarray:
+  """(H, W) bool -> (size, size) bool; nearest keeps the mask binary."""
+  if mask.shape == (size, size):
+    return mask
+  img = Image.fromarray(mask.astype(np.uint8) * 255)
+  return np.asarray(img.resize((size, size), Image.Resampling.NEAREST)) > 127
+
+
+def to_unit_range(img: np.ndarray) -> np.ndarray:
+  """uint8 -> float32 in [-1, 1]."""
+  return img.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
+def from_unit_range(img: np.ndarray) -> np.ndarray:
+  """float in [-1, 1] -> uint8 (clipped)."""
+  return np.clip(np.rint((np.asarray(img, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def clip_view(img: np.ndarray, size: int) -> np.ndarray:
+  """(H, W, 3) uint8 -> (size, size, 3) float32, CLIP-normalised.
+
+  Short side -> `size` (bicubic; the long side truncated to an int, as transformers does), then a
+  centre crop with the offset rounded down, then (x / 255 - mean) / std.
+  """
+  h, w = img.shape[:2]
+  if h <= w:
+    new_h, new_w = size, int(size * w / h)
+  else:
+    new_h, new_w = int(size * h / w), size
+  if (new_h, new_w) != (h, w):
+    img = np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.Resampling.BICUBIC))
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  img = img[top:top + size, left:left + size]
+  return (img.astype(np.float32) / np.float32(255.0) - CLIP_MEAN) / CLIP_STD
+
+
+def clip_unnormalise(img: np.ndarray) -> np.ndarray:
+  """CLIP-normalised float -> uint8 (for looking at what the vision tower saw)."""
+  x = np.asarray(img, np.float32) * CLIP_STD + CLIP_MEAN
+  return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)

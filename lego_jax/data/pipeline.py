@@ -1,0 +1,255 @@
+"""Grain input pipelines: ArrayRecord records -> decoded, resized, jointly flipped batches.
+
+    records (tfds data source) [+ extra per-example sources zipped by index]
+      -> Decode         JPEG/PNG bytes -> uint8 arrays, text bytes -> str
+      -> Resize         LDM view: LANCZOS squash to image_size; CLIP view: bicubic short side
+                        vllm_image_size + centre crop + CLIP mean/std (from the UNflipped input:
+                        the VLLM's features are not flipped, as in the release)
+      -> JointFlip      one coin per example (seeded by Grain per record) flips input, target
+                        and mask together
+      -> ToUnitRange    LDM images to float32 in [-1, 1]
+      -> Batch
+A `grain.DataLoader` runs it: seeded shuffling, one shard per host (ShardOptions by process
+index/count), `worker_count` worker processes, and an iterator whose `get_state()` /
+`set_state()` resume the exact sequence. `to_global` turns a host's batch into global jax.Arrays.
+
+Batch (per host) of the pair pipeline, B = batch size, S = image_size, V = vllm_image_size:
+  input, target  (B, S, S, 3) float32 in [-1, 1]      mask       (B, S, S, 1) float32 {0, 1}
+  clip_input     (B, V, V, 3) float32 CLIP-normalised  has_mask   (B,) bool (False: real data)
+  flipped        (B,) bool       index (B,) int32 record index in the split
+  height, width  (B,) int32 original frame size
+  id, action, raw_action, description, meta  (B,) str
+The instruction pipeline gives clip_image (B, V, V, 3), prompt, answer, id, index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from lego_jax.data import images, records
+
+
+def ensure_flags_parsed() -> None:
+  """Grain reads absl flags; outside an absl app (tests, notebooks) mark them parsed."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class ZippedSource:
+  """Record i of `base` plus "index": i and, for each extra source, name: extra[i].
+
+  Extra sources are random-access sources aligned with `base` by index (e.g. the VLLM features
+  a later stage writes in the order of the split); their records are passed through as they
+  are, to be decoded by an operation of that stage."""
+
+  def __init__(self, base, extras: Mapping[str, Any] | None = None):
+    self.base = base
+    self.extras = dict(extras or {})
+    for name, src in self.extras.items():
+      if len(src) != len(base):
+        raise ValueError(f"extra source {name!r} has {len(src)} records, the split has "
+                         f"{len(base)}: they must align by index")
+
+  def __len__(self) -> int:
+    return len(self.base)
+
+  def __getitem__(self, i: int) -> dict:
+    record = dict(self.base[i])
+    record["index"] = i
+    for name, src in self.extras.items():
+      record[name] = src[i]
+    return record
+
+  def __repr__(self) -> str:  # part of Grain's checkpointed state: keep it stable
+    return f"ZippedSource({self.base!r}, extras={sorted(self.extras)})"
+
+
+def _text(v) -> str:
+  return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+class DecodePair(grain.transforms.Map):
+  def map(self, r: dict) -> dict:
+    out = {k: r[k] for k in r if k not in records.PAIR_BYTES and k not in records.PAIR_STRINGS
+           and k not in records.PAIR_INTS}
+    for k in records.PAIR_STRINGS:
+      out[k] = _text(r[k])
+    out["height"], out["width"] = np.int32(r["height"]), np.int32(r["width"])
+    out["index"] = np.int32(r["index"])
+    out["input"] = images.decode_rgb(r["input_jpeg"])
+    out["target"] = images.decode_rgb(r["target_jpeg"])
+    out["has_mask"] = np.bool_(len(r["mask_png"]) > 0)
+    out["mask"] = (images.decode_mask(r["mask_png"]) if out["has_mask"]
+                   else np.zeros(out["input"].shape[:2], bool))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizePair(grain.transforms.Map):
+  image_size: int | None      # None: no LDM view
+  vllm_image_size: int | None  # None: no CLIP view
+
+  def map(self, r: dict) -> dict:
+    if self.vllm_image_size:
+      r["clip_input"] = images.clip_view(r["input"], self.vllm_image_size)
+    if self.image_size:
+      r["input"] = images.squash(r["input"], self.image_size)
+      r["target"] = images.squash(r["target"], self.image_size)
+      r["mask"] = images.squash_mask(r["mask"], self.image_size)
+    else:
+      for k in ("input", "target", "mask"):
+        r.pop(k)
+    return r
+
+
+@dataclasses.dataclass(frozen=True)
+class JointFlip(grain.transforms.RandomMap):
+  """Horizontal flip of input, target and mask together with probability `prob`."""
+  prob: float
+
+  def random_map(self, r: dict, rng: np.random.Generator) -> dict:
+    flip = bool(rng.random() < self.prob) if self.prob > 0 else False
+    r["flipped"] = np.bool_(flip)
+    if flip:
+      for k in ("input", "target", "mask"):
+        if k in r:
+          r[k] = r[k][:, ::-1]
+    return r
+
+
+class ToUnitRange(grain.transforms.Map):
+  def map(self, r: dict) -> dict:
+    if "input" in r:
+      r["input"] = images.to_unit_range(r["input"])
+      r["target"] = images.to_unit_range(r["target"])
+      r["mask"] = r["mask"][..., None].astype(np.float32)
+    return r
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeInstruct(grain.transforms.Map):
+  vllm_image_size: int
+
+  def map(self, r: dict) -> dict:
+    out = {k: r[k] for k in r if k not in records.INSTRUCT_BYTES
+           and k not in records.INSTRUCT_STRINGS}
+    for k in records.INSTRUCT_STRINGS:
+      out[k] = _text(r[k])
+    out["index"] = np.int32(r["index"])
+    out["clip_image"] = images.clip_view(images.decode_rgb(r["image_jpeg"]), self.vllm_image_size)
+    return out
+
+
+def host_shard_options() -> grain.sharding.ShardOptions:
+  """This host's share of every epoch: one shard per JAX process."""
+  return grain.sharding.ShardOptions(shard_index=jax.process_index(),
+                                     shard_count=jax.process_count(), drop_remainder=True)
+
+
+def make_loader(source, operations: Sequence, *, batch_size: int, seed: int, shuffle: bool,
+                num_epochs: int | None, shard_options: grain.sharding.ShardOptions | None = None,
+                worker_count: int = 0, drop_remainder: bool = True,
+                read_threads: int = 2) -> grain.DataLoader:
+  """The common DataLoader: sampler (shuffle, epochs, host shard) + operations + Batch."""
+  ensure_flags_parsed()
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be at least 1")
+  shard_options = shard_options or host_shard_options()
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shard_options=shard_options, shuffle=shuffle,
+      num_epochs=num_epochs, seed=int(seed) % (2**32))
+  ops = list(operations) + [grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)]
+  return grain.DataLoader(
+      data_source=source, sampler=sampler, operations=ops, worker_count=worker_count,
+      shard_options=shard_options,
+      read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+
+
+def pair_loader(records_dir: str | Path, split: str, *, batch_size: int, image_size: int | None,
+                vllm_image_size: int | None, hflip_prob: float = 0.0, seed: int = 0,
+                shuffle: bool = True, num_epochs: int | None = None,
+                shard_options: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
+                drop_remainder: bool = True, extra_sources: Mapping[str, Any] | None = None,
+                extra_operations: Sequence = ()) -> grain.DataLoader:
+  """Batches of action-frame pairs (see module doc). `extra_operations` run after the
+  standard ones, before batching (e.g. decoding zipped `extra_sources`)."""
+  source = ZippedSource(records.open_split(records_dir, split, records.PAIRS), extra_sources)
+  ops = [DecodePair(), ResizePair(image_size, vllm_image_size)]
+  if image_size:
+    ops += [JointFlip(hflip_prob), ToUnitRange()]
+  return make_loader(source, ops + list(extra_operations), batch_size=batch_size, seed=seed,
+                     shuffle=shuffle, num_epochs=num_epochs, shard_options=shard_options,
+                     worker_count=worker_count, drop_remainder=drop_remainder)
+
+
+def instruct_loader(records_dir: str | Path, split: str, *, batch_size: int,
+                    vllm_image_size: int, seed: int = 0, shuffle: bool = True,
+                    num_epochs: int | None = None,
+                    shard_options: grain.sharding.ShardOptions | None = None,
+                    worker_count: int = 0, drop_remainder: bool = True,
+                    extra_operations: Sequence = ()) -> grain.DataLoader:
+  """Batches of instruction records: clip_image, prompt, answer, id, index."""
+  source = ZippedSource(records.open_split(records_dir, split, records.INSTRUCT))
+  ops = [DecodeInstruct(vllm_image_size)] + list(extra_operations)
+  return make_loader(source, ops, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                     num_epochs=num_epochs, shard_options=shard_options,
+                     worker_count=worker_count, drop_remainder=drop_remainder)
+
+
+def records_dir_of(data_cfg, workdir: str | Path) -> Path:
+  return Path(data_cfg.records_dir) if data_cfg.records_dir else Path(workdir) / "records"
+
+
+def train_pairs(cfg, workdir: str | Path, batch_size: int, *, split: str = "train",
+                views: Sequence[str] = ("ldm", "clip"), **kwargs) -> grain.DataLoader:
+  """The training pipeline from a config: shuffled, endless, flipped with cfg.data.hflip_prob,
+  cfg.data.num_workers worker processes, seeded by cfg.seed. `batch_size` is per host."""
+  d = cfg.data
+  return pair_loader(
+      records_dir_of(d, workdir), split, batch_size=batch_size,
+      image_size=d.image_size if "ldm" in views else None,
+      vllm_image_size=d.vllm_image_size if "clip" in views else None,
+      hflip_prob=d.hflip_prob, seed=cfg.seed, shuffle=True, num_epochs=None,
+      worker_count=d.num_workers, drop_remainder=True, **kwargs)
+
+
+def eval_pairs(cfg, workdir: str | Path, batch_size: int, *, split: str = "test",
+               views: Sequence[str] = ("ldm", "clip"), **kwargs) -> grain.DataLoader:
+  """One ordered pass, no flips, nothing dropped (every example once). With worker processes
+  each worker batches its own share of the split, so up to num_workers batches come out short
+  and batches interleave; `index` says which example each row is."""
+  d = cfg.data
+  return pair_loader(
+      records_dir_of(d, workdir), split, batch_size=batch_size,
+      image_size=d.image_size if "ldm" in views else None,
+      vllm_image_size=d.vllm_image_size if "clip" in views else None,
+      hflip_prob=0.0, seed=cfg.seed, shuffle=False, num_epochs=1,
+      worker_count=d.num_workers, drop_remainder=False, **kwargs)
+
+
+def is_numeric(x) -> bool:
+  return isinstance(x, np.ndarray) and x.dtype.kind in "biuf"
+
+
+def to_global(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict:
+  """A host's batch -> global jax.Arrays split over the mesh's batch axes (logical "batch");
+  strings stay host-local numpy arrays. Every host passes its own equally sized batch."""
+  from lego_jax.parallel.sharding import named_sharding
+
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if is_numeric(v):
+      sharding = named_sharding(mesh, ("batch",) + (None,) * (v.ndim - 1))
+      out[k] = jax.make_array_from_process_local_data(sharding, v)
+    else:
+      out[k] = v
+  return out
