@@ -169,21 +169,86 @@ class EgoVLPVideo(nnx.Module):
     return self.vid_proj(self.norm(x)[:, 0]).astype(jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class EgoVLPTextConfig:
+  """DistilBERT-base-uncased (post-LN, GELU) + txt_proj (ReLU, Linear 768 -> 256)."""
+  vocab_size: int = 30522
+  dim: int = 768
+  num_layers: int = 6
+  num_heads: int = 12
+  hidden_dim: int = 3072
+  max_position: int = 512
+  projection_dim: int = 256
+  layer_norm_eps: float = 1e-12
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+
+class DistilBertLayer(nnx.Module):
+  def __init__(self, cfg: EgoVLPTextConfig, *, rngs: nnx.Rngs):
+    d = cfg.dim
+    self.num_heads = cfg.num_heads
+    self.q_lin, self.k_lin = _dense(d, d, cfg, rngs), _dense(d, d, cfg, rngs)
+    self.v_lin, self.out_lin = _dense(d, d, cfg, rngs), _dense(d, d, cfg, rngs)
+    self.sa_layer_norm = _ln(d, cfg, rngs)
+    self.lin1, self.lin2 = _dense(d, cfg.hidden_dim, cfg, rngs), _dense(cfg.hidden_dim, d, cfg, rngs)
+    self.output_layer_norm = _ln(d, cfg, rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    b, t, d = x.shape
+    split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)  # noqa: E731
+    a = jax.nn.dot_product_attention(split(self.q_lin(x)), split(self.k_lin(x)),
+                                     split(self.v_lin(x)), mask=mask[:, None, None, :])
+    x = self.sa_layer_norm(x + self.out_lin(a.reshape(b, t, d)))
+    return self.output_layer_norm(x + self.lin2(jax.nn.gelu(self.lin1(x), approximate=False)))
+
+
+class EgoVLPText(nnx.Module):
+  """Token ids (B, T) + attention mask -> (B, projection_dim): the [CLS] state through txt_proj."""
+
+  def __init__(self, cfg: EgoVLPTextConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.dim, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.position_embeddings = nnx.Embed(cfg.max_position, cfg.dim, param_dtype=cfg.param_dtype,
+                                         rngs=rngs)
+    self.embed_norm = _ln(cfg.dim, cfg, rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r: nnx.Rngs) -> DistilBertLayer:
+      return DistilBertLayer(cfg, rngs=r)
+
+    self.layers = make(rngs)
+    self.txt_proj = _dense(cfg.dim, cfg.projection_dim, cfg, rngs)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    t = input_ids.shape[1]
+    mask = (jnp.ones_like(input_ids, bool) if attention_mask is None
+            else attention_mask.astype(bool))
+    x = self.word_embeddings(input_ids) + self.position_embeddings(jnp.arange(t))[None]
+    x = self.embed_norm(x.astype(self.cfg.dtype))
+    x = nnx.scan(lambda h, layer: layer(h, mask), in_axes=(nnx.Carry, 0),
+                 out_axes=nnx.Carry)(x, self.layers)
+    return self.txt_proj(jax.nn.relu(x[:, 0])).astype(jnp.float32)
+
+
 # ---- PyTorch key layout (FrozenInTime) ----
 
-_BLOCK_KEYS = (("norm1.weight", "norm1.scale", Kind.IDENTITY), ("norm1.bias", "norm1.bias", Kind.IDENTITY),
-               ("norm2.weight", "norm2.scale", Kind.IDENTITY), ("norm2.bias", "norm2.bias", Kind.IDENTITY),
-               ("norm3.weight", "norm3.scale", Kind.IDENTITY), ("norm3.bias", "norm3.bias", Kind.IDENTITY),
-               ("attn.qkv.weight", "attn.qkv.kernel", Kind.LINEAR),
-               ("attn.qkv.bias", "attn.qkv.bias", Kind.IDENTITY),
-               ("attn.proj.weight", "attn.proj.kernel", Kind.LINEAR),
-               ("attn.proj.bias", "attn.proj.bias", Kind.IDENTITY),
-               ("timeattn.qkv.weight", "timeattn.qkv.kernel", Kind.LINEAR),
-               ("timeattn.qkv.bias", "timeattn.qkv.bias", Kind.IDENTITY),
-               ("timeattn.proj.weight", "timeattn.proj.kernel", Kind.LINEAR),
-               ("timeattn.proj.bias", "timeattn.proj.bias", Kind.IDENTITY),
-               ("mlp.fc1.weight", "fc1.kernel", Kind.LINEAR), ("mlp.fc1.bias", "fc1.bias", Kind.IDENTITY),
-               ("mlp.fc2.weight", "fc2.kernel", Kind.LINEAR), ("mlp.fc2.bias", "fc2.bias", Kind.IDENTITY))
+def _param_keys(module: str, torch_module: str | None = None, norm: bool = False):
+  """(torch suffix, nnx suffix, kind) for one Linear (weight/bias) or LayerNorm (weight/bias)."""
+  t = torch_module or module
+  if norm:
+    return ((f"{t}.weight", f"{module}.scale", Kind.IDENTITY),
+            (f"{t}.bias", f"{module}.bias", Kind.IDENTITY))
+  return ((f"{t}.weight", f"{module}.kernel", Kind.LINEAR),
+          (f"{t}.bias", f"{module}.bias", Kind.IDENTITY))
+
+
+_BLOCK_KEYS = (*_param_keys("norm1", norm=True), *_param_keys("norm2", norm=True),
+               *_param_keys("norm3", norm=True), *_param_keys("attn.qkv"),
+               *_param_keys("attn.proj"), *_param_keys("timeattn.qkv"),
+               *_param_keys("timeattn.proj"), *_param_keys("fc1", "mlp.fc1"),
+               *_param_keys("fc2", "mlp.fc2"))
 
 VIDEO_RULES = [
     Rule("video_model.patch_embed.proj.weight", "patch_embed.kernel", Kind.CONV2D),
@@ -198,8 +263,25 @@ VIDEO_RULES = [
 ] + [Rule(f"video_model.blocks.{{l}}.{t}", f"blocks.{j}", kind, stack="l")
      for t, j, kind in _BLOCK_KEYS]
 
-# The text tower and its projection: EgoVLP's text side, not used by the image metrics.
+# The text tower and its projection: EgoVLP's text side (EgoVLPText), not used by the video tower.
 VIDEO_IGNORE = (r"^text_model\.", r"^txt_proj\.")
+
+_TEXT_LAYER_KEYS = (
+    *(k for n in ("q_lin", "k_lin", "v_lin", "out_lin") for k in _param_keys(n, f"attention.{n}")),
+    *_param_keys("lin1", "ffn.lin1"), *_param_keys("lin2", "ffn.lin2"),
+    *_param_keys("sa_layer_norm", norm=True), *_param_keys("output_layer_norm", norm=True))
+
+TEXT_RULES = [
+    Rule("text_model.embeddings.word_embeddings.weight", "word_embeddings.embedding"),
+    Rule("text_model.embeddings.position_embeddings.weight", "position_embeddings.embedding"),
+    Rule("text_model.embeddings.LayerNorm.weight", "embed_norm.scale"),
+    Rule("text_model.embeddings.LayerNorm.bias", "embed_norm.bias"),
+    Rule("txt_proj.1.weight", "txt_proj.kernel", Kind.LINEAR),
+    Rule("txt_proj.1.bias", "txt_proj.bias"),
+] + [Rule(f"text_model.transformer.layer.{{l}}.{t}", f"layers.{j}", kind, stack="l")
+     for t, j, kind in _TEXT_LAYER_KEYS]
+# The video side, and the position-id buffer older transformers saved.
+TEXT_IGNORE = (r"^video_model\.", r"^vid_proj\.", r"^text_model\.embeddings\.position_ids$")
 
 
 def _unwrap(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -225,6 +307,13 @@ def load_egovlp(model: EgoVLPVideo, state_dict: Mapping[str, np.ndarray],
   sd = fit_temporal_embed(_unwrap(state_dict), model.cfg.num_frames)
   arrays = torch_to_jax(sd, VIDEO_RULES, weights_state.param_shapes(model), ignore=VIDEO_IGNORE,
                         source=source)
+  return weights_state.load_params(model, arrays)
+
+
+def load_egovlp_text(model: EgoVLPText, state_dict: Mapping[str, np.ndarray],
+                     source: str = "EgoVLP checkpoint") -> EgoVLPText:
+  arrays = torch_to_jax(_unwrap(state_dict), TEXT_RULES, weights_state.param_shapes(model),
+                        ignore=TEXT_IGNORE, source=source)
   return weights_state.load_params(model, arrays)
 
 

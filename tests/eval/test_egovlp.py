@@ -217,3 +217,22 @@ def test_epic_uses_epic_checkpoint(tmp_path):
 
   with pytest.raises(MissingWeightsError, match="epic_mir_plus.pth"):
     ev.build_egovlp(str(tmp_path), dataset="epickitchens", num_frames=16)
+
+
+def test_text_tower_parity_with_transformers_distilbert(pair):
+  """EgoVLP's compute_text: DistilBertModel last_hidden_state[:, 0] -> txt_proj (ReLU, Linear)."""
+  from flax import nnx
+  ref, _, _ = pair
+  sd = {f"module.{k}": v.numpy() for k, v in ref.state_dict().items()}
+  cfg = ev.EgoVLPTextConfig(vocab_size=50, dim=24, num_layers=1, num_heads=2, hidden_dim=32,
+                            max_position=16, projection_dim=16)
+  text = ev.load_egovlp_text(nnx.eval_shape(lambda: ev.EgoVLPText(cfg, rngs=nnx.Rngs(0))), sd)
+  ids = np.array([[1, 7, 9, 4, 0, 0], [3, 5, 2, 8, 11, 6]], np.int64)
+  mask = (ids > 0).astype(np.int64)
+  mask[1] = 1
+  with torch.no_grad():
+    hidden = ref.text_model(input_ids=torch.from_numpy(ids),
+                            attention_mask=torch.from_numpy(mask)).last_hidden_state[:, 0]
+    want = ref.txt_proj(hidden).numpy()
+  got = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(text, ids, mask))
+  assert rel_err(got, want) <= 1e-4
