@@ -33,17 +33,25 @@ from absl import flags
 from lego_jax.eval import images as im
 from lego_jax.eval import table as table_lib
 
-_GENERATED = flags.DEFINE_string("generated", None, "directory of generated frames")
-_REFERENCE = flags.DEFINE_string("reference", None, "directory of ground-truth action frames")
-_INPUTS = flags.DEFINE_string("inputs", None, "directory of the input frames (for EgoVLP+)")
-_NAME = flags.DEFINE_string("name", None, "run name (table row); default: the generated dir name")
-_RUNS = flags.DEFINE_string("runs", "", "more table rows: name=DIR,... (DIR holds metrics.json)")
-_ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False,
-                                   "score the complete pairs when the sets do not match")
-_EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 16, "images per network call")
-_FID_CACHE = flags.DEFINE_string("fid_cache_dir", "",
-                                 "reference FID statistics cache (default ~/.cache/lego_jax/fid)")
-_PAPER_ROWS = flags.DEFINE_bool("paper_rows", True, "add the paper's Ego4D rows to the table")
+def _flag(kind: str, name: str, default, help_text: str):
+  """Defines --name unless another module of the same process already did (tests import several
+  command modules into one process); returns a getter of its value."""
+  if name not in flags.FLAGS:
+    getattr(flags, f"DEFINE_{kind}")(name, default, help_text)
+  return lambda: flags.FLAGS[name].value
+
+
+_GENERATED = _flag("string", "generated", None, "directory of generated frames")
+_REFERENCE = _flag("string", "reference", None, "directory of ground-truth action frames")
+_INPUTS = _flag("string", "inputs", None, "directory of the input frames (for EgoVLP+)")
+_NAME = _flag("string", "name", None, "run name (table row); default: the generated dir name")
+_RUNS = _flag("string", "runs", "", "more table rows: name=DIR,... (DIR holds metrics.json)")
+_ALLOW_MISSING = _flag("bool", "allow_missing", False,
+                       "score the complete pairs when the sets do not match")
+_EVAL_BATCH = _flag("integer", "eval_batch_size", 16, "images per network call")
+_FID_CACHE = _flag("string", "fid_cache_dir", "",
+                   "reference FID statistics cache (default ~/.cache/lego_jax/fid)")
+_PAPER_ROWS = _flag("bool", "paper_rows", True, "add the paper's Ego4D rows to the table")
 
 
 METRICS = ("psnr", "lpips", "fid", "clip", "egovlp", "egovlp_plus")
@@ -317,8 +325,8 @@ def main(cfg, workdir) -> int:
   from lego_jax.cli import UserError
 
   eval_dir = Path(workdir) / "eval"
-  gen, ref = _GENERATED.value, _REFERENCE.value
-  if not gen and not _RUNS.value:
+  gen, ref = _GENERATED(), _REFERENCE()
+  if not gen and not _RUNS():
     raise UserError("pass --generated=DIR --reference=DIR (or --runs=name=DIR,... for a table)")
   if gen and not ref:
     raise UserError("--reference=DIR is required with --generated")
@@ -327,16 +335,16 @@ def main(cfg, workdir) -> int:
     e = cfg.eval
     try:
       result = run_evaluation(
-          gen, ref, eval_dir, inputs=_INPUTS.value, name=_NAME.value, metrics=tuple(e.metrics),
+          gen, ref, eval_dir, inputs=_INPUTS(), name=_NAME(), metrics=tuple(e.metrics),
           weights_dir=e.weights_dir, dataset=dataset, lpips_net=e.lpips_net,
           lpips_release_range=e.lpips_release_range, egovlp_frames=e.egovlp_frames,
-          allow_missing=_ALLOW_MISSING.value, batch=_EVAL_BATCH.value,
-          fid_cache=_FID_CACHE.value or None)
+          allow_missing=_ALLOW_MISSING(), batch=_EVAL_BATCH(),
+          fid_cache=_FID_CACHE() or None)
     except im.ImageSetError as err:
       raise UserError(str(err)) from None
     print(f"metrics: {eval_dir / result['name'] / 'metrics.json'}")
   try:
-    md, ht, text = write_results_table(eval_dir, _RUNS.value, dataset, _PAPER_ROWS.value)
+    md, ht, text = write_results_table(eval_dir, _RUNS(), dataset, _PAPER_ROWS())
   except (FileNotFoundError, json.JSONDecodeError) as err:
     raise UserError(f"--runs: {err}") from None
   print(text)

@@ -31,8 +31,9 @@ WEIGHT_FILES: dict[str, tuple[tuple[str, ...], str]] = {
             "pytorch-fid's FID Inception weights (github.com/mseitzer/pytorch-fid releases, "
             "fid_weights/pt_inception-2015-12-05-6726825d.pth)"),
     "clip": (("clip-vit-large-patch14", "clip-vit-large-patch14.safetensors"),
-             "openai/clip-vit-large-patch14 from the Hugging Face hub (the directory with "
-             "model.safetensors), or a state dict in the original CLIP layout"),
+             "openai/clip-vit-large-patch14 from the Hugging Face hub (the snapshot directory "
+             "with config.json and model.safetensors; any layout lego_jax.models.clip_vision "
+             "reads that holds visual_projection)"),
     # The release scores Ego4D (EgoVLP and EgoVLP+) with egovlp.pth at 4 frames and EPIC-Kitchens
     # with epic_mir_plus.pth at 16 frames.
     "egovlp_ego4d": (("egovlp.pth",), "EgoVLP's Ego4D checkpoint (github.com/showlab/EgoVLP; "
@@ -66,5 +67,5 @@ def find_weights(weights_dir: str | os.PathLike, what: str,
           return cand
   where = f"in {', '.join(str(d) for d in dirs)}" if dirs else "(cfg.eval.weights_dir is not set)"
   raise MissingWeightsError(
-      f"{what}: no weight file {' or '.join(names)} {where}; get it from {source} and put it "
+      f"no weight file {' or '.join(names)} {where}; get it from {source} and put it "
       f"in --config.eval.weights_dir")
