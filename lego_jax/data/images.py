@@ -97,10 +97,21 @@ def normalise_mask_png(data: bytes) -> bytes:
   return encode_png(np.where(arr > 127, 255, 0).astype(np.uint8))
 
 
+def decode_rgb_image(data: bytes) -> Image.Image:
+  """JPEG/PNG bytes -> decoded RGB PIL image (the pipeline stays in PIL until the last step:
+  every numpy round trip is a copy of the frame)."""
+  return to_rgb(open_image(data))
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
   """JPEG/PNG bytes -> (H, W, 3) uint8."""
-  img = open_image(data)
-  return np.asarray(to_rgb(img))
+  return np.asarray(decode_rgb_image(data))
+
+
+def decode_mask_image(data: bytes) -> Image.Image:
+  """Mask PNG bytes -> mode "L" PIL image, 0 or 255."""
+  img = open_image(data).convert("L")
+  return img.point(lambda v: 255 if v > 127 else 0)
 
 
 def decode_mask(data: bytes) -> np.ndarray:
@@ -108,24 +119,37 @@ def decode_mask(data: bytes) -> np.ndarray:
   return np.asarray(open_image(data).convert("L")) > 127
 
 
-def squash(img: np.ndarray, size: int, resample=Image.Resampling.LANCZOS) -> np.ndarray:
-  """(H, W, C) or (H, W) uint8 -> (size, size, ...) uint8, aspect ratio not kept."""
-  if img.shape[0] == size and img.shape[1] == size:
+def _pil(img) -> Image.Image:
+  return img if isinstance(img, Image.Image) else Image.fromarray(img)
+
+
+def squash_image(img, size: int, resample=Image.Resampling.LANCZOS) -> Image.Image:
+  """PIL image or array -> (size, size) PIL image, aspect ratio not kept."""
+  img = _pil(img)
+  return img if img.size == (size, size) else img.resize((size, size), resample)
+
+
+def squash(img, size: int, resample=Image.Resampling.LANCZOS) -> np.ndarray:
+  """(H, W, C) or (H, W) uint8 (or a PIL image) -> (size, size, ...) uint8, aspect not kept."""
+  if isinstance(img, np.ndarray) and img.shape[:2] == (size, size):
     return img
-  return np.asarray(Image.fromarray(img).resize((size, size), resample))
+  return np.asarray(squash_image(img, size, resample))
 
 
-def squash_mask(mask: np.ndarray, size: int) -> np.ndarray:
-  """(H, W) bool -> (size, size) bool; nearest keeps the mask binary."""
-  if mask.shape == (size, size):
-    return mask
-  img = Image.fromarray(mask.astype(np.uint8) * 255)
-  return np.asarray(img.resize((size, size), Image.Resampling.NEAREST)) > 127
+def squash_mask(mask, size: int) -> np.ndarray:
+  """(H, W) bool array or "L" image -> (size, size) bool; nearest keeps the mask binary."""
+  if isinstance(mask, np.ndarray):
+    if mask.shape == (size, size):
+      return mask.astype(bool)
+    mask = Image.fromarray(mask.astype(np.uint8) * 255)
+  return np.asarray(squash_image(mask, size, Image.Resampling.NEAREST)) > 127
 
 
 def to_unit_range(img: np.ndarray) -> np.ndarray:
-  """uint8 -> float32 in [-1, 1]."""
-  return img.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+  """uint8 -> float32 in [-1, 1] (one allocation: this runs on every frame of every batch)."""
+  out = np.multiply(img, np.float32(2.0 / 255.0), dtype=np.float32)
+  out -= np.float32(1.0)
+  return out
 
 
 def from_unit_range(img: np.ndarray) -> np.ndarray:
@@ -133,21 +157,22 @@ def from_unit_range(img: np.ndarray) -> np.ndarray:
   return np.clip(np.rint((np.asarray(img, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def clip_view(img: np.ndarray, size: int) -> np.ndarray:
-  """(H, W, 3) uint8 -> (size, size, 3) float32, CLIP-normalised.
+def clip_view(img, size: int) -> np.ndarray:
+  """(H, W, 3) uint8 array or RGB PIL image -> (size, size, 3) float32, CLIP-normalised.
 
   Short side -> `size` (bicubic; the long side truncated to an int, as transformers does), then a
   centre crop with the offset rounded down, then (x / 255 - mean) / std.
   """
-  h, w = img.shape[:2]
+  img = _pil(img)
+  w, h = img.size
   if h <= w:
     new_h, new_w = size, int(size * w / h)
   else:
     new_h, new_w = int(size * h / w), size
   if (new_h, new_w) != (h, w):
-    img = np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.Resampling.BICUBIC))
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
   top, left = (new_h - size) // 2, (new_w - size) // 2
-  img = img[top:top + size, left:left + size]
+  img = np.asarray(img.crop((left, top, left + size, top + size)))
   return (img.astype(np.float32) / np.float32(255.0) - CLIP_MEAN) / CLIP_STD
 
 

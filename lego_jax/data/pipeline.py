@@ -14,7 +14,7 @@ index/count), `worker_count` worker processes, and an iterator whose `get_state(
 `set_state()` resume the exact sequence. `to_global` turns a host's batch into global jax.Arrays.
 
 Batch (per host) of the pair pipeline, B = batch size, S = image_size, V = vllm_image_size:
-  input, target  (B, S, S, 3) float32 in [-1, 1]      mask       (B, S, S, 1) float32 {0, 1}
+  input, target  (B, S, S, 3) float32 in [-1, 1]      mask       (B, S, S, 1) bool (action pixels)
   clip_input     (B, V, V, 3) float32 CLIP-normalised  has_mask   (B,) bool (False: real data)
   flipped        (B,) bool       index (B,) int32 record index in the split
   height, width  (B,) int32 original frame size
@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import jax
 import numpy as np
+from PIL import Image
 
 from lego_jax.data import images, records
 
@@ -84,11 +85,12 @@ class DecodePair(grain.transforms.Map):
       out[k] = _text(r[k])
     out["height"], out["width"] = np.int32(r["height"]), np.int32(r["width"])
     out["index"] = np.int32(r["index"])
-    out["input"] = images.decode_rgb(r["input_jpeg"])
-    out["target"] = images.decode_rgb(r["target_jpeg"])
+    # Frames stay PIL images until ToUnitRange: each numpy round trip would copy them.
+    out["input"] = images.decode_rgb_image(r["input_jpeg"])
+    out["target"] = images.decode_rgb_image(r["target_jpeg"])
     out["has_mask"] = np.bool_(len(r["mask_png"]) > 0)
-    out["mask"] = (images.decode_mask(r["mask_png"]) if out["has_mask"]
-                   else np.zeros(out["input"].shape[:2], bool))
+    out["mask"] = (images.decode_mask_image(r["mask_png"]) if out["has_mask"]
+                   else Image.new("L", out["input"].size, 0))
     return out
 
 
@@ -101,9 +103,9 @@ class ResizePair(grain.transforms.Map):
     if self.vllm_image_size:
       r["clip_input"] = images.clip_view(r["input"], self.vllm_image_size)
     if self.image_size:
-      r["input"] = images.squash(r["input"], self.image_size)
-      r["target"] = images.squash(r["target"], self.image_size)
-      r["mask"] = images.squash_mask(r["mask"], self.image_size)
+      r["input"] = images.squash_image(r["input"], self.image_size)
+      r["target"] = images.squash_image(r["target"], self.image_size)
+      r["mask"] = images.squash_image(r["mask"], self.image_size, Image.Resampling.NEAREST)
     else:
       for k in ("input", "target", "mask"):
         r.pop(k)
@@ -121,16 +123,16 @@ class JointFlip(grain.transforms.RandomMap):
     if flip:
       for k in ("input", "target", "mask"):
         if k in r:
-          r[k] = r[k][:, ::-1]
+          r[k] = r[k].transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return r
 
 
 class ToUnitRange(grain.transforms.Map):
   def map(self, r: dict) -> dict:
     if "input" in r:
-      r["input"] = images.to_unit_range(r["input"])
-      r["target"] = images.to_unit_range(r["target"])
-      r["mask"] = r["mask"][..., None].astype(np.float32)
+      r["input"] = images.to_unit_range(np.asarray(r["input"]))
+      r["target"] = images.to_unit_range(np.asarray(r["target"]))
+      r["mask"] = np.asarray(r["mask"])[..., None] > 127
     return r
 
 
@@ -144,7 +146,8 @@ class DecodeInstruct(grain.transforms.Map):
     for k in records.INSTRUCT_STRINGS:
       out[k] = _text(r[k])
     out["index"] = np.int32(r["index"])
-    out["clip_image"] = images.clip_view(images.decode_rgb(r["image_jpeg"]), self.vllm_image_size)
+    out["clip_image"] = images.clip_view(images.decode_rgb_image(r["image_jpeg"]),
+                                         self.vllm_image_size)
     return out
 
 

@@ -83,8 +83,9 @@ def _builder(records_dir: str | Path, kind: str):
 
 
 def split_names(records_dir: str | Path, kind: str = PAIRS) -> list[str]:
-  return [s for s in SPLITS if s in _builder(records_dir, kind).info.splits] + sorted(
-      s for s in _builder(records_dir, kind).info.splits if s not in SPLITS)
+  """The written splits, train/val/test first."""
+  written = set(_builder(records_dir, kind).info.splits)
+  return [s for s in SPLITS if s in written] + sorted(written - set(SPLITS))
 
 
 def open_split(records_dir: str | Path, split: str, kind: str = PAIRS):
