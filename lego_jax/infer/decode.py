@@ -3,7 +3,7 @@ run inside `jax.lax.while_loop`, all under one `jax.jit`.
 
 Besides the tokens it returns LEGO's text embedding H_t: for every generation step the last-layer
 hidden state (after the final RMSNorm) at the position that predicted the step's token. Row 0 is
-the last prompt position, row i the i-th generated token (the last generated token has no row,
+the last prompt position, row i >= 1 the i-th generated token (the last generated token has no row,
 it predicts nothing). This is exactly what the LEGO release stacks from transformers'
 `generate(output_hidden_states=True)`: `hidden_states[w][-1][:, -1]` for every step w.
 
@@ -19,9 +19,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lego_jax.models.llama import Llama
+from lego_jax.models.llava import Llava
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -140,7 +142,7 @@ def generate(lm: Llama, inputs_embeds: jax.Array, lengths: jax.Array, config: Sa
   Returns:
     `Generation` (tokens, H_t hidden rows, tokens per row).
   """
-  key = jax.random.key(seed) if isinstance(seed, int) else seed
+  key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
   graphdef, state = nnx.split(lm)
   knobs = dataclasses.replace(
       config, greedy=jnp.asarray(config.greedy, bool),
@@ -154,11 +156,15 @@ def generate(lm: Llama, inputs_embeds: jax.Array, lengths: jax.Array, config: Sa
 def generate_from_ids(lm: Llama, input_ids: jax.Array, lengths: jax.Array, config: SamplingConfig,
                       seed: int | jax.Array = 0, cache_dtype=None) -> Generation:
   """`generate` for right-padded token prompts (B, T)."""
-  embeds = nnx.jit(lambda m, ids: m.embed(ids))(lm, jnp.asarray(input_ids))
-  return generate(lm, embeds, lengths, config, seed, cache_dtype)
+  return generate(lm, _embed(lm, jnp.asarray(input_ids)), lengths, config, seed, cache_dtype)
 
 
-def generate_llava(model, input_ids: jax.Array, pixels: jax.Array, lengths: jax.Array,
+@nnx.jit
+def _embed(lm, input_ids):
+  return lm.embed(input_ids)
+
+
+def generate_llava(model: Llava, input_ids: jax.Array, pixels: jax.Array, lengths: jax.Array,
                    config: SamplingConfig, seed: int | jax.Array = 0, cache_dtype=None
                    ) -> tuple[Generation, jax.Array]:
   """LLaVA generation: right-padded `input_ids` (B, T) with expanded image placeholders and

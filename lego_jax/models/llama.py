@@ -46,7 +46,7 @@ class LlamaConfig:
   num_kv_heads: int = 40
   rms_norm_eps: float = 1e-5
   rope_theta: float = 10000.0
-  max_position: int = 4096
+  max_position: int = 4096        # longest trained position (rotary tables are computed on the fly)
   tie_embeddings: bool = False
   dtype: Any = jnp.float32         # compute dtype
   param_dtype: Any = jnp.float32
@@ -62,9 +62,11 @@ class LlamaConfig:
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+      raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                       f"num_heads {self.num_heads}")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+      raise ValueError(f"num_heads {self.num_heads} is not a multiple of "
+                       f"num_kv_heads {self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
 
@@ -74,7 +76,8 @@ class LlamaConfig:
 class KVCache:
   """Keys/values of every layer in a fixed-size buffer, plus the filled length of each row.
 
-  k, v: (layers, batch, max_len, kv_heads, head_dim); lengths: (batch,) int32.
+  k, v: (layers, batch, max_len, kv_heads, head_dim); lengths: (batch,) int32. A call appending
+  T tokens needs lengths + T <= max_len in every row (size it prompt + new tokens).
   """
   k: jax.Array
   v: jax.Array
@@ -107,7 +110,8 @@ class RMSNorm(nnx.Module):
     return self.scale.get_value().astype(self.dtype) * normed.astype(self.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+def rope_tables(positions: jax.Array, head_dim: int, theta: float,
+                dtype) -> tuple[jax.Array, jax.Array]:
   """cos, sin of shape (B, T, head_dim) for integer positions (B, T), transformers' layout.
 
   The angles are computed in fp32 (as transformers) and only then cast to the compute dtype.
@@ -169,12 +173,14 @@ class LlamaAttention(nnx.Module):
       new_kv = None
     else:
       k_buf, v_buf = kv
-      write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, 0))
+      write = jax.vmap(
+          lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, 0))
       k_buf = write(k_buf, k.astype(k_buf.dtype), write_at)
       v_buf = write(v_buf, v.astype(v_buf.dtype), write_at)
       out = jax.nn.dot_product_attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask=mask)
       new_kv = (k_buf, v_buf)
-    out = constrain(out, ("batch", "length", "heads", "kv")).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    out = constrain(out, ("batch", "length", "heads", "kv"))
+    out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
     return self.o_proj(out), new_kv
 
 
@@ -310,10 +316,16 @@ class Llama(nnx.Module):
                       cache.lengths + added)
     return x, cache
 
-  def __call__(self, input_ids: jax.Array | None = None, **kwargs):
-    """Same arguments as `hidden_states`; returns (logits (B, T, vocab), last hidden (B, T,
-    hidden) after the final norm, updated cache or None)."""
-    hidden, cache = self.hidden_states(input_ids, **kwargs)
+  def __call__(self, input_ids: jax.Array | None = None, *,
+               inputs_embeds: jax.Array | None = None,
+               positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None,
+               lengths: jax.Array | None = None,
+               cache: KVCache | None = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+    """Arguments as `hidden_states`. Returns (logits (B, T, vocab), last hidden state after the
+    final norm (B, T, hidden), the updated cache or None)."""
+    hidden, cache = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
+                                       segment_ids=segment_ids, lengths=lengths, cache=cache)
     return self.logits(hidden), hidden, cache
 
 
@@ -336,8 +348,8 @@ def llama_rules(config: LlamaConfig, lm_prefix: str = "model.", head_prefix: str
   """
   p, j = lm_prefix, jax_prefix
   rules = [Rule(f"{p}embed_tokens.weight", f"{j}embed_tokens.embedding")]
-  rules += [Rule(f"{p}layers.{{l}}.{name}.weight", f"{j}layers.{name}.kernel", Kind.LINEAR, stack="l")
-            for name in _BLOCK_LINEARS]
+  rules += [Rule(f"{p}layers.{{l}}.{name}.weight", f"{j}layers.{name}.kernel", Kind.LINEAR,
+                 stack="l") for name in _BLOCK_LINEARS]
   rules += [Rule(f"{p}layers.{{l}}.{name}.weight", f"{j}layers.{name}.scale", stack="l")
             for name in _BLOCK_NORMS]
   rules.append(Rule(f"{p}norm.weight", f"{j}norm.scale"))

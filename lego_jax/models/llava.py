@@ -63,9 +63,11 @@ class LlavaConfig:
     if self.projector not in ("linear", "mlp2x_gelu"):
       raise ValueError(f"projector must be 'linear' or 'mlp2x_gelu', got {self.projector!r}")
     if self.vision_hidden != self.vision.hidden_size:
-      raise ValueError(f"vision_hidden {self.vision_hidden} != CLIP hidden_size {self.vision.hidden_size}")
+      raise ValueError(f"vision_hidden {self.vision_hidden} != CLIP hidden_size "
+                       f"{self.vision.hidden_size}")
     if self.text_hidden != self.llama.hidden_size:
-      raise ValueError(f"text_hidden {self.text_hidden} != LLaMA hidden_size {self.llama.hidden_size}")
+      raise ValueError(f"text_hidden {self.text_hidden} != LLaMA hidden_size "
+                       f"{self.llama.hidden_size}")
 
   @property
   def num_patches(self) -> int:
@@ -199,7 +201,8 @@ def detect_llava_layout(state_dict: Mapping[str, Any]) -> str:
     return "hf_llava_v4" if has("vision_tower.vision_model.") else "hf_llava"
   if has("model.layers.") or has("model.embed_tokens."):
     return "llava"
-  known = "; ".join(f"{n}: {lay.description} ({lay.lm_prefix}*)" for n, lay in LLAVA_LAYOUTS.items())
+  known = "; ".join(f"{n}: {lay.description} ({lay.lm_prefix}*)"
+                    for n, lay in LLAVA_LAYOUTS.items())
   raise KeyMappingError(f"not a LLaVA checkpoint layout I know (first keys {sorted(keys)[:5]}). "
                         f"Known: {known}")
 
@@ -253,7 +256,8 @@ def load_llava(model: Llava, state_dict: Mapping[str, np.ndarray],
                      "was given too; pass one of them")
   if not has_tower and vision_state_dict is None:
     raise KeyMappingError(f"the checkpoint ({layout} layout) holds no CLIP vision tower "
-                          f"({tower_prefix}*); pass vision_state_dict (e.g. the CLIP ViT-L/14 files)")
+                          f"({tower_prefix}*); pass vision_state_dict (e.g. the CLIP ViT-L/14 "
+                          "files)")
   if has_tower:
     clip_vision.load_clip_vision(model.vision, state_dict, layout=lay.vision_layout)
   else:

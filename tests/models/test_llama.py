@@ -96,6 +96,25 @@ def test_logits_and_hidden_match_transformers(name, tmp_path_factory):
   assert rel(hidden, ref_last) <= 1e-4
 
 
+def test_gradients_with_remat_match_torch(tmp_path_factory):
+  hf, _ = reference("mqa_odd", tmp_path_factory)
+  model = ours("mqa_odd", tmp_path_factory, remat=True)
+  rng = np.random.default_rng(9)
+  ids = rng.integers(0, 50, (2, 7))
+  weights = rng.normal(size=(2, 7, 50)).astype(np.float32)
+  hf.zero_grad()
+  (hf(torch.as_tensor(ids)).logits * torch.from_numpy(weights)).sum().backward()
+  grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(jnp.asarray(ids))[0] * weights)))(model)
+  attn = hf.model.layers[1].self_attn
+  assert rel(grads["layers"]["self_attn"]["k_proj"]["kernel"].get_value()[1],
+             attn.k_proj.weight.grad.numpy().T) <= 1e-4
+  assert rel(grads["layers"]["input_layernorm"]["scale"].get_value()[2],
+             hf.model.layers[2].input_layernorm.weight.grad.numpy()) <= 1e-4
+  assert rel(grads["embed_tokens"]["embedding"].get_value(),
+             hf.model.embed_tokens.weight.grad.numpy()) <= 1e-4
+  hf.zero_grad()
+
+
 def test_kv_cache_prefill_then_decode_equals_full_forward(tmp_path_factory):
   hf, _ = reference("gqa", tmp_path_factory)
   model = ours("gqa", tmp_path_factory)
@@ -161,31 +180,35 @@ def test_bf16_compute_with_fp32_params_stays_close(tmp_path_factory):
   assert logits.dtype == jnp.bfloat16
   assert rel(logits, ref_logits) <= 3e-2
   assert rel(hidden, ref_hidden) <= 3e-2
-  # The decode path in bf16, cache in bf16: greedy tokens match the fp32 reference's.
-  gen = decode.generate_from_ids(model, ids[:, :6], np.array([6, 6]),
-                                 decode.SamplingConfig(max_new_tokens=3, greedy=True, eos_id=-1))
-  assert gen.hidden.dtype == jnp.bfloat16
-  with torch.no_grad():
-    ref = hf.generate(torch.as_tensor(ids[:, :6]), do_sample=False, max_new_tokens=3,
-                      eos_token_id=None, pad_token_id=0)
-  np.testing.assert_array_equal(np.asarray(gen.tokens), ref[:, 6:].numpy())
 
 
-def test_sampling_filters_and_seeds(tmp_path_factory):
-  model = ours("gqa", tmp_path_factory)
-  ids = np.random.default_rng(6).integers(0, 64, (2, 4))
-  lengths = np.array([4, 2])
+def test_bf16_generation_greedy_matches_fp32_reference_and_sampling_knobs(tmp_path_factory):
+  hf, _ = reference("gqa", tmp_path_factory)
+  model = ours("gqa", tmp_path_factory, dtype=jnp.bfloat16)
+  ids = np.random.default_rng(6).integers(0, 64, (2, 6))
+  lengths = np.array([6, 4])
 
   def run(seed=0, **kw):
-    cfg = decode.SamplingConfig(max_new_tokens=5, eos_id=-1, **kw)
-    return np.asarray(decode.generate_from_ids(model, ids, lengths, cfg, seed=seed).tokens)
+    cfg = decode.SamplingConfig(max_new_tokens=4, eos_id=-1, **kw)
+    return decode.generate_from_ids(model, ids, lengths, cfg, seed=seed)
 
   greedy = run(greedy=True)
+  assert greedy.hidden.dtype == jnp.bfloat16            # bf16 compute, bf16 cache
+  np.testing.assert_array_equal(np.asarray(greedy.num_tokens), [4, 4])
+  for row, n in enumerate(lengths):
+    with torch.no_grad():
+      ref = hf.generate(torch.as_tensor(ids[row:row + 1, :n]), do_sample=False, max_new_tokens=4,
+                        eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(greedy.tokens[row]), ref[0, n:].numpy())
+  greedy = np.asarray(greedy.tokens)
+  compiled = decode._generate_jit._cache_size()
   # A vanishing nucleus or k=1 leaves only the argmax, whatever the temperature.
-  np.testing.assert_array_equal(run(temperature=1.0, top_p=1e-6), greedy)
-  np.testing.assert_array_equal(run(temperature=1.0, top_k=1), greedy)
-  np.testing.assert_array_equal(run(7, temperature=5.0), run(7, temperature=5.0))
-  assert not np.array_equal(run(7, temperature=5.0), run(8, temperature=5.0))
+  np.testing.assert_array_equal(run(temperature=1.0, top_p=1e-6).tokens, greedy)
+  np.testing.assert_array_equal(run(temperature=1.0, top_k=1).tokens, greedy)
+  hot = lambda seed: np.asarray(run(seed, temperature=5.0).tokens)
+  np.testing.assert_array_equal(hot(7), hot(7))
+  assert not np.array_equal(hot(7), hot(8))
+  assert decode._generate_jit._cache_size() == compiled   # the knobs are traced, not static
   # top-p keeps exactly the best tokens whose mass above them is < p.
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   kept = np.isfinite(np.asarray(decode.filter_logits(
@@ -194,6 +217,9 @@ def test_sampling_filters_and_seeds(tmp_path_factory):
   kept = np.isfinite(np.asarray(decode.filter_logits(
       logits, decode.SamplingConfig(temperature=1.0, top_p=0.81))))
   np.testing.assert_array_equal(kept, [[True, True, True, False]])
+  kept = np.isfinite(np.asarray(decode.filter_logits(
+      logits, decode.SamplingConfig(temperature=1.0, top_p=0.99, top_k=2))))
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])
 
 
 def test_key_errors_and_export_round_trip(tmp_path_factory, tmp_path):
