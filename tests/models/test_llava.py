@@ -144,7 +144,7 @@ def test_cached_prefill_with_image_then_text_steps(reference):
   assert rel(jnp.concatenate(steps, axis=1), ref_logits) <= 1e-4
 
 
-def test_original_llava_layout_linear_projector_and_separate_clip(reference):
+def test_original_llava_layout_linear_projector_and_separate_clip(reference, tmp_path):
   hf, saved = reference
   rng = np.random.default_rng(3)
   proj_w = rng.normal(size=(32, 24)).astype(np.float32) * 0.2
@@ -186,7 +186,8 @@ def test_original_llava_layout_linear_projector_and_separate_clip(reference):
   # Round trip through the original layout with the tower inside the file (mm_projector.{0,2}
   # for the MLP projector), and the errors for layouts that cannot hold a linear projector.
   hf_model = llava_lib.load_llava(abstract(our_config()), saved)
-  exported = llava_lib.llava_to_torch(hf_model, "llava")
+  exported = io.read_state_dict(
+      llava_lib.save_llava(hf_model, tmp_path / "llava.safetensors", layout="llava"))
   assert "model.mm_projector.2.weight" in exported
   assert "model.vision_tower.vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight" in exported
   back = llava_lib.load_llava(abstract(our_config()), exported)
