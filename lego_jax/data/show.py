@@ -8,7 +8,6 @@ read straight from the ArrayRecord files (what every later stage sees), written 
 from __future__ import annotations
 
 import io
-import textwrap
 from pathlib import Path
 
 from absl import flags
@@ -17,16 +16,15 @@ from PIL import Image, ImageDraw, ImageFont
 from lego_jax.data import records
 from lego_jax.data.pipeline import records_dir_of
 
-_SPLIT = flags.DEFINE_string("split", "train", "show-data: which split to show")
 _NUM = flags.DEFINE_integer("num", 16, "show-data: how many examples")
-_OUT = flags.DEFINE_string("out", "", "show-data: output PNG (default WORKDIR/show_data.png)")
 
 CELL = 168          # image height in the sheet
 ACTION_W = 230
 DESC_W = 430
 PAD = 10
 HEADER_H = 30
-BG, ROW_ALT, INK, GREY, ACCENT = (250, 250, 248), (238, 240, 244), (24, 24, 28), (110, 110, 120), (30, 90, 170)
+BG, ROW_ALT, INK = (250, 250, 248), (238, 240, 244), (24, 24, 28)
+GREY, ACCENT = (110, 110, 120), (30, 90, 170)
 
 
 def _font(size: int):
@@ -107,12 +105,14 @@ def contact_sheet(records_dir: str | Path, split: str = "train", num: int = 16) 
 def main(cfg, workdir: Path) -> int:
   from lego_jax.cli import UserError
 
-  out = Path(_OUT.value) if _OUT.value else Path(workdir) / "show_data.png"
+  # --split and --out are shared by several commands and defined in lego_jax/cli.py.
+  out = Path(flags.FLAGS.out) if flags.FLAGS.out else Path(workdir) / "show_data.png"
+  split = flags.FLAGS.split or "train"
   try:
-    sheet = contact_sheet(records_dir_of(cfg.data, workdir), _SPLIT.value, _NUM.value)
+    sheet = contact_sheet(records_dir_of(cfg.data, workdir), split, _NUM.value)
   except ValueError as e:
     raise UserError(str(e)) from None
   out.parent.mkdir(parents=True, exist_ok=True)
   sheet.save(out)
-  print(f"wrote {out} ({_NUM.value} examples of split {_SPLIT.value!r})")
+  print(f"wrote {out} ({_NUM.value} examples of split {split!r})")
   return 0

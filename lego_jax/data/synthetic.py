@@ -19,7 +19,8 @@ look at the frame to write the description or draw the target.
 Written like the real release so the real converters run on it:
   frames/<clip>/<action>/<frame>.jpg (+ mask.png), lego_<split>.json
   {clip: {action: {image_0, image_1, action, llava_forecast_finetune}}}, llava_<split>.json
-  (LLaVA conversations), metadata.json {clip: {height, width, fps, actions: {action: {mask, meta}}}}.
+  (LLaVA conversations), metadata.json
+  {clip: {height, width, fps, actions: {action: {mask, meta}}}}.
 Everything is a pure function of (seed, split, scene index): same seed -> same bytes.
 """
 
@@ -661,7 +662,8 @@ def write_release(root: str | Path, counts: dict[str, int], seed: int, size: int
         d.mkdir(parents=True, exist_ok=True)
         frame_in = 100 + 37 * int(action_id) + (hash_int(clip) % 5000)
         frame_out = frame_in + 30
-        rel_in, rel_out = f"{clip}/{action_id}/{frame_in:06d}.jpg", f"{clip}/{action_id}/{frame_out:06d}.jpg"
+        rel_in = f"{clip}/{action_id}/{frame_in:06d}.jpg"
+        rel_out = f"{clip}/{action_id}/{frame_out:06d}.jpg"
         (tmp / "frames" / rel_in).write_bytes(images.encode_jpeg(Image.fromarray(ex.input)))
         (tmp / "frames" / rel_out).write_bytes(images.encode_jpeg(Image.fromarray(ex.target)))
         rel_mask = f"{clip}/{action_id}/mask.png"

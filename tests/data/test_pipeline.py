@@ -1,7 +1,5 @@
 """The Grain pipeline: exact decode/resize, joint seeded flips, host shards, resume, zipping."""
 
-import io
-
 import grain
 import jax
 import numpy as np
@@ -42,7 +40,8 @@ def data(tmp_path_factory):
       mask = np.zeros(hw, np.uint8)
       mask[: hw[0] // 2, : hw[1] // 3] = 255
       Image.fromarray(mask).save(d / "mask.png")
-      metadata[f"c{k}"] = {"height": hw[0], "width": hw[1], "actions": {"0": {"mask": f"c{k}/0/mask.png"}}}
+      metadata[f"c{k}"] = {"height": hw[0], "width": hw[1],
+                           "actions": {"0": {"mask": f"c{k}/0/mask.png"}}}
   entries = lego_json.pair_entries(ann, "ann")
   common = dict(num_shards=2, workers=1, max_bad_fraction=0.0, fingerprint={})
   tfds_builder.convert(root / "rec", records.PAIRS, {"train": tfds_builder.SplitInput(

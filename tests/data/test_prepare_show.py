@@ -9,6 +9,7 @@ from absl.testing import flagsaver
 from PIL import Image
 
 from data_prep.lego_json import ConversionError
+import lego_jax.cli  # noqa: F401  (defines the shared --split / --out flags show-data reads)
 from lego_jax import config
 from lego_jax.data import pipeline, prepare, records, show, tokenizer
 from lego_jax.data.prompts import human_turn
@@ -93,7 +94,8 @@ def test_release_path_gives_the_same_records(prepared, tmp_path):
              **{f"annotation_{s}": str(raw / f"lego_{s}.json") for s in ("train", "val", "test")})
   prepare.convert_release(cfg.data, tmp_path)
   for split in ("train", "val", "test"):
-    a, b = records.open_split(workdir / "records", split), records.open_split(tmp_path / "rec", split)
+    a = records.open_split(workdir / "records", split)
+    b = records.open_split(tmp_path / "rec", split)
     assert len(a) == len(b) and all(a[i] == b[i] for i in range(len(a)))
   # Without LLaVA files the instruction records are derived from the annotations: same content.
   a = records.open_split(workdir / "records", "test", records.INSTRUCT)
@@ -104,7 +106,8 @@ def test_release_path_gives_the_same_records(prepared, tmp_path):
 def test_config_mistakes_are_named(tmp_path):
   cfg = _cfg()
   cfg.data.annotation_trian = "x.json"
-  with pytest.raises(prepare.DataConfigError, match=r"unknown config key\(s\) cfg.data.annotation_trian"):
+  with pytest.raises(prepare.DataConfigError,
+                     match=r"unknown config key\(s\) cfg.data.annotation_trian"):
     prepare.prepare(cfg, tmp_path)
   cfg = _cfg()
   cfg.data.synthetic.num_trian = 3

@@ -10,7 +10,7 @@ from PIL import Image
 
 from data_prep import lego_json, llava_json, tfds_builder
 from data_prep.lego_json import ConversionError
-from lego_jax.data import images, records
+from lego_jax.data import records
 from lego_jax.data.prompts import human_turn
 
 tfds.display_progress_bar(False)
@@ -219,7 +219,8 @@ def test_llava_conversations_and_derived_instructions(tmp_path):
   msgs = "\n".join(result.bad["train"])
   assert "record noimg: human turn has no <image> placeholder" in msgs
   assert "record threeturns: 'conversations' must be one human turn then one gpt turn" in msgs
-  assert "c/0: duplicate id" in msgs and "record #4: missing field(s) ['id', 'conversations']" in msgs
+  assert "c/0: duplicate id" in msgs
+  assert "record #4: missing field(s) ['id', 'conversations']" in msgs
   (r,) = _read_all(tmp_path / "rec", kind=records.INSTRUCT)
   assert r == {"id": "c/0", "image_jpeg": (frames / img).read_bytes(),
                "prompt": "<image>\nHow does the person properly cut the carrot that is displayed "

@@ -94,7 +94,8 @@ def _tiny_clip_dir(path):
                 if m.replace(" ", "") not in vocab})
   (path / "vocab.json").write_text(json.dumps(vocab))
   (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-  CLIPTokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt")).save_pretrained(path)
+  tok = CLIPTokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"))
+  tok.save_pretrained(path)
   return vocab
 
 
