@@ -34,7 +34,8 @@ Array = jax.Array
 IMAGE_AXES = ("batch", "height", "width", None)
 
 
-def _dtype(d):
+def as_dtype(d):
+  """Config dtypes may arrive as strings ("bfloat16") from config files."""
   return jnp.dtype(d) if isinstance(d, str) else d
 
 
@@ -51,8 +52,8 @@ class VAEConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-    object.__setattr__(self, "dtype", _dtype(self.dtype))
-    object.__setattr__(self, "param_dtype", _dtype(self.param_dtype))
+    object.__setattr__(self, "dtype", as_dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
 
   @property
   def downsample_factor(self) -> int:
@@ -413,7 +414,8 @@ def _vae_blocks(cfg: VAEConfig) -> Iterator[Block]:
       yield (f"decoder.up_blocks.{i}.resnets.{r}",
              {"diffusers": f"decoder.up_blocks.{i}.resnets.{r}",
               "compvis": f"decoder.up.{level}.block.{r}"},
-             resnet_table(VAE_RESNET_COMPVIS, shortcut=(r == 0 and cin != rev[i]), time=False), None)
+             resnet_table(VAE_RESNET_COMPVIS, shortcut=(r == 0 and cin != rev[i]), time=False),
+             None)
     if i < n - 1:
       yield (f"decoder.up_blocks.{i}.upsample",
              {"diffusers": f"decoder.up_blocks.{i}.upsamplers.0.conv",
@@ -463,7 +465,8 @@ def find_prefix(state_dict: Mapping[str, Any], anchors: Mapping[str, str],
 
 def load_mapped(model: nnx.Module, state_dict: Mapping[str, Any], rules: Sequence[Rule],
                 prefix: str, ignore: Sequence[str], source: str,
-                shape_overrides: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+                shape_overrides: Mapping[str, tuple[int, ...]] | None = None,
+                ) -> dict[str, np.ndarray]:
   """Maps the keys under `prefix` of `state_dict` onto `model`'s parameter paths (checked)."""
   sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
   shapes = dict(param_shapes(model))

@@ -172,7 +172,8 @@ def test_export_round_trip_into_diffusers(saved):
   sd = ref.state_dict()
   assert set(exported) == set(sd)
   fresh = _reference(cfg, seed=99)
-  fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in exported.items()}, strict=True)
+  fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in exported.items()},
+                        strict=True)
   np.testing.assert_allclose(_reference_outputs(fresh, x, z)[2], ref_out[2], rtol=0, atol=0)
 
 

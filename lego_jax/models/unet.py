@@ -1,0 +1,551 @@
+"""The Stable Diffusion 1.x UNet (the LDM noise predictor) in Flax NNX, NHWC.
+
+    x (B, H, W, in) , timesteps (B,) , context (B, S, context_dim) -> eps (B, H, W, out)
+
+conv_in, then per level `layers_per_block` ResNet blocks (time embedding added), each followed by a
+spatial transformer where `attention_levels` says so, and a stride-2 conv between levels; a mid
+block (ResNet, transformer, ResNet); the mirrored up path with `layers_per_block + 1` ResNet blocks
+per level fed by the skip connections, nearest-2x upsampling + conv; GroupNorm-SiLU-conv out.
+A spatial transformer is GroupNorm, a 1x1 projection, `transformer_depth` blocks of
+(LN -> self-attention, LN -> cross-attention on the context, LN -> GEGLU feed-forward), a 1x1
+projection back and a residual add. LEGO uses it with 8 input channels (noisy latent ++ the input
+frame's latent); `widen_input` turns SD-1.5's 4-channel conv_in into that, new channels zeroed.
+
+Identical transformer blocks are stacked (`nnx.vmap`) and run with `nnx.scan`; their parameters
+have a leading "layers" axis. Weights load from diffusers `UNet2DConditionModel` and from CompVis
+single files (`model.diffusion_model.*`, also LitEma's `model_ema.*` copy); the key maps are data
+computed from the config (`unet_rules`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lego_jax.models.vae import (
+    CONV_TABLE, IMAGE_AXES, NORM_TABLE, Block, ResnetBlock, TableRow, as_dtype, as_state_dict,
+    block_rules, conv2d, dense, export_mapped, find_prefix, group_norm, load_mapped, norm_rows,
+    param_rows, resize_nearest, resnet_table, same)
+from lego_jax.parallel.sharding import constrain
+from lego_jax.weights.mapping import Kind, KeyMappingError, Rule
+from lego_jax.weights.state import load_params
+
+Array = jax.Array
+TOKEN_AXES = ("batch", "length", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  in_channels: int = 8
+  out_channels: int = 4
+  block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+  attention_levels: tuple[bool, ...] = (True, True, True, False)
+  layers_per_block: int = 2
+  num_heads: int = 8               # SD-1.x: 8 heads at every level (head size = width / 8)
+  transformer_depth: int = 1
+  context_dim: int = 768
+  norm_groups: int = 32
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+    object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
+    object.__setattr__(self, "dtype", as_dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
+    if len(self.attention_levels) != len(self.block_out_channels):
+      raise ValueError(f"attention_levels {self.attention_levels} needs one entry per level of "
+                       f"block_out_channels {self.block_out_channels}")
+    bad = [c for c in self.block_out_channels if c % self.num_heads or c % self.norm_groups]
+    if bad:
+      raise ValueError(f"widths {bad} are not divisible by num_heads={self.num_heads} "
+                       f"and norm_groups={self.norm_groups}")
+
+  @property
+  def time_embed_dim(self) -> int:
+    return 4 * self.block_out_channels[0]
+
+
+def timestep_embedding(timesteps: Array, dim: int, max_period: float = 10000.0) -> Array:
+  """SD's sinusoidal embedding, cosines first (diffusers flip_sin_to_cos=True, freq_shift=0).
+
+  timesteps (B,) (integer or fractional) -> (B, dim) float32.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(timesteps, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def _maybe_remat(fn, enabled: bool):
+  return nnx.remat(fn) if enabled else fn
+
+
+class Attention(nnx.Module):
+  """Multi-head attention; keys/values from `context` (cross) or from x itself (self).
+
+  x (B, T, dim), context (B, S, context_dim) -> (B, T, dim)
+  """
+
+  def __init__(self, dim: int, context_dim: int, heads: int, *, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.heads = heads
+    self.to_q = dense(dim, dim, ("embed", "heads"), use_bias=False, **kw)
+    self.to_k = dense(context_dim, dim, ("embed", "heads"), use_bias=False, **kw)
+    self.to_v = dense(context_dim, dim, ("embed", "heads"), use_bias=False, **kw)
+    self.to_out = dense(dim, dim, ("heads", "embed"), **kw)
+
+  def __call__(self, x: Array, context: Array | None = None) -> Array:
+    context = x if context is None else context
+    b, t, dim = x.shape
+    split = lambda y: y.reshape(b, y.shape[1], self.heads, dim // self.heads)  # noqa: E731
+    q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+    o = jax.nn.dot_product_attention(q, k, v).reshape(b, t, dim)
+    return self.to_out(o)
+
+
+class FeedForward(nnx.Module):
+  """GEGLU: (B, T, dim) -> proj (B, T, 2*4*dim) -> a * gelu(gate) -> (B, T, dim)."""
+
+  def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.proj = dense(dim, 8 * dim, ("embed", "mlp"), **kw)
+    self.out = dense(4 * dim, dim, ("mlp", "embed"), **kw)
+
+  def __call__(self, x: Array) -> Array:
+    a, gate = jnp.split(self.proj(x), 2, axis=-1)
+    return self.out(a * jax.nn.gelu(gate, approximate=False))
+
+
+def _layer_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
+      rngs=rngs)
+
+
+class TransformerBlock(nnx.Module):
+  """(B, T, dim), context (B, S, context_dim) -> (B, T, dim); pre-LN, residual after each part."""
+
+  def __init__(self, dim: int, context_dim: int, heads: int, *, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = _layer_norm(dim, **kw)
+    self.attn1 = Attention(dim, dim, heads, **kw)
+    self.norm2 = _layer_norm(dim, **kw)
+    self.attn2 = Attention(dim, context_dim, heads, **kw)
+    self.norm3 = _layer_norm(dim, **kw)
+    self.ff = FeedForward(dim, **kw)
+
+  def __call__(self, x: Array, context: Array) -> Array:
+    x = x + self.attn1(self.norm1(x))
+    x = x + self.attn2(self.norm2(x), context)
+    x = x + self.ff(self.norm3(x))
+    return constrain(x, TOKEN_AXES)
+
+
+class SpatialTransformer(nnx.Module):
+  """(B, H, W, C), context (B, S, context_dim) -> (B, H, W, C).
+
+  proj_in/proj_out are dense layers on the channel axis: a 1x1 conv (SD-1.x) and a linear
+  (SD-2.x `use_linear_projection`) are the same map here, only their checkpoint shapes differ.
+  """
+
+  def __init__(self, channels: int, cfg: UNetConfig, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.remat = cfg.remat
+    self.norm = group_norm(channels, cfg.norm_groups, 1e-6, **kw)
+    self.proj_in = dense(channels, channels, ("conv_in", "embed"), **kw)
+
+    @nnx.split_rngs(splits=cfg.transformer_depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return TransformerBlock(channels, cfg.context_dim, cfg.num_heads, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, rngs=rngs)
+
+    self.transformer_blocks = make_blocks(rngs)
+    self.proj_out = dense(channels, channels, ("embed", "conv_out"), **kw)
+
+  def __call__(self, x: Array, context: Array) -> Array:
+    b, h, w, c = x.shape
+    t = self.proj_in(self.norm(x).reshape(b, h * w, c))
+    run = _maybe_remat(lambda block, t, ctx: block(t, ctx), self.remat)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+    def body(t, block, ctx):
+      return run(block, t, ctx)
+
+    t = body(t, self.transformer_blocks, context)
+    return x + self.proj_out(t).reshape(b, h, w, c)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Channel widths of every ResNet block, derived once from the config (model and key map)."""
+  down: tuple[tuple[tuple[int, int], ...], ...]  # per level: (cin, cout) per resnet
+  up: tuple[tuple[tuple[int, int], ...], ...]    # per up level (deepest first)
+
+
+def _plan(cfg: UNetConfig) -> _Plan:
+  ch = cfg.block_out_channels
+  skips = [ch[0]]  # conv_in's output is the first skip connection
+  down, cur = [], ch[0]
+  for b, cout in enumerate(ch):
+    level = []
+    for _ in range(cfg.layers_per_block):
+      level.append((cur, cout))
+      cur = cout
+      skips.append(cur)
+    if b < len(ch) - 1:
+      skips.append(cur)  # the downsampled map
+    down.append(tuple(level))
+  up = []
+  for i in range(len(ch)):
+    cout = ch[len(ch) - 1 - i]
+    level = []
+    for _ in range(cfg.layers_per_block + 1):
+      level.append((cur + skips.pop(), cout))
+      cur = cout
+    up.append(tuple(level))
+  return _Plan(tuple(down), tuple(up))
+
+
+class Level(nnx.Module):
+  """One resolution of the down or up path: ResNet (+ transformer) blocks, then resampling."""
+
+  def __init__(self, resnets: tuple[tuple[int, int], ...], attention: bool, resample: str | None,
+               cfg: UNetConfig, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.remat = cfg.remat
+    self.resnets = nnx.List([
+        ResnetBlock(cin, cout, groups=cfg.norm_groups, eps=1e-5, temb_dim=cfg.time_embed_dim, **kw)
+        for cin, cout in resnets])
+    cout = resnets[-1][1]
+    self.attentions = (nnx.List([SpatialTransformer(cout, cfg, rngs) for _ in resnets])
+                       if attention else None)
+    # The UNet pads stride-2 convs symmetrically (1, 1), unlike the VAE.
+    self.downsample = conv2d(cout, cout, 3, stride=2, **kw) if resample == "down" else None
+    self.upsample = conv2d(cout, cout, 3, **kw) if resample == "up" else None
+
+  def block(self, i: int, x: Array, temb: Array, context: Array) -> Array:
+    x = _maybe_remat(lambda m, x, t: m(x, t), self.remat)(self.resnets[i], x, temb)
+    if self.attentions is not None:
+      x = self.attentions[i](x, context)
+    return constrain(x, IMAGE_AXES)
+
+
+class MidBlock(nnx.Module):
+  """ResNet, transformer, ResNet at the lowest resolution (SD always attends here)."""
+
+  def __init__(self, channels: int, cfg: UNetConfig, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.remat = cfg.remat
+    self.resnets = nnx.List([
+        ResnetBlock(channels, channels, groups=cfg.norm_groups, eps=1e-5,
+                    temb_dim=cfg.time_embed_dim, **kw) for _ in range(2)])
+    self.attentions = nnx.List([SpatialTransformer(channels, cfg, rngs)])
+
+  def __call__(self, x: Array, temb: Array, context: Array) -> Array:
+    resnet = _maybe_remat(lambda m, x, t: m(x, t), self.remat)
+    x = self.attentions[0](resnet(self.resnets[0], x, temb), context)
+    return constrain(resnet(self.resnets[1], x, temb), IMAGE_AXES)
+
+
+class TimeEmbedding(nnx.Module):
+  def __init__(self, dim: int, embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.linear_1 = dense(dim, embed_dim, ("embed", "mlp"), **kw)
+    self.linear_2 = dense(embed_dim, embed_dim, ("mlp", "embed"), **kw)
+
+  def __call__(self, t_emb: Array) -> Array:
+    return self.linear_2(jax.nn.silu(self.linear_1(t_emb)))
+
+
+class UNet(nnx.Module):
+  """SD-1.x UNet (LEGO: 8 input channels). See the module docstring."""
+
+  def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
+    self.config = cfg = config
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    ch = cfg.block_out_channels
+    n = len(ch)
+    plan = _plan(cfg)
+    self.conv_in = conv2d(cfg.in_channels, ch[0], 3, **kw)
+    self.time_embedding = TimeEmbedding(ch[0], cfg.time_embed_dim, **kw)
+    self.down_blocks = nnx.List([
+        Level(plan.down[b], cfg.attention_levels[b], "down" if b < n - 1 else None, cfg, rngs)
+        for b in range(n)])
+    self.mid_block = MidBlock(ch[-1], cfg, rngs)
+    self.up_blocks = nnx.List([
+        Level(plan.up[i], cfg.attention_levels[n - 1 - i], "up" if i < n - 1 else None, cfg, rngs)
+        for i in range(n)])
+    self.conv_norm_out = group_norm(ch[0], cfg.norm_groups, 1e-5, **kw)
+    self.conv_out = conv2d(ch[0], cfg.out_channels, 3, **kw)
+
+  def __call__(self, x: Array, timesteps: Array, context: Array) -> Array:
+    """x (B, H, W, in), timesteps (B,) or scalar, context (B, S, context_dim) -> eps (B, H, W, out).
+
+    The output is float32 whatever the compute dtype. H and W need not be multiples of
+    2**(levels-1): upsampled maps take their skip connection's size.
+    """
+    cfg = self.config
+    dt = cfg.dtype
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (x.shape[0],))
+    x = constrain(x.astype(dt), IMAGE_AXES)
+    context = constrain(context.astype(dt), ("batch", "kv_length", None))
+    temb = self.time_embedding(
+        timestep_embedding(timesteps, cfg.block_out_channels[0]).astype(dt))
+
+    x = self.conv_in(x)
+    skips = [x]
+    for level in self.down_blocks:
+      for i in range(len(level.resnets)):
+        x = level.block(i, x, temb, context)
+        skips.append(x)
+      if level.downsample is not None:
+        x = level.downsample(x)
+        skips.append(x)
+
+    x = self.mid_block(x, temb, context)
+
+    for level in self.up_blocks:
+      for i in range(len(level.resnets)):
+        x = level.block(i, jnp.concatenate([x, skips.pop()], axis=-1), temb, context)
+      if level.upsample is not None:
+        _, h, w, _ = skips[-1].shape
+        x = level.upsample(resize_nearest(x, h, w))
+
+    x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+    return x.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4 -> 8 input channels (LEGO's init from SD-1.5)
+
+
+def _widen_kernel(kernel: np.ndarray, new_in: int) -> np.ndarray:
+  kh, kw, cin, cout = kernel.shape
+  if new_in < cin:
+    raise ValueError(f"conv_in has {cin} input channels; cannot narrow it to {new_in}")
+  pad = np.zeros((kh, kw, new_in - cin, cout), dtype=np.asarray(kernel).dtype)
+  return np.concatenate([np.asarray(kernel), pad], axis=2)
+
+
+def widen_input(params_or_model: UNet | Mapping[str, Any], new_in_channels: int = 8):
+  """Gives conv_in `new_in_channels` inputs; the added ones start at zero (LEGO from SD-1.5).
+
+  With zero weights on the new channels the widened UNet computes exactly what the original does
+  on the first channels, whatever the extra channels hold.
+
+  Args:
+    params_or_model: a `UNet` (changed in place: new conv_in, config.in_channels updated) or a
+      flat {NNX path: array} dict (a widened copy is returned).
+    new_in_channels: the input width wanted, >= the current one.
+  Returns:
+    The widened model, or the widened params dict.
+  """
+  if isinstance(params_or_model, UNet):
+    model = params_or_model
+    cfg = model.config
+    kernel = np.asarray(jax.device_get(model.conv_in.kernel.get_value()))
+    bias = model.conv_in.bias.get_value()
+    conv = nnx.eval_shape(lambda: conv2d(new_in_channels, cfg.block_out_channels[0], 3,
+                                         dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                         rngs=nnx.Rngs(0)))
+    conv.kernel.set_value(jnp.asarray(_widen_kernel(kernel, new_in_channels), cfg.param_dtype))
+    conv.bias.set_value(bias)
+    model.conv_in = conv
+    model.config = dataclasses.replace(cfg, in_channels=new_in_channels)
+    return model
+  params = dict(params_or_model)
+  params["conv_in.kernel"] = _widen_kernel(params["conv_in.kernel"], new_in_channels)
+  return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Key maps as data (see lego_jax.models.vae for the table/walk scheme)
+
+UNET_RESNET_COMPVIS = dict(norm1="in_layers.0", conv1="in_layers.2", norm2="out_layers.0",
+                           conv2="out_layers.3", time="emb_layers.1", shortcut="skip_connection")
+
+
+def _attention_rows(name: str) -> list[TableRow]:
+  rows = []
+  for proj in ("to_q", "to_k", "to_v"):
+    rows += param_rows(f"{name}.{proj}", same(f"{name}.{proj}"), Kind.LINEAR, bias=False)
+  return rows + param_rows(f"{name}.to_out", same(f"{name}.to_out.0"), Kind.LINEAR)
+
+
+# One transformer block, stacked over depth (the "{d}" placeholder); names agree in both layouts.
+TRANSFORMER_BLOCK_TABLE: list[TableRow] = (
+    [row for n in ("norm1", "norm2", "norm3") for row in norm_rows(n, same(n))]
+    + _attention_rows("attn1") + _attention_rows("attn2")
+    + param_rows("ff.proj", same("ff.net.0.proj"), Kind.LINEAR)
+    + param_rows("ff.out", same("ff.net.2"), Kind.LINEAR))
+
+
+def _transformer_blocks(jax_prefix: str, torch_prefixes: dict[str, str],
+                        linear_projection: bool) -> Iterator[Block]:
+  proj = Kind.LINEAR if linear_projection else Kind.CONV1X1_LINEAR
+  outer = (norm_rows("norm", same("norm")) + param_rows("proj_in", same("proj_in"), proj)
+           + param_rows("proj_out", same("proj_out"), proj))
+  yield jax_prefix, torch_prefixes, outer, None
+  yield (f"{jax_prefix}.transformer_blocks",
+         {k: f"{v}.transformer_blocks.{{d}}" for k, v in torch_prefixes.items()},
+         TRANSFORMER_BLOCK_TABLE, "d")
+
+
+def _unet_blocks(cfg: UNetConfig, linear_projection: bool) -> Iterator[Block]:
+  n, per = len(cfg.block_out_channels), cfg.layers_per_block
+  plan = _plan(cfg)
+
+  def resnet(cin_cout):
+    return resnet_table(UNET_RESNET_COMPVIS, shortcut=cin_cout[0] != cin_cout[1], time=True)
+
+  yield "conv_in", {"diffusers": "conv_in", "compvis": "input_blocks.0.0"}, CONV_TABLE, None
+  for i, c in ((1, 0), (2, 2)):
+    yield (f"time_embedding.linear_{i}",
+           {"diffusers": f"time_embedding.linear_{i}", "compvis": f"time_embed.{c}"},
+           param_rows("", same(""), Kind.LINEAR), None)
+  # CompVis numbers the down path's blocks consecutively: input_blocks.k holds one resnet
+  # (+ its transformer) or one downsampling conv, k = 1 + level * (per + 1) + index.
+  for b in range(n):
+    for r in range(per):
+      k = 1 + b * (per + 1) + r
+      dprefix = f"down_blocks.{b}"
+      yield (f"{dprefix}.resnets.{r}",
+             {"diffusers": f"{dprefix}.resnets.{r}", "compvis": f"input_blocks.{k}.0"},
+             resnet(plan.down[b][r]), None)
+      if cfg.attention_levels[b]:
+        yield from _transformer_blocks(
+            f"{dprefix}.attentions.{r}",
+            {"diffusers": f"{dprefix}.attentions.{r}", "compvis": f"input_blocks.{k}.1"},
+            linear_projection)
+    if b < n - 1:
+      yield (f"down_blocks.{b}.downsample",
+             {"diffusers": f"down_blocks.{b}.downsamplers.0.conv",
+              "compvis": f"input_blocks.{1 + b * (per + 1) + per}.0.op"}, CONV_TABLE, None)
+  mid = cfg.block_out_channels[-1]
+  for r, k in ((0, 0), (1, 2)):
+    yield (f"mid_block.resnets.{r}",
+           {"diffusers": f"mid_block.resnets.{r}", "compvis": f"middle_block.{k}"},
+           resnet((mid, mid)), None)
+  yield from _transformer_blocks(
+      "mid_block.attentions.0",
+      {"diffusers": "mid_block.attentions.0", "compvis": "middle_block.1"}, linear_projection)
+  # output_blocks.k: resnet at .0, transformer at .1, the level's upsampling conv after them.
+  for i in range(n):
+    attention = cfg.attention_levels[n - 1 - i]
+    for r in range(per + 1):
+      k = i * (per + 1) + r
+      uprefix = f"up_blocks.{i}"
+      yield (f"{uprefix}.resnets.{r}",
+             {"diffusers": f"{uprefix}.resnets.{r}", "compvis": f"output_blocks.{k}.0"},
+             resnet(plan.up[i][r]), None)
+      if attention:
+        yield from _transformer_blocks(
+            f"{uprefix}.attentions.{r}",
+            {"diffusers": f"{uprefix}.attentions.{r}", "compvis": f"output_blocks.{k}.1"},
+            linear_projection)
+    if i < n - 1:
+      k = i * (per + 1) + per
+      yield (f"up_blocks.{i}.upsample",
+             {"diffusers": f"up_blocks.{i}.upsamplers.0.conv",
+              "compvis": f"output_blocks.{k}.{2 if attention else 1}.conv"}, CONV_TABLE, None)
+  yield "conv_norm_out", {"diffusers": "conv_norm_out", "compvis": "out.0"}, NORM_TABLE, None
+  yield "conv_out", {"diffusers": "conv_out", "compvis": "out.2"}, CONV_TABLE, None
+
+
+def unet_rules(cfg: UNetConfig, layout: str = "diffusers", linear_projection: bool = False,
+               ema: bool = False) -> list[Rule]:
+  """The full key map of a UNet of this config.
+
+  Args:
+    layout: "diffusers" (UNet2DConditionModel) or "compvis" (ldm's UNetModel, as in SD files).
+    linear_projection: the transformers' proj_in/proj_out are Linear (SD-2.x) rather than 1x1
+      Conv2d (SD-1.x).
+    ema: CompVis only: names of LitEma's copy (`diffusion_model` + the key without dots, to be
+      read under the `model_ema.` prefix).
+  """
+  rules = block_rules(list(_unet_blocks(cfg, linear_projection)), layout)
+  if ema:
+    if layout != "compvis":
+      raise ValueError("EMA copies (LitEma) exist only in the CompVis layout")
+    rules = [dataclasses.replace(r, torch="diffusion_model" + r.torch.replace(".", ""))
+             for r in rules]
+  return rules
+
+
+UNET_PREFIX = {"diffusers": "", "compvis": "model.diffusion_model."}
+_ANCHORS = {"diffusers": "time_embedding.linear_1.weight", "compvis": "time_embed.0.weight"}
+_EMA_ANCHOR = "diffusion_modeltime_embed0weight"
+# LitEma's bookkeeping buffers live beside the averaged weights.
+_EMA_IGNORE = (r"^num_updates$", r"^decay$")
+
+
+def load_unet(model: UNet, state_dict: Mapping[str, Any] | str | os.PathLike,
+              layout: str = "auto", prefix: str | None = None, ema: bool = False,
+              widen_input_channels: bool = False) -> UNet:
+  """Fills `model` from a diffusers or CompVis UNet state dict (or a file/folder path).
+
+  Args:
+    model: a UNet whose config matches the checkpoint (may come from `nnx.eval_shape`, which skips
+      the random init).
+    state_dict: PyTorch names -> arrays, or a path for `read_state_dict`.
+    layout: "diffusers", "compvis" or "auto" (told apart by their key names).
+    prefix: the UNet's key prefix ("" for a diffusers `unet/` folder, "model.diffusion_model."
+      in an SD single file); found automatically when None.
+    ema: read LitEma's averaged copy (`model_ema.*`, CompVis single files) instead of the weights.
+    widen_input_channels: accept a checkpoint whose conv_in has fewer input channels than the
+      model (SD-1.5's 4 into LEGO's 8) and zero the added ones, as LEGO's init does.
+  Raises:
+    KeyMappingError listing unexpected, missing and mis-shaped keys.
+  """
+  sd = as_state_dict(state_dict)
+  if ema:
+    if layout not in ("auto", "compvis"):
+      raise ValueError("ema=True reads CompVis single files (LitEma); layout must be compvis")
+    layout, prefix = find_prefix(sd, {"compvis": _EMA_ANCHOR}, prefix, "EMA UNet")
+    ignore = _EMA_IGNORE
+  else:
+    anchors = _ANCHORS if layout == "auto" else {layout: _ANCHORS[layout]}
+    layout, prefix = find_prefix(sd, anchors, prefix, "UNet")
+    ignore = ()
+  # SD-1.x stores the transformers' proj_in as 1x1 convs, SD-2.x as linears: read which.
+  proj_dims = {np.ndim(v) for k, v in sd.items()
+               if k.startswith(prefix) and k.endswith(("proj_in.weight", "proj_inweight"))}
+  if len(proj_dims) > 1:
+    raise KeyMappingError(f"UNet checkpoint mixes linear and conv proj_in weights ({proj_dims})")
+  rules = unet_rules(model.config, layout, linear_projection=proj_dims == {2}, ema=ema)
+
+  overrides = {}
+  target_in = model.config.in_channels
+  if widen_input_channels:
+    conv_in_rule = next(r for r in rules if r.jax == "conv_in.kernel")
+    source = sd.get(prefix + conv_in_rule.torch)
+    if source is not None and source.shape[1] < target_in:
+      h, w = source.shape[2:]
+      overrides["conv_in.kernel"] = (h, w, source.shape[1], model.config.block_out_channels[0])
+  params = load_mapped(model, sd, rules, prefix, ignore, f"{layout} UNet checkpoint",
+                       shape_overrides=overrides)
+  if overrides:
+    params = widen_input(params, target_in)
+  return load_params(model, params)
+
+
+def unet_to_torch(model: UNet, layout: str = "diffusers", prefix: str | None = None,
+                  linear_projection: bool = False) -> dict[str, np.ndarray]:
+  """The model's weights under PyTorch names of `layout` (CompVis: `model.diffusion_model.`)."""
+  prefix = UNET_PREFIX[layout] if prefix is None else prefix
+  return export_mapped(model, unet_rules(model.config, layout, linear_projection), prefix)
