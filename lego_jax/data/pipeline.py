@@ -1,7 +1,8 @@
 """Grain input pipelines: ArrayRecord records -> decoded, resized, jointly flipped batches.
 
     records (tfds data source) [+ extra per-example sources zipped by index]
-      -> Decode         JPEG/PNG bytes -> uint8 arrays, text bytes -> str
+      -> Decode         JPEG/PNG bytes -> PIL images (numpy only at the end: each round trip
+                        copies a frame), text bytes -> str
       -> Resize         LDM view: LANCZOS squash to image_size; CLIP view: bicubic short side
                         vllm_image_size + centre crop + CLIP mean/std (from the UNflipped input:
                         the VLLM's features are not flipped, as in the release)
@@ -11,7 +12,10 @@
       -> Batch
 A `grain.DataLoader` runs it: seeded shuffling, one shard per host (ShardOptions by process
 index/count), `worker_count` worker processes, and an iterator whose `get_state()` /
-`set_state()` resume the exact sequence. `to_global` turns a host's batch into global jax.Arrays.
+`set_state()` resume the exact sequence (with the same worker_count: each worker batches its own
+share of the records). `to_global` turns a host's batch into global jax.Arrays. With workers,
+drop the iterator and the batches before the program ends: Grain hands batches over in shared
+memory that is unlinked when they are garbage-collected.
 
 Batch (per host) of the pair pipeline, B = batch size, S = image_size, V = vllm_image_size:
   input, target  (B, S, S, 3) float32 in [-1, 1]      mask       (B, S, S, 1) bool (action pixels)

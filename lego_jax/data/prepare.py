@@ -201,6 +201,7 @@ def prepare(cfg, workdir: str | Path) -> dict:
   tok_path = prepare_tokenizer(data, workdir, records_dir)
   summary = {
       "records_dir": str(records_dir), "tokenizer": str(tok_path),
+      "tokenizer_trained": not data.tokenizer_dir,
       **{kind: {"path": str(r.path), "skipped": r.skipped, "num_records": r.num_records,
                 "num_bad": r.num_bad, "bad": r.bad} for kind, r in results.items()},
   }
@@ -219,7 +220,9 @@ def _print_summary(summary: dict) -> None:
     for split, msgs in s["bad"].items():
       for m in msgs[:5]:
         print(f"    bad ({split}): {m}")
-  print(f"tokenizer {summary['tokenizer']}")
+  how = ("trained on the records' text" if summary["tokenizer_trained"]
+         else "from cfg.data.tokenizer_dir")
+  print(f"tokenizer {summary['tokenizer']} ({how})")
 
 
 def main(cfg, workdir: Path) -> int:
