@@ -103,7 +103,7 @@ def _release_inputs(data, workdir: Path) -> tuple[dict, dict, Path, str]:
   return annotations, llava, frames_dir, data.metadata
 
 
-def _fingerprint(data, kind: str, sources: dict[str, Path | None], frames_dir: Path,
+def _fingerprint(data, kind: str, sources: dict[str, Path], frames_dir: Path,
                  metadata: str, workdir: Path) -> dict:
   """What decides the records' content (frame files are too many to hash; their directory is
   part of it, relative to the workdir when inside it so a moved workdir stays valid): a re-run
@@ -114,7 +114,7 @@ def _fingerprint(data, kind: str, sources: dict[str, Path | None], frames_dir: P
   return {
       "kind": kind, "dataset": data.dataset, "frames_dir": str(frames),
       "metadata": _file_digest(Path(metadata)) if metadata else "",
-      "sources": {s: (_file_digest(p) if p else "derived") for s, p in sorted(sources.items())},
+      "sources": {s: _file_digest(p) for s, p in sorted(sources.items())},
       "num_shards": int(data.num_shards), "max_bad_fraction": float(data.max_bad_fraction),
   }
 
@@ -151,10 +151,19 @@ def convert_release(data, workdir: Path) -> dict[str, tfds_builder.ConvertResult
           **common),
       records.INSTRUCT: tfds_builder.convert(
           records_dir, records.INSTRUCT, instruct_splits,
-          fingerprint=_fingerprint(data, records.INSTRUCT, llava, frames_dir, metadata_path,
-                                   workdir),
+          # Derived instructions change with their annotation file.
+          fingerprint={**_fingerprint(data, records.INSTRUCT,
+                                      {s: llava.get(s) or p for s, p in annotations.items()},
+                                      frames_dir, metadata_path, workdir),
+                       "derived": sorted(s for s in annotations if not llava.get(s))},
           **common),
   }
+
+
+def _training_splits(records_dir: Path, kind: str) -> list[str]:
+  """The train split (held-out text stays out of the vocabulary), else whatever there is."""
+  names = records.split_names(records_dir, kind)
+  return ["train"] if "train" in names else names
 
 
 def corpus(records_dir: Path) -> list[str]:
@@ -162,12 +171,12 @@ def corpus(records_dir: Path) -> list[str]:
   in its full chat template with its answer (so the long system prompt becomes few tokens),
   every action and description."""
   lines = []
-  for split in records.split_names(records_dir, records.PAIRS):
+  for split in _training_splits(records_dir, records.PAIRS):
     src = records.open_split(records_dir, split, records.PAIRS)
     for i in range(len(src)):
       r = records.to_python(src[i])
       lines += [r["action"], r["description"]]
-  for split in records.split_names(records_dir, records.INSTRUCT):
+  for split in _training_splits(records_dir, records.INSTRUCT):
     src = records.open_split(records_dir, split, records.INSTRUCT)
     for i in range(len(src)):
       r = records.to_python(src[i])

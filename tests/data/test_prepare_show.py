@@ -1,5 +1,6 @@
 """`prepare-data` end to end on a small synthetic set, its config checks, and `show-data`."""
 
+import io
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 from data_prep.lego_json import ConversionError
 import lego_jax.cli  # noqa: F401  (defines the shared --split / --out flags show-data reads)
 from lego_jax import config
-from lego_jax.data import pipeline, prepare, records, show, tokenizer
+from lego_jax.data import pipeline, prepare, prompts, records, show, tokenizer
 from lego_jax.data.prompts import human_turn
 
 tfds.display_progress_bar(False)
@@ -56,13 +57,24 @@ def test_prepare_writes_release_files_records_and_tokenizer(prepared):
     assert q["prompt"] == human_turn(r["action"])
     meta = records.read_meta(r)
     assert meta["target"] in r["action"] and meta["colour"] in r["action"]
-    mask = np.asarray(Image.open(__import__("io").BytesIO(r["mask_png"])))
+    mask = np.asarray(Image.open(io.BytesIO(r["mask_png"])))
     assert mask.shape == (32, 32) and mask.max() == 255
   assert any(r.startswith("#C C ") for _, e in flat for r in [e["action"]])
 
   tok = tokenizer.load_tokenizer(workdir / "tokenizer")
   assert tok.vocab_size == 256 and tok.bos_id == 1
   assert 0 not in tok.encode(records.to_python(pairs[0])["description"])
+  assert len(prepare.corpus(rec)) == 10 + 10 + 10  # train only: actions, descriptions, chats
+  # A whole held-out instruction example (chat prompt, image tokens, answer, EOS) fits the tiny
+  # VLLM's max_length.
+  cfg = _cfg()
+  n_image = (cfg.clip_vision.image_size // cfg.clip_vision.patch_size) ** 2
+  test = records.open_split(rec, "test", records.INSTRUCT)
+  for i in range(len(test)):
+    q = records.to_python(test[i])
+    n = (len(tok.encode_with_image(prompts.chat_prompt(q["prompt"]))) - 1 + n_image
+         + len(tok.encode(" " + q["answer"], bos=False, eos=True)))
+    assert n <= cfg.vllm_train.max_length
   batches = list(pipeline.eval_pairs(_cfg(num_workers=0), workdir, 3, split="test"))
   assert [len(b["id"]) for b in batches] == [3, 1]  # one ordered pass, nothing dropped
   assert batches[0]["input"].shape == (3, 64, 64, 3)
