@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.data.vllm_image_size = 32       # CLIP view for the VLLM
   cfg.data.synthetic = dict(num_train=512, num_val=32, num_test=64, seed=0, frame_size=64)
   cfg.data.num_shards = 2
+  # The synthetic descriptions say left/right and which hand: a flipped pair would contradict
+  # its own text, so the embedded default does not flip (real LEGO data keeps the release's 0.5).
+  cfg.data.hflip_prob = 0.0
   cfg.data.tokenizer_vocab_size = 512
 
   cfg.clip_vision.update(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
@@ -43,8 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.vae_train.update(batch_size=16, num_steps=400, lr=2e-3, l2_weight=1.0, log_every=50,
                        ckpt_every=300)
   cfg.vllm_train.update(batch_size=16, grad_accum=1, num_steps=300, lr=1e-3, max_length=160,
-                        log_every=20, ckpt_every=100)
-  cfg.vllm_generate.update(max_new_tokens=48)
+                        log_every=20, ckpt_every=100, compute_dtype="float32")
+  cfg.vllm_generate.update(max_new_tokens=48, part_size=64, compute_dtype="float32")
   cfg.ldm_train.update(batch_size=16, grad_accum=1, num_steps=800, lr=5e-4, ema_decay=0.999,
                        log_every=50, ckpt_every=200, sample_every=400, init="random")
   cfg.sampler.update(num_steps=20)

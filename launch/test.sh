@@ -2,6 +2,9 @@
 # Quickstart command 2: a virtual env with the test extras, then the whole test suite.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 python -m pip install -q -e ".[test]"
+# The lpips package ships the real LPIPS linear heads the eval tests load; its torchvision
+# requirement would pull a CUDA torch, so it comes without dependencies.
+python -m pip install -q --no-deps "lpips==0.1.4"
 # JAX and torch share two cores in CI: one thread each per process, two test processes.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 TF_CPP_MIN_LOG_LEVEL=3
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"

@@ -3,6 +3,12 @@
 Each command lives in the module of its stage and exposes `main(cfg, workdir)`; the module is
 imported before flags are parsed so it can define its own absl flags. User mistakes (bad paths,
 bad inputs, unknown config keys) end in one clear line on stderr and exit code 2, no traceback.
+A training stage stopped by SIGTERM exits 143 after its checkpoint is complete; one stopped by a
+non-finite loss exits 1. Both say so in one line.
+
+Multi-host: `--coordinator_address`, `--num_processes`, `--process_id` start the JAX distributed
+runtime before anything else runs (TPU pods, SLURM and Open MPI need none of them: detected).
+`lego-jax plan` runs on fake CPU devices, set up before JAX starts any backend.
 """
 
 from __future__ import annotations
@@ -21,13 +27,34 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("lego_jax.data.prepare", "write the dataset (synthetic default or a LEGO release) as ArrayRecord"),
     "show-data": ("lego_jax.data.show", "contact-sheet PNG of N examples: input | target | action | description"),
     "train-vae": ("lego_jax.train.vae", "train the KL autoencoder (the embedded default has no SD weights)"),
+    "train-vllm": ("lego_jax.train.vllm", "LLaVA visual instruction tuning: the VLLM writes enriched descriptions"),
+    "extract": ("lego_jax.infer.extract", "VLLM descriptions + H_i/H_t features of every split -> WORKDIR/features"),
+    "describe": ("lego_jax.infer.describe", "print the VLLM's enriched description of one frame (--image, --action)"),
+    "train-ldm": ("lego_jax.train.ldm", "train LEGO's latent diffusion model on frames + VLLM features"),
+    "generate": ("lego_jax.infer.generate", "generate action frames (a records split, or --image/--action)"),
+    "plan": ("lego_jax.plan", "compile the full-size train steps ahead of time: memory, FLOPs, which hardware fits"),
     "demo": ("lego_jax.demo", "run the whole pipeline on the embedded default config"),
     "evaluate": ("lego_jax.eval.evaluate", "score generated frames against ground truth"),
+    "bench": ("lego_jax.bench.bench", "time a step (unet-train, ldm-train, vllm-train, vllm-decode, sample, data), optionally vs PyTorch"),
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(config_lib.CONFIG_DIR / "tiny.py"), "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "where this run writes everything")
+# Flags several commands share are defined once here (absl forbids defining a name twice, and the
+# demo imports every stage); a command reads them as flags.FLAGS.<name>.
+flags.DEFINE_string("image", None, "describe/generate: path of one input frame")
+flags.DEFINE_string("action", None, "describe/generate: the action prompt, e.g. 'cut the carrot'")
+flags.DEFINE_string("split", None, "which split of the records a command reads")
+flags.DEFINE_string("out", None, "where a command writes its main output (default: in WORKDIR)")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "multi-process runs without a cluster manager: host:port of "
+    "process 0 (TPU pods, SLURM and Open MPI are detected without it)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with --coordinator_address")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --coordinator_address: 0 .. N-1")
+_DATA_SHARDS = flags.DEFINE_integer(
+    "data_shards", None, "split the training data into this many shards (default: one per "
+    "process); runs with equal counts see equal global batches on any number of hosts")
 
 
 class UserError(Exception):
@@ -37,9 +64,11 @@ class UserError(Exception):
 # Exceptions that mean "the user gave something wrong", not "the code is broken".
 def _user_error_types():
   from lego_jax.weights.io import WeightFileError
+  from lego_jax.train.checkpoint import CheckpointMismatchError
   from lego_jax.weights.mapping import KeyMappingError
 
-  return (UserError, config_lib.ConfigError, WeightFileError, KeyMappingError, FileNotFoundError)
+  return (UserError, config_lib.ConfigError, WeightFileError, KeyMappingError, FileNotFoundError,
+          CheckpointMismatchError)
 
 
 def _usage() -> str:
@@ -59,18 +88,42 @@ def run(argv: list[str] | None = None) -> None:
     print(f"lego-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     sys.exit(2)
   module = importlib.import_module(COMMANDS[command][0])
+  if command == "plan":
+    module.use_fake_devices()  # before any JAX backend starts
 
   def main(_):
+    from lego_jax.parallel import distributed
+    from lego_jax.train.checkpoint import Preempted
+    from lego_jax.train.common import NonFiniteError
+
     cfg = _CONFIG.value
     workdir = Path(_WORKDIR.value)
+    try:
+      if command != "plan":
+        started = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                         _PROCESS_ID.value)
+        logging.info("lego-jax %s: %s", command, started)
+      distributed.set_data_shards(_DATA_SHARDS.value)
+    except ValueError as e:
+      print(f"lego-jax {command}: error: {e}", file=sys.stderr)
+      return 2
     workdir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, workdir, f"config.{command}.json")
+    import jax
+
+    if jax.process_index() == 0:
+      config_lib.save(cfg, workdir, f"config.{command}.json")
     try:
       return module.main(cfg, workdir) or 0
     except _user_error_types() as e:
       msg = str(e).strip() or type(e).__name__
       print(f"lego-jax {command}: error: {msg}", file=sys.stderr)
       return 2
+    except Preempted as e:
+      print(f"lego-jax {command}: {e}", file=sys.stderr)
+      return Preempted.exit_code
+    except NonFiniteError as e:
+      print(f"lego-jax {command}: error: {e}", file=sys.stderr)
+      return 1
 
   logging.set_verbosity(logging.WARNING)
   try:

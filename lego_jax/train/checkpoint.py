@@ -5,7 +5,11 @@
   replaces the last good checkpoint; `latest_step()` only ever sees finished ones.
 - Restore is onto an abstract target (shapes, dtypes and shardings of the CURRENT mesh), so a
   checkpoint saved on 8 devices restores on 1 or 4.
-- SIGTERM (preemption) sets a flag the loops poll; they then save and exit within the grace period.
+- SIGTERM (preemption) sets a flag the loops poll; they then save, wait for the save to finish and
+  raise `Preempted`, well within the usual grace periods (30 s on GCE/TPU VMs, SLURM's
+  `--signal` lead time).
+- Multi-host: every process calls `save` (Orbax writes each process's shards of the arrays; the
+  JSON items come from the primary process, so the loop gathers the data states first).
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint written for other model shapes than the current config's."""
 
 
 class Checkpointer:
@@ -53,11 +62,19 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
-    restored = self.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=ocp.args.JsonRestore()))
+    except ValueError as e:
+      if "shape" not in str(e) and "structure" not in str(e).lower():
+        raise
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} does not fit the model of the current config "
+          f"({str(e).splitlines()[0][:160]}); it was written with other settings: use the config "
+          "it was trained with (saved in its config item) or a fresh --workdir") from None
     return step, restored["state"], _from_jsonable(restored["data"]["state"])
 
   def read_config(self, step: int | None = None) -> dict:
@@ -93,6 +110,12 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+class Preempted(Exception):
+  """Training stopped on SIGTERM after saving a checkpoint; rerunning the command resumes."""
+
+  exit_code = 143  # what a shell reports for a process ended by SIGTERM (128 + 15)
+
+
 class Preemption:
   """Turns SIGTERM into a flag the training loop polls, so it can save before exiting."""
 
@@ -117,7 +140,8 @@ class Preemption:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
-      flag = bool(multihost_utils.process_allgather(jax.numpy.asarray(flag)).any())
+      # A host numpy value: a jax array made inside the trainer's mesh would span processes.
+      flag = bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag]))).any())
     return flag
 
 

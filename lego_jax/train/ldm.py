@@ -1,0 +1,310 @@
+"""`lego-jax train-ldm`: LEGO's latent diffusion stage (paper Sec. 3.2; facts file "Stage 2").
+
+Per example: input frame, target frame, text (the VLLM's generated description R by default),
+H_i and H_t (from `lego-jax extract`). In the step:
+  input latent  = VAE posterior MODE of the input frame (NOT scaled by 0.18215)
+  target latent = VAE posterior SAMPLE of the target frame x 0.18215
+  context       = [CLIP_text(R) (77), proj_img(H_i) (256), mix(proj_txt(H_t)) (77)]
+  eps-MSE of the UNet on [noisy target latent ++ input latent], t ~ U{0..999}, scaled-linear betas.
+Classifier-free-guidance dropout exactly as the release, one r ~ U(0,1) per example:
+  r < 0.10 -> text dropped: CLIP(""), and the PROJECTED VLLM tokens multiplied by 0;
+  0.05 <= r < 0.15 -> input latent zeroed  (net 5% text only, 5% both, 5% image only).
+VAE and CLIP text encoder are frozen; the conditioner trains with the UNet when
+`train_projections` (the paper) and stays at its init otherwise (the release's optimizer covered
+the UNet only). EMA with LitEma's warm-up over every trained parameter.
+
+Ablations and baselines are the same trainer with switches: `text_source` ("generated" R,
+"annotation" description, or "action" label only: InstructPix2Pix fine-tuned), and
+`use_image_embedding` / `use_text_embedding`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lego_jax.data import features as features_lib
+from lego_jax.data import pipeline
+from lego_jax.data.tokenizer import load_clip_tokenizer
+from lego_jax.infer.schedule import NoiseSchedule
+from lego_jax.models.clip_text import CLIPText, CLIPTextConfig
+from lego_jax.models.conditioner import Conditioner, ConditionerConfig
+from lego_jax.models.unet import UNet, UNetConfig
+from lego_jax.parallel import sharding
+from lego_jax.train import common, loop
+from lego_jax.train import checkpoint as ckpt_lib
+from lego_jax.train import vae as vae_train
+
+TEXT_SOURCES = ("generated", "annotation", "action")
+
+
+def uses_features(cfg) -> bool:
+  t = cfg.ldm_train
+  return t.use_image_embedding or t.use_text_embedding or t.text_source == "generated"
+
+
+def schedule_of(cfg) -> NoiseSchedule:
+  t = cfg.ldm_train
+  return NoiseSchedule(t.num_timesteps, t.beta_start, t.beta_end)
+
+
+def build_trainable(cfg, seed: int):
+  """UNet + conditioner at their initialisation (random; SD/LEGO weights are loaded after)."""
+  rngs = nnx.Rngs(seed)
+  unet = UNet(UNetConfig(**cfg.unet), rngs=rngs)
+  conditioner = Conditioner(ConditionerConfig(**cfg.conditioner), rngs=nnx.Rngs(seed + 23))
+  return unet, conditioner
+
+
+def build_text_encoder(cfg, seed: int) -> CLIPText:
+  return CLIPText(CLIPTextConfig(**cfg.clip_text), rngs=nnx.Rngs(seed + 7))
+
+
+def initialise(cfg, workdir: Path):
+  """(unet, conditioner, clip_text, vae) as the config's `init` says."""
+  t = cfg.ldm_train
+  unet, conditioner = build_trainable(cfg, cfg.seed)
+  clip_text = build_text_encoder(cfg, cfg.seed)
+  if t.init == "random":
+    vae = vae_train.load_trained(cfg, workdir)
+  elif t.init in ("sd15", "lego"):
+    from lego_jax.weights import checkpoints as ckpts
+
+    if not t.init_checkpoint:
+      raise FileNotFoundError(
+          f"ldm_train.init={t.init!r} needs --config.ldm_train.init_checkpoint: "
+          + ckpts.WHERE_TO_GET[t.init])
+    vae = vae_train.build(cfg)
+    ckpts.load_ldm_single_file(t.init_checkpoint, unet=unet, vae=vae, clip_text=clip_text,
+                               conditioner=conditioner if t.init == "lego" else None,
+                               use_ema=t.init_use_ema, widen_from_sd=t.init == "sd15")
+  else:
+    raise ValueError(f"ldm_train.init={t.init!r}: one of random, sd15, lego")
+  return unet, conditioner, clip_text, vae
+
+
+def cfg_dropout(r: jax.Array, t) -> tuple[jax.Array, jax.Array]:
+  """The release's guidance dropout from one r ~ U(0,1) per example: (drop_text, drop_image).
+  Defaults: r < 0.10 text dropped; 0.05 <= r < 0.15 image dropped (5% / 5% / 5%)."""
+  drop_text = r < (t.drop_text_prob + t.drop_both_prob)
+  drop_image = (r >= t.drop_text_prob) & (
+      r < t.drop_text_prob + t.drop_both_prob + t.drop_image_prob)
+  return drop_text, drop_image
+
+
+def _per_example(keys: jax.Array, shape: tuple[int, ...], fn) -> jax.Array:
+  return jax.vmap(lambda k: fn(k, shape))(keys)
+
+
+def diffusion_loss(trained, frozen, graphdefs, batch, keys, mixer_key, *, cfg,
+                   schedule: NoiseSchedule, empty_ids: jax.Array):
+  """eps-MSE of one (micro-)batch. `keys` (B,) are per-example PRNG keys, so the draws of an
+  example do not depend on how the batch is split into micro-batches."""
+  t = cfg.ldm_train
+  unet = nnx.merge(graphdefs["unet"], trained["unet"])
+  conditioner = nnx.merge(graphdefs["conditioner"],
+                          trained["conditioner"] if "conditioner" in trained else frozen["conditioner"])
+  vae = nnx.merge(graphdefs["vae"], frozen["vae"])
+  clip_text = nnx.merge(graphdefs["clip_text"], frozen["clip_text"])
+  k_post, k_drop, k_t, k_noise = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
+                                  for i in range(4))
+  normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32)
+
+  mean, logvar = vae.encode(batch["input"])
+  input_latent = jax.lax.stop_gradient(mean)                       # posterior MODE, unscaled
+  t_mean, t_logvar = vae.encode(batch["target"])
+  eps_post = _per_example(k_post, t_mean.shape[1:], normal)
+  target_latent = jax.lax.stop_gradient(t_mean + jnp.exp(0.5 * t_logvar) * eps_post)
+  target_latent = target_latent * cfg.vae.scaling_factor           # posterior SAMPLE x 0.18215
+
+  text = jax.lax.stop_gradient(clip_text(batch["text_ids"]))
+  empty = jax.lax.stop_gradient(clip_text(empty_ids))
+  r = jax.vmap(lambda k: jax.random.uniform(k, ()))(k_drop)
+  drop_text, drop_image = cfg_dropout(r, t)
+  text = jnp.where(drop_text[:, None, None], empty.astype(text.dtype), text)
+  dt = conditioner.cfg.dtype
+  keep = (1.0 - drop_text.astype(jnp.float32))[:, None, None].astype(dt)
+  parts = [text.astype(dt)]
+  # The release zeroes the PROJECTED VLLM tokens of text-dropped examples (after the mixer).
+  if t.use_image_embedding:
+    parts.append(conditioner.image_tokens(batch["h_img"]) * keep)
+  if t.use_text_embedding:
+    parts.append(conditioner.text_tokens(batch["h_txt"], deterministic=False, rngs=mixer_key) * keep)
+  context = sharding.constrain(jnp.concatenate(parts, axis=1), ("batch", "length", "embed"))
+  input_latent = input_latent * (1.0 - drop_image.astype(jnp.float32))[:, None, None, None]
+
+  timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))(k_t)
+  noise = _per_example(k_noise, target_latent.shape[1:], normal)
+  noisy = schedule.q_sample(target_latent, timesteps, noise)
+  eps = unet(jnp.concatenate([noisy, input_latent], axis=-1), timesteps, context)
+  loss = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
+  return loss, {"loss": loss, "dropped_text": drop_text.mean(), "dropped_image": drop_image.mean()}
+
+
+def make_train_step(cfg, graphdefs, tx, schedule, empty_ids):
+  t = cfg.ldm_train
+  accum = max(int(t.grad_accum), 1)
+
+  def step(state, batch, rng):
+    loss_fn = functools.partial(diffusion_loss, frozen=state["frozen"], graphdefs=graphdefs,
+                                cfg=cfg, schedule=schedule, empty_ids=empty_ids)
+    grad_fn = jax.value_and_grad(lambda p, b, k, mk: loss_fn(p, batch=b, keys=k, mixer_key=mk),
+                                 has_aux=True)
+    n = batch["input"].shape[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+    mixer_key = jax.random.fold_in(rng, n)
+    if accum == 1:
+      (loss, aux), grads = grad_fn(state["trained"], batch, keys, mixer_key)
+    else:
+      # Micro-batches in a scan: any global batch fits memory; gradients averaged. Per-example
+      # keys make the result independent of the split (up to the mixer's dropout).
+      split = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, xs):
+        mb, mk, i = xs
+        (l, a), g = grad_fn(state["trained"], mb, mk, jax.random.fold_in(mixer_key, i))
+        return jax.tree.map(jnp.add, carry, (g, l, a)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state["trained"])
+      zero_aux = {"loss": 0.0, "dropped_text": 0.0, "dropped_image": 0.0}
+      (grads, loss, aux), _ = jax.lax.scan(
+          body, (zeros, 0.0, zero_aux), (micro, split(keys), jnp.arange(accum)))
+      grads, loss = jax.tree.map(lambda g: g / accum, grads), loss / accum
+      aux = jax.tree.map(lambda a: a / accum, aux)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["trained"])
+    trained = optax.apply_updates(state["trained"], updates)
+    # LitEma counts this update before computing its decay: n = step + 1.
+    ema = common.ema_update(state["ema"], trained, state["step"] + 1, t.ema_decay)
+    ok = common.all_finite(loss, grads)
+    pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = dict(state, trained=pick(trained, state["trained"]),
+                     opt_state=pick(opt_state, state["opt_state"]), ema=pick(ema, state["ema"]),
+                     step=state["step"] + ok.astype(jnp.int32),
+                     nonfinite=state["nonfinite"] + 1 - ok.astype(jnp.int32))
+    return new_state, aux
+
+  return step
+
+
+def init_state(cfg, workdir: Path, mesh):
+  t = cfg.ldm_train
+  if t.text_source not in TEXT_SOURCES:
+    raise ValueError(f"ldm_train.text_source={t.text_source!r}: one of {TEXT_SOURCES}")
+  unet, conditioner, clip_text, vae = initialise(cfg, workdir)
+  graphdefs, trained, frozen = {}, {}, {}
+  for name, module, trains in (("unet", unet, True), ("conditioner", conditioner, t.train_projections),
+                               ("vae", vae, False), ("clip_text", clip_text, False)):
+    graphdefs[name], params = nnx.split(module)
+    (trained if trains else frozen)[name] = params
+  tx = common.adamw(trained, t.lr, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps)
+  replicated = NamedSharding(mesh, P())
+  trained = jax.device_put(trained, sharding.state_shardings(mesh, trained))
+  frozen = jax.device_put(frozen, sharding.state_shardings(mesh, frozen))
+  state = {"trained": trained, "frozen": frozen,
+           # Initialised under jit from the placed params: Adam moments inherit their shardings.
+           "opt_state": jax.jit(tx.init)(trained),
+           "ema": jax.jit(lambda p: jax.tree.map(jnp.copy, p))(trained),
+           "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+           "nonfinite": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  return graphdefs, state, shardings, tx
+
+
+class TextIds:
+  """Host side: the chosen text of each example -> (B, 77) CLIP token ids."""
+
+  def __init__(self, cfg, workdir: Path):
+    self.tokenize = load_clip_tokenizer(cfg, workdir)
+    self.source = cfg.ldm_train.text_source
+    self.text_len = cfg.conditioner.text_len
+
+  def texts(self, batch: dict) -> list[str]:
+    key = {"generated": "generated", "annotation": "description", "action": "action"}[self.source]
+    return [str(s) for s in batch[key]]
+
+  def __call__(self, batch: dict) -> np.ndarray:
+    return self.tokenize(self.texts(batch))
+
+  def empty(self) -> np.ndarray:
+    return self.tokenize([""])
+
+
+def loader_for(cfg, workdir: Path, split: str, batch_size: int, train: bool):
+  extras, ops = {}, []
+  if uses_features(cfg):
+    extras["features"] = features_lib.open_source(Path(workdir) / "features", split)
+    ops.append(features_lib.DecodeFeatures(cfg.conditioner.text_len))
+  make = pipeline.train_pairs if train else pipeline.eval_pairs
+  return make(cfg, workdir, batch_size, split=split, views=("ldm",), extra_sources=extras,
+              extra_operations=ops)
+
+
+def batch_arrays(cfg, batch: dict, text_ids: TextIds) -> dict:
+  """The numeric arrays one step needs (features zero-filled when the ablation drops them)."""
+  out = {"input": batch["input"], "target": batch["target"], "text_ids": text_ids(batch)}
+  b = len(out["input"])
+  n_img = cfg.data.get("num_image_tokens", None)
+  if "h_img" in batch:
+    out["h_img"], out["h_txt"] = batch["h_img"], batch["h_txt"]
+  else:
+    dim = cfg.conditioner.llm_dim
+    n = (cfg.clip_vision.image_size // cfg.clip_vision.patch_size) ** 2 if n_img is None else n_img
+    out["h_img"] = np.zeros((b, n, dim), np.float32)
+    out["h_txt"] = np.zeros((b, cfg.conditioner.text_len, dim), np.float32)
+  return out
+
+
+def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = True):
+  t = cfg.ldm_train
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  graphdefs, state, shardings, tx = init_state(cfg, workdir, mesh)
+  text_ids = TextIds(cfg, workdir)
+  empty_ids = jnp.asarray(text_ids.empty())
+  step = jax.jit(make_train_step(cfg, graphdefs, tx, schedule_of(cfg), empty_ids),
+                 in_shardings=(shardings, None, None), out_shardings=(shardings, None),
+                 donate_argnums=0)
+  per_host = t.batch_size // jax.process_count()
+  loader = loader_for(cfg, workdir, "train", per_host, train=True)
+  every = None
+  if samples and t.sample_every:
+    from lego_jax.infer.generate import training_sample_callback
+
+    every = {t.sample_every: training_sample_callback(cfg, workdir, graphdefs)}
+  with sharding.use_mesh(mesh):
+    state = loop.run(
+        name="ldm", workdir=workdir, config=cfg.to_dict(), state=state, state_shardings=shardings,
+        step_fn=step, loader=loader,
+        batch_fn=lambda b: pipeline.to_global(batch_arrays(cfg, b, text_ids), mesh),
+        num_steps=t.num_steps, seed=cfg.seed, log_every=t.log_every, ckpt_every=t.ckpt_every,
+        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+        skip_nonfinite=t.skip_nonfinite, items_per_step=t.batch_size, every=every,
+        stop_after=stop_after)
+  return graphdefs, state
+
+
+def load_trained(cfg, workdir: Path, use_ema: bool = True):
+  """(unet, conditioner, clip_text, vae) from WORKDIR's latest train-ldm checkpoint."""
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  graphdefs, state, shardings, _ = init_state(cfg, workdir, mesh)
+  ckpt = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "ldm")
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no LDM checkpoint in {ckpt.directory}: run `lego-jax train-ldm` first")
+  _, state, _ = ckpt.restore(ckpt_lib.abstract_like(state, shardings))
+  ckpt.close()
+  params = dict(state["frozen"], **(state["ema"] if use_ema else state["trained"]))
+  return tuple(nnx.merge(graphdefs[n], params[n]) for n in ("unet", "conditioner", "clip_text", "vae"))
+
+
+def main(cfg, workdir: Path) -> int:
+  train(cfg, workdir)
+  print(f"train-ldm: checkpoints in {Path(workdir) / 'checkpoints' / 'ldm'}, samples in "
+        f"{Path(workdir) / 'samples'}, TensorBoard logs in {Path(workdir) / 'logs'}")
+  return 0
