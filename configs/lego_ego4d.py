@@ -68,9 +68,15 @@ def get_config() -> ml_collections.ConfigDict:
       batch_size=128, grad_accum=8, epochs=3, num_steps=-1, lr=2e-5, weight_decay=0.0,
       warmup_ratio=0.03, schedule="constant",  # the release's DeepSpeed config: warmup then constant
       max_length=2048, frozen=r"^vision/.*", remat=True, skip_nonfinite=False, log_every=10,
-      ckpt_every=500)
-  cfg.vllm_generate = dict(temperature=0.2, top_p=1.0, greedy=False, max_new_tokens=1024, seed=42,
-                           batch_size=16, feature_dtype="float16")
+      ckpt_every=500,
+      compute_dtype="bfloat16",       # bf16 compute, fp32 master weights and optimizer state
+      grad_clip=1.0,                  # HF Trainer's max_grad_norm, which the release kept
+      init_checkpoint="",             # LLaVA weights (any layout of lego_jax/models/llava.py)
+      vision_checkpoint="",           # CLIP ViT-L/14 files when init_checkpoint holds no tower
+      zero_image=False)               # ablation: image features zeroed (a text-only model)
+  cfg.vllm_generate = dict(temperature=0.2, top_p=1.0, top_k=50, greedy=False, max_new_tokens=1024,
+                           seed=42, batch_size=16, feature_dtype="float16", part_size=1000,
+                           compute_dtype="bfloat16")
   cfg.ldm_train = dict(
       batch_size=1024, grad_accum=4, num_steps=20000, lr=1e-4, weight_decay=0.01,
       b1=0.9, b2=0.999, eps=1e-8, ema_decay=0.9999, train_projections=True,
