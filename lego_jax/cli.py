@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-ldm": ("lego_jax.train.ldm", "train LEGO's latent diffusion model on frames + VLLM features"),
     "generate": ("lego_jax.infer.generate", "generate action frames (a records split, or --image/--action)"),
     "plan": ("lego_jax.plan", "compile the full-size train steps ahead of time: memory, FLOPs, which hardware fits"),
+    "convert": ("lego_jax.weights.convert", "PyTorch checkpoint (SD-1.5, LEGO, LLaVA, CLIP, ...) -> Orbax"),
     "demo": ("lego_jax.demo", "run the whole pipeline on the embedded default config"),
     "evaluate": ("lego_jax.eval.evaluate", "score generated frames against ground truth"),
     "bench": ("lego_jax.bench.bench", "time a step (unet-train, ldm-train, vllm-train, vllm-decode, sample, data), optionally vs PyTorch"),
