@@ -75,6 +75,31 @@ def ema_update(ema: Any, params: Any, num_updates: jax.Array, max_decay: float) 
   return jax.tree.map(lambda e, p: e - (1.0 - d) * (e - p.astype(e.dtype)), ema, params)
 
 
+def accumulate_gradients(grad_fn, params: Any, batch: Any, per_example: Any, accum: int):
+  """Mean loss/aux and gradients over `accum` micro-batches, run as a scan so any global batch
+  fits memory. grad_fn(params, micro_batch, micro_per_example) -> ((loss, aux), grads); every leaf
+  of `batch` and `per_example` has the global batch as its leading axis. The micro-batch index is
+  added to the last per-example leaf (an int) so callers can fold it into a key."""
+  if accum <= 1:
+    return grad_fn(params, batch, per_example)
+  split = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
+  micro, micro_extra = jax.tree.map(split, batch), jax.tree.map(split, per_example)
+  *rest, last = jax.tree.leaves(micro_extra)
+  last = last + jnp.arange(accum, dtype=last.dtype)[:, None]
+  micro_extra = jax.tree.unflatten(jax.tree.structure(micro_extra), rest + [last])
+
+  first = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro),
+                                         jax.tree.map(lambda x: x[0], micro_extra)))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+
+  def body(carry, xs):
+    out = grad_fn(params, *xs)
+    return jax.tree.map(jnp.add, carry, out), None
+
+  total, _ = jax.lax.scan(body, zeros, (micro, micro_extra))
+  return jax.tree.map(lambda x: x / accum, total)
+
+
 def all_finite(*trees) -> jax.Array:
   leaves = [x for t in trees for x in jax.tree.leaves(t) if jnp.issubdtype(x.dtype, jnp.floating)]
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))

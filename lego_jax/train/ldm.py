@@ -160,25 +160,11 @@ def make_train_step(cfg, graphdefs, tx, schedule, empty_ids):
     n = batch["input"].shape[0]
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
     mixer_key = jax.random.fold_in(rng, n)
-    if accum == 1:
-      (loss, aux), grads = grad_fn(state["trained"], batch, keys, mixer_key)
-    else:
-      # Micro-batches in a scan: any global batch fits memory; gradients averaged. Per-example
-      # keys make the result independent of the split (up to the mixer's dropout).
-      split = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
-      micro = jax.tree.map(split, batch)
-
-      def body(carry, xs):
-        mb, mk, i = xs
-        (l, a), g = grad_fn(state["trained"], mb, mk, jax.random.fold_in(mixer_key, i))
-        return jax.tree.map(jnp.add, carry, (g, l, a)), None
-
-      zeros = jax.tree.map(jnp.zeros_like, state["trained"])
-      zero_aux = {"loss": 0.0, "dropped_text": 0.0, "dropped_image": 0.0}
-      (grads, loss, aux), _ = jax.lax.scan(
-          body, (zeros, 0.0, zero_aux), (micro, split(keys), jnp.arange(accum)))
-      grads, loss = jax.tree.map(lambda g: g / accum, grads), loss / accum
-      aux = jax.tree.map(lambda a: a / accum, aux)
+    # Per-example keys make the result independent of the micro-batch split (up to the mixer's
+    # dropout, which draws one key per micro-batch).
+    (loss, aux), grads = common.accumulate_gradients(
+        lambda p, mb, xs: grad_fn(p, mb, xs[0], jax.random.fold_in(mixer_key, xs[1][0])),
+        state["trained"], batch, (keys, jnp.zeros((n,), jnp.int32)), accum)
     updates, opt_state = tx.update(grads, state["opt_state"], state["trained"])
     trained = optax.apply_updates(state["trained"], updates)
     # LitEma counts this update before computing its decay: n = step + 1.
