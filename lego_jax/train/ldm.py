@@ -170,9 +170,11 @@ def make_train_step(cfg, graphdefs, tx, schedule, empty_ids):
     # LitEma counts this update before computing its decay: n = step + 1.
     ema = common.ema_update(state["ema"], trained, state["step"] + 1, t.ema_decay)
     ok = common.all_finite(loss, grads)
-    pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = dict(state, trained=pick(trained, state["trained"]),
-                     opt_state=pick(opt_state, state["opt_state"]), ema=pick(ema, state["ema"]),
+    # One lax.cond, not a jnp.where per leaf: wheres that all wait on a reduction over every
+    # gradient made XLA:CPU compile this step 4x slower (175 s vs 43 s of CPU, tiny config).
+    updated = {"trained": trained, "opt_state": opt_state, "ema": ema}
+    kept = jax.lax.cond(ok, lambda: updated, lambda: {k: state[k] for k in updated})
+    new_state = dict(state, **kept,
                      step=state["step"] + ok.astype(jnp.int32),
                      nonfinite=state["nonfinite"] + 1 - ok.astype(jnp.int32))
     return new_state, aux
