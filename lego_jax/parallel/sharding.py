@@ -95,8 +95,28 @@ def current_mesh() -> Mesh | None:
   return _MESH.get()
 
 
-def named_sharding(mesh: Mesh, names: Sequence[str | None] | None) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(names))
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """`spec` with every dimension its mesh axes do not divide left whole (replicated).
+
+  The rule table is written for the full-size models; at other sizes a few small arrays (an RGB
+  output bias of 3, a norm over 4 channels) cannot split over an axis of 2. They stay replicated,
+  which costs nothing, instead of every such size needing its own rule."""
+  out = []
+  for i, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if entry is None:
+      out.append(None)
+      continue
+    axes = (entry,) if isinstance(entry, str) else tuple(entry)
+    size = int(np.prod([mesh.shape[a] for a in axes]))
+    out.append(entry if shape[i] % size == 0 else None)
+  return P(*out)
+
+
+def named_sharding(mesh: Mesh, names: Sequence[str | None] | None,
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+  """The sharding of logical `names` on `mesh`; with `shape`, indivisible dimensions whole."""
+  spec = logical_to_spec(names)
+  return NamedSharding(mesh, spec if shape is None else fit_spec(spec, shape, mesh))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -104,13 +124,19 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh = _MESH.get()
   if mesh is None:
     return x
-  return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names))
+  return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, x.shape))
 
 
 def state_shardings(mesh: Mesh, state):
-  """NamedShardings for an NNX state whose variables carry logical `out_sharding` names."""
+  """NamedShardings for an NNX state whose variables carry logical `out_sharding` names
+  (dimensions the mesh cannot divide stay whole, see `fit_spec`)."""
   from flax import nnx
 
-  specs = nnx.get_partition_spec(state)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec))),
-                      specs, is_leaf=lambda x: isinstance(x, P))
+  specs, treedef = jax.tree.flatten(nnx.get_partition_spec(state),
+                                    is_leaf=lambda x: isinstance(x, P))
+  values = jax.tree.leaves(state)
+  if len(values) != len(specs):
+    raise ValueError(f"{len(specs)} partition specs for {len(values)} arrays")
+  return treedef.unflatten([
+      NamedSharding(mesh, fit_spec(logical_to_spec(tuple(spec)), value.shape, mesh))
+      for spec, value in zip(specs, values)])

@@ -8,7 +8,11 @@ only orchestrates. Guarantees the trainers rely on:
 - Non-finite loss/gradients: the step function leaves the state unchanged on such a step and counts
   it in `state["nonfinite"]`; unless `skip_nonfinite`, the loop then stops with a clear message and
   the last good checkpoint stays the latest.
-- SIGTERM (preemption): a checkpoint of the current step is written and the loop returns.
+- SIGTERM (preemption): a checkpoint of the current step is written, then `Preempted` is raised
+  (the CLI turns it into exit status 143 with a one-line message), so nothing after training
+  runs on a half-trained model.
+- Multi-host: every process calls save; the data-iterator states of all processes are gathered
+  into the one checkpoint (lego_jax.parallel.distributed), so each host resumes its own shards.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from lego_jax.parallel import distributed
 from lego_jax.train import checkpoint as ckpt_lib
+from lego_jax.train.checkpoint import Preempted
 from lego_jax.train.common import MetricWriter, NonFiniteError, step_rng
 
 
@@ -39,7 +45,8 @@ def run(*, name: str, workdir: str | Path, config: dict, state: Any, state_shard
     state: the initial train state (a pytree with at least "step" and "nonfinite" scalars);
       replaced by the checkpoint's when one exists.
     state_shardings: the shardings of `state` on the current mesh (restore targets).
-    loader: a Grain DataLoader (iterable with get_state/set_state iterators).
+    loader: a Grain DataLoader or a distributed.ShardedLoader (iterable with
+      get_state/set_state iterators).
     batch_fn: host batch -> the step's global arrays.
     every: {period: callback(step, state)} for samples/evaluation every N steps.
     stop_after: return after this many steps of THIS process (tests of interruption).
@@ -54,13 +61,25 @@ def run(*, name: str, workdir: str | Path, config: dict, state: Any, state_shard
     start, state, data_state = ckpt.restore(abstract)
   iterator: Iterator = iter(loader)
   if data_state is not None:
-    iterator.set_state(data_state)
+    iterator.set_state(distributed.this_process_data_state(data_state))
   seen_nonfinite = int(jax.device_get(state["nonfinite"]))
+
+  def check_finite(step: int) -> int:
+    nonfinite = int(jax.device_get(state["nonfinite"]))
+    if nonfinite > seen_nonfinite and not skip_nonfinite:
+      raise NonFiniteError(
+          f"{name}: non-finite loss or gradient at or before step {step} "
+          f"({nonfinite - seen_nonfinite} step(s) skipped); the last good checkpoint "
+          f"({ckpt.latest_step()}) is kept. Lower the learning rate or pass "
+          f"--config.{name}_train.skip_nonfinite=true to skip such steps.")
+    return nonfinite
+
   bar = tqdm(total=num_steps, initial=start, desc=name, dynamic_ncols=True,
              disable=jax.process_index() != 0)
   last_t, last_step = time.perf_counter(), start
   step = start
   done_here = 0
+  preempted = False
   with ckpt_lib.Preemption() as preempt:
     try:
       while step < num_steps:
@@ -71,13 +90,7 @@ def run(*, name: str, workdir: str | Path, config: dict, state: Any, state_shard
         at_log = step % log_every == 0 or step == num_steps
         if at_log:
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          nonfinite = int(jax.device_get(state["nonfinite"]))
-          if nonfinite > seen_nonfinite and not skip_nonfinite:
-            raise NonFiniteError(
-                f"{name}: non-finite loss or gradient at or before step {step} "
-                f"({nonfinite - seen_nonfinite} step(s) skipped); the last good checkpoint "
-                f"({ckpt.latest_step()}) is kept. Lower the learning rate or pass "
-                f"--config.{name}_train.skip_nonfinite=true to skip such steps.")
+          nonfinite = check_finite(step)
           now = time.perf_counter()
           rate = (step - last_step) / max(now - last_t, 1e-9)
           m["steps_per_s"] = rate
@@ -93,15 +106,22 @@ def run(*, name: str, workdir: str | Path, config: dict, state: Any, state_shard
         for period, callback in (every or {}).items():
           if period and step % period == 0:
             callback(step, state)
-        stop = preempt.requested or (stop_after is not None and done_here >= stop_after)
+        preempted = preempt.requested
+        stop = preempted or (stop_after is not None and done_here >= stop_after)
         if step % ckpt_every == 0 or step == num_steps or stop:
-          ckpt.save(step, state, iterator.get_state(), config, force=True)
+          # A checkpoint is never written past a rejected step: the latest stays the last good.
+          check_finite(step)
+          ckpt.save(step, state, distributed.gather_data_states(iterator.get_state()), config,
+                    force=True)
         if stop:
           break
     finally:
       bar.close()
       ckpt.close()
       writer.close()
+  if preempted and step < num_steps:
+    raise Preempted(f"{name}: stopped by SIGTERM after step {step}; checkpoint {step} is saved "
+                    f"in {ckpt.directory}. Run the same command again to resume.")
   return state
 
 

@@ -22,7 +22,7 @@ from flax import nnx
 
 from lego_jax.data import pipeline
 from lego_jax.models.vae import VAE, VAEConfig
-from lego_jax.parallel import sharding
+from lego_jax.parallel import distributed, sharding
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import common, loop
 
@@ -89,13 +89,17 @@ def train(cfg, workdir: Path, stop_after: int | None = None):
   step = jax.jit(make_train_step(graphdef, tx, t.kl_weight, t.l2_weight),
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),
                  donate_argnums=0)
-  per_host = t.batch_size // jax.process_count()
-  loader = pipeline.train_pairs(cfg, workdir, per_host // 2, views=("ldm",))
+  # Each data shard gives batch/shards images (half of them input frames, half targets), in the
+  # same rows of the global batch whatever the number of processes.
+  loader = distributed.ShardedLoader(
+      lambda shard, n: pipeline.train_pairs(cfg, workdir, n // 2, views=("ldm",),
+                                            shard_options=shard),
+      global_batch=t.batch_size, prepare=lambda b: {"images": images_of(b)})
   with sharding.use_mesh(mesh):
     state = loop.run(
         name="vae", workdir=workdir, config=cfg.to_dict(), state=state, state_shardings=shardings,
         step_fn=step, loader=loader,
-        batch_fn=lambda b: pipeline.to_global({"images": images_of(b)}, mesh),
+        batch_fn=lambda b: pipeline.to_global(b, mesh),
         num_steps=t.num_steps, seed=cfg.seed, log_every=t.log_every, ckpt_every=t.ckpt_every,
         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
         skip_nonfinite=t.skip_nonfinite, items_per_step=t.batch_size, item_name="images",

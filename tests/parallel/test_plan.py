@@ -1,0 +1,80 @@
+"""`lego-jax plan`: FLOPs counted on the jaxpr (scans times their length), and the command itself
+on a small config: fake devices set up before JAX starts, the real train-vae step compiled from
+abstract shapes on two meshes, memory per device and fits reported."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lego_jax import config as config_lib
+from lego_jax import plan
+from lego_jax.parallel import sharding
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--config.vae.block_out_channels=(8,)", "--config.vae.layers_per_block=1",
+        "--config.vae.norm_groups=4", "--config.data.image_size=16",
+        "--config.vae_train.batch_size=8"]
+
+
+def test_jaxpr_flops_counts_matmuls_convolutions_scans_and_gradients():
+  def layer(x, w):
+    return jnp.tanh(x @ w)
+
+  def model(x, w, k):
+    y, _ = jax.lax.scan(lambda c, _: (layer(c, w), None), x, None, length=5)
+    img = jax.lax.conv_general_dilated(y[None, :, :, None], k, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(img)
+
+  x, w, k = jnp.ones((4, 8)), jnp.ones((8, 8)), jnp.ones((3, 3, 1, 2))
+  matmul = 2 * 4 * 8 * 8
+  conv = 2 * (4 * 8 * 2) * 1 * 9
+  assert plan.jaxpr_flops(jax.make_jaxpr(model)(x, w, k)) == 5 * matmul + conv
+  # Gradients w.r.t. x and w: forward, then two matmuls per layer and two convolutions back.
+  grads = jax.make_jaxpr(jax.grad(model, argnums=(0, 1)))(x, w, k)
+  assert plan.jaxpr_flops(grads) == 3 * 5 * matmul + conv + conv
+  # A rematerialised layer runs its forward twice.
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w))
+  plain = jax.make_jaxpr(jax.grad(loss(layer), argnums=(0, 1)))(x, w)
+  remat = jax.make_jaxpr(jax.grad(loss(jax.checkpoint(layer)), argnums=(0, 1)))(x, w)
+  assert (plan.jaxpr_flops(plain), plan.jaxpr_flops(remat)) == (3 * matmul, 4 * matmul)
+
+
+def test_plan_command_compiles_the_vae_step_abstractly(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("XLA_FLAGS", None)  # the command sets up its own 16 fake devices
+  done = subprocess.run(
+      [sys.executable, "-m", "lego_jax", "plan", f"--workdir={tmp_path}", "--plan_stages=vae",
+       "--plan_meshes=config,1:2:2", "--plan_targets=TPU v5p-8", *TINY],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "16 fake cpu devices" in done.stdout
+  rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
+  assert [(r["mesh"], r["devices"]) for r in rows] == [
+      ({"data": 4, "fsdp": 1, "tensor": 1}, 4), ({"data": 1, "fsdp": 2, "tensor": 2}, 4)]
+  replicated, split = rows
+  for r in rows:
+    assert "error" not in r and r["targets"] == {"TPU v5p-8": True}
+    assert r["global_batch"] == 8 and r["bytes_per_device"]["peak"] > 0
+    assert f"{r['micro_batch_per_device']:g}/device" in done.stdout
+  assert replicated["micro_batch_per_device"] == 2 and split["micro_batch_per_device"] == 4
+  # The argument bytes are exactly each device's shards of the train state and the batch.
+  cfg = config_lib.load("tiny", [a.removeprefix("--config.") for a in TINY])
+  for r in rows:
+    mesh = sharding.make_mesh(tuple(r["mesh"].values()), devices=jax.devices()[:4])
+    stage = plan.vae_stage(cfg, mesh)
+    shards = [math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+              for x in jax.tree.leaves([stage.state, stage.batch])]
+    assert abs(r["bytes_per_device"]["arguments"] - sum(shards)) <= 64  # + the rng key
+  assert split["bytes_per_device"]["arguments"] < replicated["bytes_per_device"]["arguments"]
+  # No scans in the VAE: the jaxpr count and XLA's per-device count agree on the work.
+  ratio = replicated["flops_per_device"] / replicated["xla_cost_analysis_flops_per_device"]
+  assert 0.8 < ratio < 1.25, ratio
+  assert replicated["flops_per_step"] == split["flops_per_step"]
