@@ -7,5 +7,7 @@ python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps "lpips==0.1.4"
 # JAX and torch share two cores in CI: one thread each per process, two test processes.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 TF_CPP_MIN_LOG_LEVEL=3
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# Only "--" flags: XLA stops reading XLA_FLAGS at the first bare word, which silently dropped the
+# 8 fake devices conftest.py appends after it.
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false"
 python -m pytest -n "${LEGO_TEST_WORKERS:-2}" --dist loadfile tests "$@"

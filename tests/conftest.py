@@ -6,12 +6,14 @@ XLA's and runs tens of times slower.
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
+
+# Through jax's config rather than XLA_FLAGS: XLA stops parsing XLA_FLAGS at the first malformed
+# entry, and a flag lost there once left every mesh test with a single device.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  jax.config.update("jax_num_cpu_devices", 8)
 
 jax.config.update("jax_default_matmul_precision", "highest")  # parity tests compare fp32 exactly
 
