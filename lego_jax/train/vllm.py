@@ -285,9 +285,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
 
 def num_train_steps(cfg, workdir: Path) -> int:
-  """vllm_train.num_steps, or (when -1) `epochs` passes over the train split."""
+  """vllm_train.num_steps, or (when -1) `epochs` passes over the train split. 0 trains nothing:
+  the initial weights are saved as checkpoint 0 (the untrained control of extract/describe)."""
   t = cfg.vllm_train
-  if t.num_steps > 0:
+  if t.num_steps >= 0:
     return int(t.num_steps)
   n = len(records.open_split(pipeline.records_dir_of(cfg.data, workdir), "train", records.INSTRUCT))
   return max(1, math.ceil(t.epochs * n / t.batch_size))
@@ -368,6 +369,13 @@ def train(cfg, workdir: Path, stop_after: int | None = None):
   tok = load_tokenizer(cfg, workdir)
   num_steps = num_train_steps(cfg, workdir)
   graphdef, state, shardings, tx, schedule = init_state(cfg, mesh, num_steps)
+  if num_steps == 0:
+    # The loop saves after steps only; the untrained model still needs a checkpoint to load.
+    ckpt = checkpointer(workdir)
+    if ckpt.latest_step() is None:
+      ckpt.save(0, state, None, cfg.to_dict(), force=True)
+    ckpt.close()
+    return graphdef, state
   step = jax.jit(make_train_step(graphdef, tx, schedule, accum=max(int(t.grad_accum), 1),
                                  zero_image=bool(t.zero_image)),
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),
