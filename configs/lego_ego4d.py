@@ -88,7 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
       sample_every=1000, num_timesteps=1000, beta_start=0.00085, beta_end=0.012)
   cfg.sampler = dict(kind="euler_ancestral", num_steps=100, text_guidance=7.5, image_guidance=1.5,
                      seed=0, use_ema=True, output_norm="minmax")
-  cfg.eval = dict(metrics=("psnr", "lpips", "fid", "clip", "egovlp", "egovlp_plus"),
+  # blip_b / blip_l also need --edit_file (the annotation JSON with the enriched descriptions).
+  cfg.eval = dict(metrics=("psnr", "lpips", "fid", "clip", "egovlp", "egovlp_plus", "blip_b",
+                           "blip_l"),
                   lpips_net="alex", lpips_release_range=False, egovlp_frames=4, weights_dir="")
   cfg.mesh = dict(shape=(-1, 1, 1))   # (data, fsdp, tensor); -1 takes the remaining devices
   cfg.checkpoint = dict(keep=3, async_save=True)

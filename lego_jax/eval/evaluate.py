@@ -2,6 +2,7 @@
 
     lego-jax evaluate --generated=DIR --reference=DIR [--inputs=DIR] [--name=run]
                       [--runs=name1=dir1,name2=dir2] [--config.eval.weights_dir=W]
+                      [--edit_file=annotations.json [--llava_key=llava_forecast_finetune]]
 
 Images pair by relative path (suffix ignored). Writes, under WORKDIR/eval/:
   <name>/metrics.json    set-level metrics (PSNR, LPIPS x3, FID, CLIP, EgoVLP, EgoVLP+), skips
@@ -10,6 +11,10 @@ Images pair by relative path (suffix ignored). Writes, under WORKDIR/eval/:
                          paper's Ego4D rows for comparison
 Metrics whose weights are missing are skipped with the reason (PSNR needs none). With --runs
 only (no --generated), just the table is written.
+
+BLIP-B / BLIP-L (lego_jax/eval/blip.py): the generated frame's BLIP caption vs the pair's enriched
+description (from the LEGO annotation JSON --edit_file, key --llava_key), cosine of their EgoVLP
+text embeddings; captions are written to <name>/captions_blip_b.json / captions_blip_l.json.
 
 As the release: a generated image of another size than its reference is resized to it (bilinear)
 before PSNR/LPIPS; CLIP, FID and EgoVLP see each image at its own size; EgoVLP+ resizes the
@@ -52,9 +57,15 @@ _EVAL_BATCH = _flag("integer", "eval_batch_size", 16, "images per network call")
 _FID_CACHE = _flag("string", "fid_cache_dir", "",
                    "reference FID statistics cache (default ~/.cache/lego_jax/fid)")
 _PAPER_ROWS = _flag("bool", "paper_rows", True, "add the paper's Ego4D rows to the table")
+_EDIT_FILE = _flag("string", "edit_file", None,
+                   "LEGO annotation JSON holding each pair's enriched description (BLIP scores)")
+_LLAVA_KEY = _flag("string", "llava_key", "llava_forecast_finetune",
+                   "the annotation field with the enriched description (BLIP scores)")
 
 
-METRICS = ("psnr", "lpips", "fid", "clip", "egovlp", "egovlp_plus")
+# The image metrics run by default from Python; the BLIP caption scores also need --edit_file.
+DEFAULT_METRICS = ("psnr", "lpips", "fid", "clip", "egovlp", "egovlp_plus")
+METRICS = DEFAULT_METRICS + ("blip_b", "blip_l")
 
 
 @dataclasses.dataclass
@@ -64,10 +75,12 @@ class Networks:
   inception_weights: Path | None = None
   clip: object | None = None
   egovlp: object | None = None
+  blip: object | None = None        # lego_jax.eval.blip.BlipScore
 
 
 def build_networks(metrics: Sequence[str], weights_dir: str, dataset: str, egovlp_frames: int,
-                   have_inputs: bool, num_pairs: int) -> tuple[Networks, dict[str, str]]:
+                   have_inputs: bool, num_pairs: int, descriptions: dict | None = None,
+                   no_description: str = "") -> tuple[Networks, dict[str, str]]:
   """Every requested network that can be built; the others land in `skipped` with the reason."""
   from lego_jax.eval.weight_files import MissingWeightsError, find_weights
   from lego_jax.weights.io import WeightFileError
@@ -109,6 +122,15 @@ def build_networks(metrics: Sequence[str], weights_dir: str, dataset: str, egovl
     except expected as e:
       for m in wants_ego:
         skipped[m] = str(e)
+  wants_blip = [m for m in ("blip_b", "blip_l") if m in metrics]
+  if wants_blip and (descriptions is None or no_description):
+    reason = no_description or ("the BLIP scores compare captions with the enriched descriptions: "
+                                "pass --edit_file=<LEGO annotation JSON>")
+    skipped.update({m: reason for m in wants_blip})
+  elif wants_blip:
+    from lego_jax.eval.blip import build_blip_score
+    nets.blip, reasons = build_blip_score(weights_dir, dataset, wants_blip, descriptions)
+    skipped.update(reasons)
   return nets, skipped
 
 
@@ -200,6 +222,10 @@ def _score_chunk(chunk, nets: Networks, metrics, egovlp_frames: int, batch: int,
       emb = lambda i, x: egovlp_plus_embed(nets.egovlp, i, x, egovlp_frames)  # noqa: E731
       put("egovlp_plus", cosine(_by_shape(inps, emb, batch, fit(gens)),
                                 _by_shape(inps, emb, batch, fit(refs))))
+  if nets.blip is not None:
+    scores = nets.blip.score([p.key for p in chunk], [p.generated for p in chunk], pad_to=batch)
+    for name, values in scores.items():
+      put(name, values)
 
 
 def score_pairs(pairs: Sequence[im.Pair], nets: Networks, metrics: Sequence[str],
@@ -250,11 +276,12 @@ def score_pairs(pairs: Sequence[im.Pair], nets: Networks, metrics: Sequence[str]
 
 def run_evaluation(generated: str, reference: str, out_dir: str | os.PathLike, *,
                    inputs: str | None = None, name: str | None = None,
-                   metrics: Sequence[str] = METRICS,
+                   metrics: Sequence[str] = DEFAULT_METRICS,
                    weights_dir: str = "", dataset: str = "ego4d", lpips_net: str = "alex",
                    lpips_release_range: bool = False, egovlp_frames: int = 4,
                    allow_missing: bool = False, batch: int = 16, fid_cache: str | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, edit_file: str | None = None,
+                   llava_key: str = "llava_forecast_finetune") -> dict:
   """Scores one generated set; writes `<out_dir>/<name>/metrics.json` and `per_image.csv`."""
   unknown = sorted(set(metrics) - set(METRICS))
   if unknown:
@@ -264,8 +291,10 @@ def run_evaluation(generated: str, reference: str, out_dir: str | os.PathLike, *
   notes = check_images(pairs)
   for line in notes:
     print(line, file=sys.stderr)
+  descriptions, no_description = _descriptions(pairs, edit_file, llava_key)
   nets, skipped = build_networks(metrics, weights_dir, dataset, egovlp_frames,
-                                 have_inputs=inputs is not None, num_pairs=len(pairs))
+                                 have_inputs=inputs is not None, num_pairs=len(pairs),
+                                 descriptions=descriptions, no_description=no_description)
   for metric, reason in skipped.items():
     print(f"skipped {metric}: {reason}", file=sys.stderr)
   per, set_level, fid_info = score_pairs(pairs, nets, metrics, egovlp_frames, batch, fid_cache,
@@ -284,7 +313,7 @@ def run_evaluation(generated: str, reference: str, out_dir: str | os.PathLike, *
       "metrics": summary, "skipped": skipped, "notes": notes, "fid": fid_info,
       "settings": {"lpips_net": lpips_net, "lpips_release_range": lpips_release_range,
                    "egovlp_frames": egovlp_frames, "weights_dir": weights_dir,
-                   "metrics": list(metrics)},
+                   "metrics": list(metrics), "edit_file": edit_file, "llava_key": llava_key},
   }
   run_dir = Path(out_dir) / name
   run_dir.mkdir(parents=True, exist_ok=True)
@@ -296,7 +325,29 @@ def run_evaluation(generated: str, reference: str, out_dir: str | os.PathLike, *
     for i, p in enumerate(pairs):
       w.writerow([p.key, str(p.generated), str(p.reference)] + [_fmt(per[c][i]) for c in columns])
   os.replace(run_dir / "per_image.csv.tmp", run_dir / "per_image.csv")
+  if nets.blip is not None:
+    for metric, captions in nets.blip.captions.items():
+      _write_json(run_dir / f"captions_{metric}.json", captions)
   return result
+
+
+def _descriptions(pairs: Sequence[im.Pair], edit_file: str | None,
+                  llava_key: str) -> tuple[dict | None, str]:
+  """pair key -> enriched description from the annotation JSON, or the reason there are none."""
+  if not edit_file:
+    return None, ""
+  from lego_jax.eval.blip import description_for
+
+  try:
+    edits = json.loads(Path(edit_file).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    return None, f"--edit_file {edit_file}: unreadable ({e})"
+  found = {p.key: description_for(edits, p.key, llava_key) for p in pairs}
+  missing = [k for k, v in found.items() if not isinstance(v, str)]
+  if missing:
+    return None, (f"{len(missing)} pairs have no '{llava_key}' in {edit_file} (looked up as "
+                  f"edits[clip_id][action_id] of clip_id/action_id/frame), e.g. {missing[:3]}")
+  return found, ""
 
 
 def _fmt(x: float) -> str:
@@ -339,7 +390,7 @@ def main(cfg, workdir) -> int:
           weights_dir=e.weights_dir, dataset=dataset, lpips_net=e.lpips_net,
           lpips_release_range=e.lpips_release_range, egovlp_frames=e.egovlp_frames,
           allow_missing=_ALLOW_MISSING(), batch=_EVAL_BATCH(),
-          fid_cache=_FID_CACHE() or None)
+          fid_cache=_FID_CACHE() or None, edit_file=_EDIT_FILE(), llava_key=_LLAVA_KEY())
     except im.ImageSetError as err:
       raise UserError(str(err)) from None
     print(f"metrics: {eval_dir / result['name'] / 'metrics.json'}")

@@ -24,6 +24,18 @@ COLUMNS: tuple[tuple[str, str, float, bool], ...] = (
     ("psnr", "PSNR", 1.0, True),
     ("lpips", "LPIPS", 100.0, False),
 )
+# The release's caption scores (lego_jax/eval/blip.py), x100 like the similarities; shown only when
+# some row has them (no paper numbers are quoted for them here).
+OPTIONAL_COLUMNS: tuple[tuple[str, str, float, bool], ...] = (
+    ("blip_b", "BLIP-B", 100.0, True),
+    ("blip_l", "BLIP-L", 100.0, True),
+)
+
+
+def columns(rows: Sequence["Row"]) -> tuple[tuple[str, str, float, bool], ...]:
+  """COLUMNS plus the optional ones some row has a number for."""
+  return COLUMNS + tuple(c for c in OPTIONAL_COLUMNS
+                         if any(isinstance(r.metrics.get(c[0]), (int, float)) for r in rows))
 
 # Ego4D, the paper's Table 1, in metric units (x100 columns divided back).
 PAPER_EGO4D: dict[str, dict[str, float]] = {
@@ -97,7 +109,7 @@ def _display(value, scale: float) -> str:
 def _best(rows: Sequence[Row]) -> dict[str, float]:
   """Per column the best measured-or-quoted value (for bold)."""
   best = {}
-  for key, _, _, higher in COLUMNS:
+  for key, _, _, higher in columns(rows):
     vals = [r.metrics[key] for r in rows if isinstance(r.metrics.get(key), (int, float))
             and math.isfinite(r.metrics[key])]
     if len(vals) > 1:
@@ -105,24 +117,25 @@ def _best(rows: Sequence[Row]) -> dict[str, float]:
   return best
 
 
-def _header() -> list[str]:
-  return ["method"] + [f"{h} {'↑' if hi else '↓'}" for _, h, _, hi in COLUMNS]
+def _header(cols=COLUMNS) -> list[str]:
+  return ["method"] + [f"{h} {'↑' if hi else '↓'}" for _, h, _, hi in cols]
 
 
 def markdown(rows: Sequence[Row], title: str = "") -> str:
-  best = _best(rows)
+  best, cols = _best(rows), columns(rows)
   lines = [f"### {title}", ""] if title else []
-  lines.append("| " + " | ".join(_header()) + " |")
-  lines.append("| --- " + "| ---: " * len(COLUMNS) + "|")
+  lines.append("| " + " | ".join(_header(cols)) + " |")
+  lines.append("| --- " + "| ---: " * len(cols) + "|")
   for r in rows:
     cells = [r.name.replace("|", "\\|")]
-    for key, _, scale, _ in COLUMNS:
+    for key, _, scale, _ in cols:
       text = _display(r.metrics.get(key), scale)
       cells.append(f"**{text}**" if key in best and r.metrics.get(key) == best[key] else text)
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
-  lines.append("EgoVLP, EgoVLP+, CLIP and LPIPS x100. [paper] rows are quoted from the paper "
-               "(Ego4D), not measured.")
+  blip_note = ", BLIP scores" if len(cols) > len(COLUMNS) else ""
+  lines.append(f"EgoVLP, EgoVLP+, CLIP{blip_note} and LPIPS x100. [paper] rows are quoted from the "
+               "paper (Ego4D), not measured.")
   notes = [f"- {r.name}: {r.note}" for r in rows if r.note]
   if notes:
     lines += [""] + notes
@@ -131,7 +144,7 @@ def markdown(rows: Sequence[Row], title: str = "") -> str:
 
 def html_fragment(rows: Sequence[Row], title: str = "") -> str:
   """A self-contained <table> (inline styles only) that a report page can embed."""
-  best = _best(rows)
+  best, cols = _best(rows), columns(rows)
   e = html.escape
   out = ['<div class="lego-results">']
   if title:
@@ -140,11 +153,11 @@ def html_fragment(rows: Sequence[Row], title: str = "") -> str:
   th = 'style="border-bottom:2px solid #444;padding:4px 10px;text-align:{}"'
   out.append("<thead><tr>" + "".join(
       f"<th {th.format('left' if i == 0 else 'right')}>{e(h)}</th>"
-      for i, h in enumerate(_header())) + "</tr></thead><tbody>")
+      for i, h in enumerate(_header(cols))) + "</tr></thead><tbody>")
   for r in rows:
     style = "color:#777;font-style:italic" if r.quoted else ""
     cells = [f'<td style="padding:4px 10px;text-align:left" title="{e(r.note)}">{e(r.name)}</td>']
-    for key, _, scale, _ in COLUMNS:
+    for key, _, scale, _ in cols:
       text = e(_display(r.metrics.get(key), scale))
       if key in best and r.metrics.get(key) == best[key]:
         text = f"<b>{text}</b>"

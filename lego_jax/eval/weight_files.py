@@ -41,6 +41,21 @@ WEIGHT_FILES: dict[str, tuple[tuple[str, ...], str]] = {
     "egovlp_epickitchens": (("epic_mir_plus.pth",),
                             "EgoVLP's EPIC-Kitchens MIR checkpoint (github.com/showlab/EgoVLP; "
                             "LEGO's scripts/download_metric_weights.sh fetches it)"),
+    # BLIP-B / BLIP-L caption scores: a transformers snapshot (config.json, model.safetensors and
+    # the tokenizer files) or the original BLIP checkpoint the release downloads.
+    "blip_b": (("blip-image-captioning-base", "model_base_caption_capfilt_large.pth"),
+               "Salesforce/blip-image-captioning-base from the Hugging Face hub (the snapshot "
+               "directory), or model_base_caption_capfilt_large.pth (LEGO's "
+               "scripts/download_metric_weights.sh)"),
+    "blip_l": (("blip-image-captioning-large", "model_large_caption.pth"),
+               "Salesforce/blip-image-captioning-large from the Hugging Face hub (the snapshot "
+               "directory), or model_large_caption.pth (LEGO's scripts/download_metric_weights.sh)"),
+    # EgoVLP's text tokenizer (the BLIP scores embed captions and descriptions with EgoVLP's text
+    # tower, whose weights are in egovlp.pth / epic_mir_plus.pth).
+    "distilbert_tokenizer": (("distilbert-base-uncased",),
+                             "distilbert-base-uncased's tokenizer files (vocab.txt, "
+                             "tokenizer_config.json) from the Hugging Face hub, or the "
+                             "distilbert-base-uncased folder of LEGO's metric weights"),
 }
 
 
