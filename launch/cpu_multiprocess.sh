@@ -72,7 +72,7 @@ while [ "$remaining" -gt 0 ]; do
       stop_all KILL
       for ((i = 1; i < N; i++)); do
         echo "--- $LOG_DIR/process_$i.log (last lines)" >&2
-        tail -n 15 "$LOG_DIR/process_$i.log" >&2 || true
+        tail -n 40 "$LOG_DIR/process_$i.log" >&2 || true
       done
     fi
   fi

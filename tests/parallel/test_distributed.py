@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -115,7 +116,7 @@ def test_cpu_multiprocess_launcher_reports_a_failing_process():
   script = REPO / "launch" / "cpu_multiprocess.sh"
   usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
   assert usage.returncode == 2 and "NUM_PROCESSES" in usage.stdout
-  env = dict(os.environ, NUM_PROCESSES="2", DEVICES_PER_PROCESS="1")
+  env = dict(os.environ, NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", PYTHON=sys.executable)
   bad = subprocess.run(["bash", str(script), "no-such-command"], capture_output=True, text=True,
                        env=env, timeout=120, cwd=REPO)
   assert bad.returncode == 2

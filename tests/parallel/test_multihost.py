@@ -41,7 +41,8 @@ def env(tmp_path_factory) -> dict:
   e = dict(os.environ)
   e["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
                     " --xla_llvm_disable_expensive_passes=true")
-  e.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3",
+  # PYTHON: the launcher's processes use this interpreter (a checkout without .venv, too).
+  e.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3", PYTHON=sys.executable,
            JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return e
