@@ -25,11 +25,10 @@ downloads (`visual_encoder.*` timm names, `text_decoder.*`, under "model"). The 
 Decoding is fixed-shape and jitted: the token buffer has max_length columns, each step re-runs
 the decoder on the whole buffer under the causal mask (20 tokens: cheaper than a cache to write)
 with the image keys/values of every cross-attention computed once. Greedy matches transformers'
-greedy search; beam search follows transformers' (>= 4.4x) vectorised beam search: top 2K
-continuations, finished hypotheses scored by sum log-prob / generated length (EOS included), the
-"early_stopping=False" heuristic. Known difference: the release ran transformers 4.19.2, whose
-BeamSearchScorer divided by the whole length (prompt included, EOS excluded); near ties between
-hypotheses of different lengths can therefore pick another caption than the release did.
+greedy search. Beam search scores finished hypotheses as the release's transformers 4.19.2 did
+(sum log-prob / whole length, prompt included, EOS excluded; the default) or as current
+transformers does (/ generated length, EOS included): the two can pick different captions when
+hypotheses of different lengths are close (see `beam_captions`).
 """
 
 from __future__ import annotations
@@ -283,14 +282,35 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-@nnx.jit(static_argnames=("prompt", "num_beams", "max_length", "min_length", "length_penalty"))
+BEAM_SEMANTICS = ("release", "transformers")
+
+
+@nnx.jit(static_argnames=("prompt", "num_beams", "max_length", "min_length", "length_penalty",
+                          "semantics"))
 def beam_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, ...],
                   num_beams: int = 3, max_length: int = 20, min_length: int = 5,
-                  length_penalty: float = 1.0) -> jax.Array:
-  """Beam search (early_stopping=False) -> the best hypothesis per image (B, max_length)."""
+                  length_penalty: float = 1.0, semantics: str = "release") -> jax.Array:
+  """Beam search (early_stopping=False) -> the best hypothesis per image (B, max_length).
+
+  Each step takes the top 2K continuations of the K running beams; EOS continuations ranked
+  below K are dropped, those in the top K join a pool of the K best finished hypotheses, the K
+  best others run on. `semantics` picks how finished hypotheses are scored and when a pool stops
+  taking new ones:
+    "release": transformers 4.19.2's BeamSearchScorer, which the release ran: an EOS
+      continuation is the hypothesis of the tokens BEFORE the EOS, scored sum log-prob / its
+      whole length (prompt included); the pool is closed once full with its worst score >=
+      the best candidate's sum / the current length; at max_length the K running beams join it
+      scored over max_length.
+    "transformers": the current vectorised beam search: sum log-prob / generated length (EOS
+      included); at the last step every top-K continuation is finished; the pool closes once the
+      best running beam's score over the generated length cannot beat its worst.
+  """
+  if semantics not in BEAM_SEMANTICS:
+    raise ValueError(f"semantics {semantics!r}: one of {BEAM_SEMANTICS}")
+  release = semantics == "release"
   cfg = model.cfg
   b, p, k, big = pixels.shape[0], len(prompt), num_beams, -1.0e9
-  eos, length = cfg.sep_token_id, max_length
+  eos, length, lp = cfg.sep_token_id, max_length, length_penalty
   kv = model.text.image_kv(model.vision(pixels))
   kv = jax.tree.map(lambda a: jnp.repeat(a, k, axis=1), kv)   # image i -> beams i*K .. i*K+K-1
   params, next_logits = _next_logits_fn(model, kv)
@@ -300,8 +320,17 @@ def beam_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, ..
       running=running,
       running_scores=jnp.tile(jnp.asarray([0.0] + [big] * (k - 1), jnp.float32), (b, 1)),
       sequences=running, scores=jnp.full((b, k), big, jnp.float32),
-      finished=jnp.zeros((b, k), bool), improvable=jnp.ones((b, 1), bool), params=params)
+      finished=jnp.zeros((b, k), bool), open=jnp.ones((b, 1), bool), params=params)
   in_top_k = jnp.arange(2 * k) < k
+
+  def into_pool(s, seqs, scores, stopped):
+    """The K best of the pool and the newly stopped (blocked once the pool is closed)."""
+    scores = scores + (~s["open"]) * big + (~stopped) * big
+    merged = jnp.concatenate([s["scores"], scores], axis=1)
+    _, best = jax.lax.top_k(merged, k)
+    return dict(s, sequences=_gather(jnp.concatenate([s["sequences"], seqs], axis=1), best),
+                scores=_gather(merged, best),
+                finished=_gather(jnp.concatenate([s["finished"], stopped], axis=1), best))
 
   def step(t, s):
     logits = next_logits(s["params"], s["running"].reshape(b * k, length), t)
@@ -311,37 +340,38 @@ def beam_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, ..
     top_lp, top_idx = jax.lax.top_k(acc, 2 * k)
     tok = (top_idx % vocab).astype(jnp.int32)
     top_seq = _set_column(_gather(s["running"], top_idx // vocab), t, tok)
-    hits = (tok == eos) | (t + 1 >= length)
-    # the K best continuations that did not just stop carry on
-    run_lp = top_lp + hits * big
+    is_eos, last = tok == eos, t + 1 >= length
+    stops = is_eos if release else is_eos | last
+    run_lp = top_lp + stops * big
     _, keep = jax.lax.top_k(run_lp, k)
     running, running_scores = _gather(top_seq, keep), _gather(run_lp, keep)
-    # stopped continuations among the top K join the finished pool, scored per generated token
-    gen_len = (t + 1 - p).astype(jnp.float32)
-    fin_lp = top_lp / gen_len ** length_penalty
-    fin_lp = fin_lp + (~s["improvable"]) * big + (~(hits & in_top_k)) * big
-    merged_scores = jnp.concatenate([s["scores"], fin_lp], axis=1)
-    _, best = jax.lax.top_k(merged_scores, k)
-    sequences = _gather(jnp.concatenate([s["sequences"], top_seq], axis=1), best)
-    scores = _gather(merged_scores, best)
-    finished = _gather(jnp.concatenate([s["finished"], hits & in_top_k], axis=1), best)
-    # transformers' heuristic: stop adding once the best running beam cannot beat the worst kept
-    worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), big)
-    best_running = running_scores[:, :1] / gen_len ** length_penalty
-    improvable = s["improvable"] & jnp.any(best_running > worst, axis=-1, keepdims=True)
-    return dict(running=running, running_scores=running_scores, sequences=sequences,
-                scores=scores, finished=finished, improvable=improvable, params=s["params"])
+    tf = t.astype(jnp.float32)
+    norm = tf if release else tf + 1 - p
+    s = into_pool(s, top_seq, top_lp / norm ** lp, stops & in_top_k)
+    if release:
+      full = jnp.all(s["finished"], axis=1, keepdims=True)
+      done = full & (jnp.min(s["scores"], axis=1, keepdims=True) >= top_lp[:, :1] / tf ** lp)
+      s = dict(s, open=s["open"] & ~done)
+      s = into_pool(s, running, running_scores / float(length) ** lp,
+                    jnp.broadcast_to(last, running_scores.shape))
+    else:
+      worst = jnp.where(s["finished"], jnp.min(s["scores"], axis=1, keepdims=True), big)
+      improvable = jnp.any(running_scores[:, :1] / norm ** lp > worst, axis=-1, keepdims=True)
+      s = dict(s, open=s["open"] & improvable)
+    return dict(s, running=running, running_scores=running_scores)
 
   return jax.lax.fori_loop(p, max_length, step, state)["sequences"][:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
-  """The release's: beam search, 3 beams, max_length 20 (prompt included), min_length 5."""
+  """The release's: beam search, 3 beams, max_length 20 (prompt included), min_length 5, scored
+  as its transformers 4.19.2 did (`beam_captions`)."""
   prompt: str = PROMPT
   num_beams: int = 3
   max_length: int = 20
   min_length: int = 5
+  beam_semantics: str = "release"
 
 
 def prompt_ids(tokenizer, cfg: BlipConfig, prompt: str = PROMPT) -> tuple[int, ...]:
@@ -366,7 +396,8 @@ def caption_tokens(model: BlipCaptioner, pixels: np.ndarray, prompt: tuple[int, 
                    settings: DecodeSettings) -> np.ndarray:
   if settings.num_beams > 1:
     out = beam_captions(model, jnp.asarray(pixels), prompt, settings.num_beams,
-                        settings.max_length, settings.min_length)
+                        settings.max_length, settings.min_length,
+                        semantics=settings.beam_semantics)
   else:
     out = greedy_captions(model, jnp.asarray(pixels), prompt, settings.max_length,
                           settings.min_length)

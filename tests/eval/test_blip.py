@@ -138,8 +138,56 @@ def _until_eos(row, eos=102):
   return row[:row.index(eos) + 1] if eos in row else row
 
 
+def _release_beam_search(ref, pixels, prompt, k=3, max_length=20, min_length=5, eos=102):
+  """transformers 4.19.2's beam search (BeamSearchScorer, length_penalty 1, early_stopping
+  False), the generate() the release ran, written out over the torch model's logits."""
+  out = []
+  with torch.no_grad():
+    images = ref.vision_model(pixel_values=pixels).last_hidden_state
+    for image in images:
+      ids, sums = torch.tensor([list(prompt)] * k), torch.tensor([0.0] + [-1e9] * (k - 1))
+      pool, done = [], False   # (score, tokens without the EOS)
+
+      def add(tokens, score):
+        if len(pool) < k or score > min(s for s, _ in pool):
+          pool.append((score, tokens))
+          if len(pool) > k:
+            pool.remove(min(pool, key=lambda h: h[0]))
+
+      while True:
+        logits = ref.text_decoder(input_ids=ids,
+                                  encoder_hidden_states=image[None].expand(k, -1, -1)).logits
+        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        cur = ids.shape[1]
+        if cur < min_length:
+          logp[:, eos] = -float("inf")
+        top, idx = (logp + sums[:, None]).reshape(-1).topk(2 * k)
+        nxt = []
+        for rank, (score, j) in enumerate(zip(top.tolist(), idx.tolist())):
+          beam, tok = divmod(j, logp.shape[1])
+          if tok == eos:
+            if rank < k:
+              add(ids[beam].tolist(), score / cur)
+          else:
+            nxt.append((score, beam, tok))
+          if len(nxt) == k:
+            break
+        done = len(pool) == k and min(s for s, _ in pool) >= top.max().item() / cur
+        ids = torch.cat([ids[[b for _, b, _ in nxt]], torch.tensor([[t] for _, _, t in nxt])], 1)
+        sums = torch.tensor([s for s, _, _ in nxt])
+        if done or ids.shape[1] >= max_length:
+          break
+      if not done:
+        for tokens, score in zip(ids.tolist(), sums.tolist()):
+          add(tokens, score / ids.shape[1])
+      best = max(pool, key=lambda h: h[0])[1]
+      out.append(best + [eos] if len(best) < max_length else best)
+  return out
+
+
 def test_captions_token_for_token(small):
-  """Greedy and the release's beam search (3 beams, max_length 20, min_length 5) vs generate."""
+  """Greedy and beam search (3 beams, max_length 20, min_length 5) vs generate(); the release's
+  beam scoring vs transformers 4.19.2's algorithm written out."""
   ref, ours, tok, _ = small
   x = _pixels(2, n=6)
   prompt = blip.prompt_ids(tok, ours.cfg)
@@ -151,7 +199,8 @@ def test_captions_token_for_token(small):
       want = ref.generate(pixel_values=_torch_px(x), input_ids=inputs.input_ids,
                           attention_mask=inputs.attention_mask, num_beams=beams, do_sample=False,
                           max_length=20, min_length=5).numpy()
-    got[beams] = blip.caption_tokens(ours, x, prompt, blip.DecodeSettings(num_beams=beams))
+    got[beams] = blip.caption_tokens(ours, x, prompt, blip.DecodeSettings(
+        num_beams=beams, beam_semantics="transformers"))
     assert got[beams].shape == (6, 20)
     for g, w in zip(got[beams], want):
       assert _until_eos(g) == _until_eos(w)
@@ -161,6 +210,12 @@ def test_captions_token_for_token(small):
   lengths = {len(_until_eos(g)) for g in got[3]}
   assert len(lengths) >= 3 and 20 in lengths
   assert any(_until_eos(a) != _until_eos(b) for a, b in zip(got[1], got[3]))
+
+  release = blip.caption_tokens(ours, x, prompt, blip.DecodeSettings())   # the default
+  want = _release_beam_search(ref, _torch_px(x), prompt)
+  assert [_until_eos(g) for g in release] == want
+  # ... and the two scorings disagree here (the release's favours shorter captions).
+  assert sum(_until_eos(a) != _until_eos(b) for a, b in zip(release, got[3])) == 2
 
 
 @pytest.mark.parametrize("vision", [dict(), dict(hidden_size=1024, num_hidden_layers=24,
@@ -247,17 +302,15 @@ def test_blip_scores_in_evaluate(small, tmp_path):
   captions = json.loads((tmp_path / "out/run/captions_blip_b.json").read_text())
   assert sorted(captions) == keys
 
-  # By hand with the torch models, the release's recipe.
+  # By hand with the torch models, the release's recipe (its prompt ids: [CLS] -> [DEC], no [SEP]).
   want = []
-  inputs = tok("a picture of", return_tensors="pt")
+  prompt = [tok.bos_token_id] + tok("a picture of").input_ids[1:-1]
   with torch.no_grad():
     for key in keys:
       img = Image.open(tmp_path / "gen" / f"{key}.png").convert("RGB").resize((32, 32),
                                                                                Image.BICUBIC)
       x = (np.asarray(img, np.float32) / 255 - blip.CLIP_MEAN) / blip.CLIP_STD
-      out = ref.generate(pixel_values=_torch_px(x[None].astype(np.float32)),
-                         input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                         num_beams=3, max_length=20, min_length=5)
+      out = _release_beam_search(ref, _torch_px(x[None].astype(np.float32)), prompt)
       cap = tok.decode(out[0], skip_special_tokens=True)[len("a picture of"):]
       assert captions[key] == cap
       desc = edits[key.split("/")[0]][key.split("/")[1]]["llava_forecast_finetune"]
