@@ -605,7 +605,7 @@ def build_egovlp_text(weights_dir: str, dataset: str):
 
   key = "egovlp_epickitchens" if dataset.startswith("epic") else "egovlp_ego4d"
   path = find_weights(weights_dir, key)
-  sd = ev._unwrap(weights_io.read_state_dict(path))
+  sd = {k.removeprefix("module."): v for k, v in weights_io.read_state_dict(path).items()}
   if "txt_proj.1.weight" not in sd:
     raise weights_io.WeightFileError(f"{path}: no txt_proj.1.weight; the BLIP scores need "
                                      "EgoVLP's text tower (text_model.*, txt_proj.*)")

@@ -1,8 +1,9 @@
 """The paper's results table (Table 1 layout) for several runs, as Markdown and an HTML fragment.
 
-Rows are methods or checkpoints; columns EgoVLP, EgoVLP+, CLIP, FID, PSNR, LPIPS, scaled as in the
-paper (similarities and LPIPS x100; FID and PSNR as they are). The paper's Ego4D rows can be
-shown beside a run; they are marked as quoted, not measured.
+Rows are methods or checkpoints; columns EgoVLP, EgoVLP+, CLIP, FID, PSNR, LPIPS (and BLIP-B,
+BLIP-L when a run has them), scaled as in the paper (similarities and LPIPS x100; FID and PSNR as
+they are). The paper's Ego4D rows can be shown beside a run; they are marked as quoted, not
+measured.
 """
 
 from __future__ import annotations
