@@ -627,18 +627,28 @@ def _text_embed(model, ids, mask):
   return model(ids, mask)
 
 
-def text_embeddings(model, tokenizer, texts: Sequence[str], bucket: int = 32) -> np.ndarray:
-  """EgoVLP compute_text for each text (B, 256): truncated at the model's length, padded to a
-  multiple of `bucket` so that few shapes compile (padding is masked out)."""
+def text_embeddings(model, tokenizer, texts: Sequence[str], bucket: int = 32,
+                    batch: int = 16) -> np.ndarray:
+  """EgoVLP compute_text for each text (B, 256): truncated at the model's length, each padded to
+  a multiple of `bucket` tokens (masked out) and run in batches of `batch` rows of one length,
+  so that few shapes compile."""
   limit = model.cfg.max_position
   enc = [tokenizer(t, truncation=True, max_length=limit)["input_ids"] for t in texts]
-  out = []
+  groups: dict[int, list[int]] = {}
   for i, ids in enumerate(enc):
-    n = min(limit, -(-len(ids) // bucket) * bucket)
-    row = np.zeros((1, n), np.int32)
-    row[0, :len(ids)] = ids
-    mask = (np.arange(n) < len(ids))[None].astype(np.int32)
-    out.append(np.asarray(_text_embed(model, row, mask))[0])
+    groups.setdefault(min(limit, -(-len(ids) // bucket) * bucket), []).append(i)
+  out = [None] * len(enc)
+  for n, idx in groups.items():
+    for start in range(0, len(idx), batch):
+      part = idx[start:start + batch]
+      rows = part + [part[0]] * (batch - len(part))   # filler rows repeat a real one
+      ids = np.zeros((batch, n), np.int32)
+      for r, i in enumerate(rows):
+        ids[r, :len(enc[i])] = enc[i]
+      mask = (np.arange(n)[None] < np.asarray([len(enc[i]) for i in rows])[:, None])
+      emb = np.asarray(_text_embed(model, ids, mask.astype(np.int32)))
+      for r, i in enumerate(part):
+        out[i] = emb[r]
   return np.stack(out)
 
 

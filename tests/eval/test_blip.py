@@ -288,7 +288,7 @@ def test_blip_scores_in_evaluate(small, tmp_path):
       (tmp_path / role / f"clip{i}/act{i}").mkdir(parents=True, exist_ok=True)
       Image.fromarray(rng.integers(0, 256, (24 + 4 * i, 40, 3), dtype=np.uint8)).save(
           tmp_path / role / f"{key}.png")
-    words = rng.choice(WORDS, 6 + 3 * i)
+    words = rng.choice(WORDS, 6 + 17 * i)   # 8, 25, 42 tokens: two length buckets
     edits.setdefault(f"clip{i}", {})[f"act{i}"] = {"action": "#C C cuts the carrot",
                                                    "llava_forecast_finetune": " ".join(words)}
   (tmp_path / "edits.json").write_text(json.dumps(edits))
