@@ -267,14 +267,15 @@ def greedy_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, 
   tokens = jnp.full((b, max_length), cfg.pad_token_id, jnp.int32)
   tokens = tokens.at[:, :p].set(jnp.asarray(prompt, jnp.int32))
 
-  def step(t, carry):
-    tokens, done, params = carry
+  def step(carry):
+    t, tokens, done, params = carry
     logits = _no_early_eos(next_logits(params, tokens, t), t, min_length, cfg.sep_token_id)
     nxt = jnp.where(done, cfg.pad_token_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    return _set_column(tokens, t, nxt), done | (nxt == cfg.sep_token_id), params
+    return t + 1, _set_column(tokens, t, nxt), done | (nxt == cfg.sep_token_id), params
 
-  tokens, _, _ = jax.lax.fori_loop(p, max_length, step, (tokens, jnp.zeros((b,), bool), params))
-  return tokens
+  # Stops once every caption has its [SEP] (the rest of the buffer is padding already).
+  carry = (jnp.asarray(p), tokens, jnp.zeros((b,), bool), params)
+  return jax.lax.while_loop(lambda c: (c[0] < max_length) & ~jnp.all(c[2]), step, carry)[1]
 
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -332,7 +333,8 @@ def beam_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, ..
                 scores=_gather(merged, best),
                 finished=_gather(jnp.concatenate([s["finished"], stopped], axis=1), best))
 
-  def step(t, s):
+  def step(s):
+    t = s["t"]
     logits = next_logits(s["params"], s["running"].reshape(b * k, length), t)
     logp = _no_early_eos(jax.nn.log_softmax(logits, axis=-1), t, min_length, eos)
     vocab = logp.shape[-1]
@@ -358,9 +360,12 @@ def beam_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, ..
       worst = jnp.where(s["finished"], jnp.min(s["scores"], axis=1, keepdims=True), big)
       improvable = jnp.any(running_scores[:, :1] / norm ** lp > worst, axis=-1, keepdims=True)
       s = dict(s, open=s["open"] & improvable)
-    return dict(s, running=running, running_scores=running_scores)
+    return dict(s, running=running, running_scores=running_scores, t=t + 1)
 
-  return jax.lax.fori_loop(p, max_length, step, state)["sequences"][:, 0]
+  # Stops once no pool takes new hypotheses (later steps could not change them).
+  state["t"] = jnp.asarray(p)
+  return jax.lax.while_loop(lambda s: (s["t"] < max_length) & jnp.any(s["open"]), step,
+                            state)["sequences"][:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
