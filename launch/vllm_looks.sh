@@ -11,8 +11,9 @@
 #   WORKDIR/text_only  train-vllm with zero_image=true (image features zeroed, also at inference)
 # and `lego-jax extract` for each; WORKDIR/looks.md and looks.json compare the held-out (test)
 # rates of descriptions naming the right location, hand and object, with chance levels.
-# Extra flags go to every train-vllm and extract (e.g. --config.vllm_train.num_steps=100; a run's
-# own setting wins). Every step resumes or is kept when rerun with the same WORKDIR.
+# Extra flags go to every command (e.g. --config.vllm_train.num_steps=1500 or
+# --config.data.synthetic.num_train=8192; a run's own setting wins). Every step resumes or is
+# kept when rerun with the same WORKDIR.
 # Environment: CONFIG (configs/tiny.py), PYTHON (default .venv/bin/python when present, else
 # python3).
 set -euo pipefail
@@ -47,7 +48,7 @@ lego() {
 
 # Without the shared-directory flags: given a tokenizer_dir, prepare-data would load a tokenizer
 # instead of training one. Kept as it is when already complete.
-lego prepare-data --config="$CONFIG" --workdir="$WORKDIR/data"
+lego prepare-data --config="$CONFIG" --workdir="$WORKDIR/data" "${EXTRA[@]}"
 
 declare -A OWN=(
   [untrained]="--config.vllm_train.num_steps=0"

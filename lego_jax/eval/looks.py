@@ -79,7 +79,9 @@ def markdown(comparison: Mapping, wall_s: float | None = None) -> str:
   """The comparison as a Markdown table (rates in percent) with the chance row and the margin."""
   rows = comparison["rows"]
   header = "| model | location | hand | object | exact | examples |"
-  lines = [f"Held-out `{comparison['split']}` descriptions naming the right ...", "", header,
+  split = comparison["split"]
+  seen = "training" if split == "train" else "held-out"
+  lines = [f"Descriptions of the {seen} `{split}` split naming the right ...", "", header,
            "| --- | ---: | ---: | ---: | ---: | ---: |"]
   for r in rows:
     lines.append(f"| {r['label']} | " + " | ".join(_pct(r.get(k)) for k in RATES)

@@ -61,6 +61,7 @@ def test_compare_margin_takes_the_better_control_per_rate():
 def test_markdown_table():
   text = looks.markdown(looks.compare(ACCURACY), wall_s=1530)
   lines = text.splitlines()
+  assert lines[0] == "Descriptions of the held-out `test` split naming the right ..."
   assert lines[2] == "| model | location | hand | object | exact | examples |"
   assert "| untrained (random init) | 0.0% | 0.0% | 0.0% | 0.0% | 64 |" in lines
   assert "| trained | 87.5% | 81.2% | 96.9% | 25.0% | 64 |" in lines
@@ -84,6 +85,9 @@ def test_build_writes_json_and_markdown(tmp_path, capsys):
   out = tmp_path / "report"
   assert looks.main([str(tmp_path), "--split=val", f"--out={out}"]) == 0
   assert json.loads((out / "looks.json").read_text())["split"] == "val"
+  write_accuracies(tmp_path, "train")
+  assert looks.main([str(tmp_path), "--split=train", f"--out={out}"]) == 0
+  assert (out / "looks.md").read_text().startswith("Descriptions of the training `train` split")
 
 
 def test_missing_or_foreign_accuracy_is_a_clear_error(tmp_path, capsys):
@@ -121,7 +125,7 @@ exec {sys.executable} "$@"
           f"--config.data.tokenizer_dir={workdir}/data/tokenizer")
   steps = "--config.vllm_train.num_steps=7"
   assert commands == [
-      f"-m lego_jax prepare-data --config=configs/tiny.py --workdir={workdir}/data",
+      f"-m lego_jax prepare-data --config=configs/tiny.py --workdir={workdir}/data {steps}",
       # The run's own setting comes last, so it wins over the extra flags.
       f"-m lego_jax train-vllm --workdir={workdir}/untrained {data} {steps} "
       "--config.vllm_train.num_steps=0",
