@@ -22,9 +22,9 @@ base / -large: `vision_model.*`, `text_decoder.*`) and the original BLIP checkpo
 downloads (`visual_encoder.*` timm names, `text_decoder.*`, under "model"). The ViT LayerNorm eps is
 1e-6 in the original code and whatever config.json says in a snapshot.
 
-Decoding is fixed-shape and jitted: the token buffer has max_length columns, each step re-runs
-the decoder on the whole buffer under the causal mask (20 tokens: cheaper than a cache to write)
-with the image keys/values of every cross-attention computed once. Greedy matches transformers'
+Decoding is fixed-shape and jitted: a token buffer of max_length columns, one position per step
+through the decoder with a self-attention key/value cache (reordered with the beams), the image
+keys/values of every cross-attention computed once; the loop ends when every caption has ended. Greedy matches transformers'
 greedy search. Beam search scores finished hypotheses as the release's transformers 4.19.2 did
 (sum log-prob / whole length, prompt included, EOS excluded; the default) or as current
 transformers does (/ generated length, EOS included): the two can pick different captions when
@@ -171,12 +171,27 @@ class TextLayer(nnx.Module):
     return _heads(self.cross_key(image), h), _heads(self.cross_value(image), h)
 
   def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array]) -> jax.Array:
-    b, t, d = x.shape
     h = self.num_heads
     a = jax.nn.dot_product_attention(_heads(self.self_query(x), h), _heads(self.self_key(x), h),
                                      _heads(self.self_value(x), h), is_causal=True)
+    return self._after_self_attention(x, a, kv)
+
+  def step(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], pos: jax.Array,
+           kv: tuple[jax.Array, jax.Array]):
+    """One position: x (N, 1, D) at `pos`; cache: self-attention keys/values (N, T, H, Dh) of
+    the positions before it. -> (N, 1, D), the cache with `pos` written."""
+    h = self.num_heads
+    keys = jax.lax.dynamic_update_slice_in_dim(cache[0], _heads(self.self_key(x), h), pos, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(cache[1], _heads(self.self_value(x), h), pos,
+                                                 axis=1)
+    seen = (jnp.arange(keys.shape[1]) <= pos)[None, None, None, :]
+    a = jax.nn.dot_product_attention(_heads(self.self_query(x), h), keys, values, mask=seen)
+    return self._after_self_attention(x, a, kv), (keys, values)
+
+  def _after_self_attention(self, x, a, kv):
+    b, t, d = x.shape
     x = self.self_norm(x + self.self_out(a.reshape(b, t, d)))
-    c = jax.nn.dot_product_attention(_heads(self.cross_query(x), h), *kv)
+    c = jax.nn.dot_product_attention(_heads(self.cross_query(x), self.num_heads), *kv)
     x = self.cross_norm(x + self.cross_out(c.reshape(b, t, d)))
     return self.ffn_norm(x + self.ffn_out(jax.nn.gelu(self.ffn_in(x), approximate=False)))
 
@@ -213,6 +228,20 @@ class BlipTextDecoder(nnx.Module):
     return nnx.scan(lambda h, layer, layer_kv: layer(h, layer_kv), in_axes=(nnx.Carry, 0, 0),
                     out_axes=nnx.Carry)(x, self.layers, kv)
 
+  def step(self, tokens: jax.Array, pos: jax.Array, caches, kv):
+    """tokens (N,) at position `pos` -> (logits (N, vocab) for pos + 1, updated caches)."""
+    x = self.word_embeddings(tokens[:, None]) + self.position_embeddings(pos[None])[None]
+    x = self.embed_norm(x.astype(self.cfg.dtype))
+    x, caches = nnx.scan(lambda h, layer, cache, layer_kv: layer.step(h, cache, pos, layer_kv),
+                         in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
+                             x, self.layers, caches, kv)
+    return self.logits(x[:, 0]), caches
+
+  def empty_cache(self, n: int, length: int):
+    cfg = self.cfg
+    shape = (cfg.text_layers, n, length, cfg.text_heads, cfg.text_hidden // cfg.text_heads)
+    return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
+
   def logits(self, h: jax.Array) -> jax.Array:
     h = self.head_norm(jax.nn.gelu(self.head_dense(h), approximate=False))
     w = self.word_embeddings.embedding[...]
@@ -233,18 +262,26 @@ class BlipCaptioner(nnx.Module):
 
 # ---- decoding ----
 
-def _next_logits_fn(model: BlipCaptioner, kv):
-  """-> (params, fn(params, tokens (N, T), t) -> logits (N, vocab) at position t given
-  tokens[:, :t]); later columns do not matter (causal). The decoder's parameters travel in the
-  loop carry and are merged inside the body: NNX modules cannot cross into a lax loop's trace."""
+def _decoder_fn(model: BlipCaptioner, kv):
+  """-> (params, fn(params, tokens (N,), pos, caches) -> (logits for pos + 1, caches)).
+
+  The decoder's parameters travel in the loop carry and are merged inside the body: NNX modules
+  cannot cross into a lax loop's trace."""
   graphdef, params = nnx.split(model.text)
 
-  def next_logits(params, tokens: jax.Array, t: jax.Array) -> jax.Array:
-    text = nnx.merge(graphdef, params)
-    h = text.hidden(tokens, kv)
-    return text.logits(jax.lax.dynamic_index_in_dim(h, t - 1, axis=1, keepdims=False))
+  def step(params, tokens: jax.Array, pos: jax.Array, caches):
+    return nnx.merge(graphdef, params).step(tokens, pos, caches, kv)
 
-  return params, next_logits
+  return params, step
+
+
+def _prefill(step, params, tokens: jax.Array, prompt_len: int, caches):
+  """The self-attention caches of the prompt's positions but its last (whose logits start the
+  caption)."""
+  def body(q, carry):
+    caches, params = carry
+    return step(params, tokens[:, q], q, caches)[1], params
+  return jax.lax.fori_loop(0, prompt_len - 1, body, (caches, params))[0]
 
 
 def _no_early_eos(scores: jax.Array, t, min_length: int, eos: int) -> jax.Array:
@@ -263,18 +300,20 @@ def greedy_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, 
   """(B, S, S, 3) -> token ids (B, max_length): prompt, caption, [SEP], then padding."""
   cfg = model.cfg
   b, p = pixels.shape[0], len(prompt)
-  params, next_logits = _next_logits_fn(model, model.text.image_kv(model.vision(pixels)))
+  params, decode = _decoder_fn(model, model.text.image_kv(model.vision(pixels)))
   tokens = jnp.full((b, max_length), cfg.pad_token_id, jnp.int32)
   tokens = tokens.at[:, :p].set(jnp.asarray(prompt, jnp.int32))
+  caches = _prefill(decode, params, tokens, p, model.text.empty_cache(b, max_length))
 
   def step(carry):
-    t, tokens, done, params = carry
-    logits = _no_early_eos(next_logits(params, tokens, t), t, min_length, cfg.sep_token_id)
+    t, tokens, done, caches, params = carry
+    logits, caches = decode(params, tokens[:, t - 1], t - 1, caches)
+    logits = _no_early_eos(logits, t, min_length, cfg.sep_token_id)
     nxt = jnp.where(done, cfg.pad_token_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    return t + 1, _set_column(tokens, t, nxt), done | (nxt == cfg.sep_token_id), params
+    return t + 1, _set_column(tokens, t, nxt), done | (nxt == cfg.sep_token_id), caches, params
 
   # Stops once every caption has its [SEP] (the rest of the buffer is padding already).
-  carry = (jnp.asarray(p), tokens, jnp.zeros((b,), bool), params)
+  carry = (jnp.asarray(p), tokens, jnp.zeros((b,), bool), caches, params)
   return jax.lax.while_loop(lambda c: (c[0] < max_length) & ~jnp.all(c[2]), step, carry)[1]
 
 
@@ -314,10 +353,12 @@ def beam_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, ..
   eos, length, lp = cfg.sep_token_id, max_length, length_penalty
   kv = model.text.image_kv(model.vision(pixels))
   kv = jax.tree.map(lambda a: jnp.repeat(a, k, axis=1), kv)   # image i -> beams i*K .. i*K+K-1
-  params, next_logits = _next_logits_fn(model, kv)
+  params, decode = _decoder_fn(model, kv)
   running = jnp.full((b, k, length), cfg.pad_token_id, jnp.int32)
   running = running.at[:, :, :p].set(jnp.asarray(prompt, jnp.int32))
-  state = dict(
+  caches = _prefill(decode, params, running.reshape(b * k, length), p,
+                    model.text.empty_cache(b * k, length))
+  state = dict(caches=caches,
       running=running,
       running_scores=jnp.tile(jnp.asarray([0.0] + [big] * (k - 1), jnp.float32), (b, 1)),
       sequences=running, scores=jnp.full((b, k), big, jnp.float32),
@@ -335,7 +376,8 @@ def beam_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, ..
 
   def step(s):
     t = s["t"]
-    logits = next_logits(s["params"], s["running"].reshape(b * k, length), t)
+    logits, caches = decode(s["params"], s["running"][:, :, t - 1].reshape(b * k), t - 1,
+                            s["caches"])
     logp = _no_early_eos(jax.nn.log_softmax(logits, axis=-1), t, min_length, eos)
     vocab = logp.shape[-1]
     acc = (logp.reshape(b, k, vocab) + s["running_scores"][..., None]).reshape(b, k * vocab)
@@ -347,6 +389,10 @@ def beam_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, ..
     run_lp = top_lp + stops * big
     _, keep = jax.lax.top_k(run_lp, k)
     running, running_scores = _gather(top_seq, keep), _gather(run_lp, keep)
+    parent = _gather(top_idx // vocab, keep)           # the beam each kept row continues
+    pick = parent[None, :, :, None, None, None]
+    caches = jax.tree.map(lambda c: jnp.take_along_axis(
+        c.reshape((c.shape[0], b, k) + c.shape[2:]), pick, axis=2).reshape(c.shape), caches)
     tf = t.astype(jnp.float32)
     norm = tf if release else tf + 1 - p
     s = into_pool(s, top_seq, top_lp / norm ** lp, stops & in_top_k)
@@ -360,7 +406,7 @@ def beam_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, ..
       worst = jnp.where(s["finished"], jnp.min(s["scores"], axis=1, keepdims=True), big)
       improvable = jnp.any(running_scores[:, :1] / norm ** lp > worst, axis=-1, keepdims=True)
       s = dict(s, open=s["open"] & improvable)
-    return dict(s, running=running, running_scores=running_scores, t=t + 1)
+    return dict(s, running=running, running_scores=running_scores, caches=caches, t=t + 1)
 
   # Stops once no pool takes new hypotheses (later steps could not change them).
   state["t"] = jnp.asarray(p)
