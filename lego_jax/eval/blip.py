@@ -24,11 +24,11 @@ downloads (`visual_encoder.*` timm names, `text_decoder.*`, under "model"). The 
 
 Decoding is fixed-shape and jitted: a token buffer of max_length columns, one position per step
 through the decoder with a self-attention key/value cache (reordered with the beams), the image
-keys/values of every cross-attention computed once; the loop ends when every caption has ended. Greedy matches transformers'
-greedy search. Beam search scores finished hypotheses as the release's transformers 4.19.2 did
-(sum log-prob / whole length, prompt included, EOS excluded; the default) or as current
-transformers does (/ generated length, EOS included): the two can pick different captions when
-hypotheses of different lengths are close (see `beam_captions`).
+keys/values of every cross-attention computed once; the loop ends when every caption has ended.
+Greedy matches transformers' greedy search. Beam search scores finished hypotheses as the
+release's transformers 4.19.2 did (sum log-prob / whole length, prompt included, EOS excluded;
+the default) or as current transformers does (/ generated length, EOS included): the two can pick
+different captions when hypotheses of different lengths are close (see `beam_captions`).
 """
 
 from __future__ import annotations
@@ -358,11 +358,11 @@ def beam_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, ..
   running = running.at[:, :, :p].set(jnp.asarray(prompt, jnp.int32))
   caches = _prefill(decode, params, running.reshape(b * k, length), p,
                     model.text.empty_cache(b * k, length))
-  state = dict(caches=caches,
-      running=running,
+  state = dict(
+      t=jnp.asarray(p), running=running, caches=caches, params=params,
       running_scores=jnp.tile(jnp.asarray([0.0] + [big] * (k - 1), jnp.float32), (b, 1)),
       sequences=running, scores=jnp.full((b, k), big, jnp.float32),
-      finished=jnp.zeros((b, k), bool), open=jnp.ones((b, 1), bool), params=params)
+      finished=jnp.zeros((b, k), bool), open=jnp.ones((b, 1), bool))
   in_top_k = jnp.arange(2 * k) < k
 
   def into_pool(s, seqs, scores, stopped):
@@ -409,7 +409,6 @@ def beam_captions(model: BlipCaptioner, pixels: jax.Array, prompt: tuple[int, ..
     return dict(s, running=running, running_scores=running_scores, caches=caches, t=t + 1)
 
   # Stops once no pool takes new hypotheses (later steps could not change them).
-  state["t"] = jnp.asarray(p)
   return jax.lax.while_loop(lambda s: (s["t"] < max_length) & jnp.any(s["open"]), step,
                             state)["sequences"][:, 0]
 

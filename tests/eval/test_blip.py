@@ -223,8 +223,9 @@ def test_captions_token_for_token(small):
 def test_full_size_parameter_counts(vision):
   from lego_jax.weights.state import count_params
 
+  width = vision.get("hidden_size", 768)
   cfg = transformers.BlipConfig(vision_config=dict(image_size=384, patch_size=16, **vision),
-                                text_config=dict(encoder_hidden_size=vision.get("hidden_size", 768)))
+                                text_config=dict(encoder_hidden_size=width))
   with torch.device("meta"):
     ref = transformers.BlipForConditionalGeneration(cfg)
   want = sum(p.numel() for p in ref.parameters())   # tied LM head counted once
