@@ -71,7 +71,7 @@ def run_batch(models, batch: dict, text_ids: np.ndarray, empty_ids: np.ndarray, 
   return generate_latents(
       unet, conditioner, clip_text, vae, jnp.asarray(batch["input"]), jnp.asarray(text_ids),
       jnp.asarray(empty_ids), jnp.asarray(batch["h_img"]), jnp.asarray(batch["h_txt"]), key,
-      s.text_scale, s.image_scale, num_steps=s.num_steps, kind=s.kind,
+      s.text_guidance, s.image_guidance, num_steps=s.num_steps, kind=s.kind,
       use_image=t.use_image_embedding, use_text=t.use_text_embedding,
       scaling=cfg.vae.scaling_factor)
 

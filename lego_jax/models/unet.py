@@ -55,6 +55,9 @@ class UNetConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  # None: head-major XLA products (see `attention`); "xla" / "cudnn": jax.nn.dot_product_attention
+  # with that implementation ("cudnn": GPUs, bf16/fp16, head sizes <= 128 only).
+  attention_impl: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -90,6 +93,25 @@ def _maybe_remat(fn, enabled: bool):
   return nnx.remat(fn) if enabled else fn
 
 
+def attention(q: Array, k: Array, v: Array, impl: str | None = None) -> Array:
+  """softmax(q k^T / sqrt(D)) v per head: q (B, T, N, D), k and v (B, S, N, D) -> (B, T, N, D).
+
+  With `impl` ("xla", "cudnn") this is jax.nn.dot_product_attention with that implementation.
+  With None the products run head-major (B, N, T, D), logits and softmax in float32: the
+  arithmetic of dot_product_attention's XLA path without the transposes its (B, T, N, D)
+  einsums cost XLA:CPU (lego_jax/bench/README.md has the measurement).
+  """
+  if impl == "cudnn" and (q.shape[-1] > 128 or q.shape[-1] % 8):
+    impl = None  # cuDNN's fused kernel takes head sizes up to 128 (SD's 1280-wide level: 160)
+  if impl is not None:
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+  logits = jnp.einsum("bntd,bnsd->bnts", qh, kh, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits * jnp.float32(q.shape[-1] ** -0.5), axis=-1)
+  out = jnp.einsum("bnts,bnsd->bntd", probs.astype(v.dtype), vh)
+  return jnp.swapaxes(out, 1, 2)
+
+
 class Attention(nnx.Module):
   """Multi-head attention; keys/values from `context` (cross) or from x itself (self).
 
@@ -97,9 +119,10 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, dim: int, context_dim: int, heads: int, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, impl: str | None = None):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.heads = heads
+    self.impl = impl
     self.to_q = dense(dim, dim, ("embed", "heads"), use_bias=False, **kw)
     self.to_k = dense(context_dim, dim, ("embed", "heads"), use_bias=False, **kw)
     self.to_v = dense(context_dim, dim, ("embed", "heads"), use_bias=False, **kw)
@@ -110,7 +133,7 @@ class Attention(nnx.Module):
     b, t, dim = x.shape
     split = lambda y: y.reshape(b, y.shape[1], self.heads, dim // self.heads)  # noqa: E731
     q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
-    o = jax.nn.dot_product_attention(q, k, v).reshape(b, t, dim)
+    o = attention(q, k, v, self.impl).reshape(b, t, dim)
     return self.to_out(o)
 
 
@@ -139,12 +162,12 @@ class TransformerBlock(nnx.Module):
   """(B, T, dim), context (B, S, context_dim) -> (B, T, dim); pre-LN, residual after each part."""
 
   def __init__(self, dim: int, context_dim: int, heads: int, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, attention_impl: str | None = None):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = _layer_norm(dim, **kw)
-    self.attn1 = Attention(dim, dim, heads, **kw)
+    self.attn1 = Attention(dim, dim, heads, impl=attention_impl, **kw)
     self.norm2 = _layer_norm(dim, **kw)
-    self.attn2 = Attention(dim, context_dim, heads, **kw)
+    self.attn2 = Attention(dim, context_dim, heads, impl=attention_impl, **kw)
     self.norm3 = _layer_norm(dim, **kw)
     self.ff = FeedForward(dim, **kw)
 
@@ -172,7 +195,8 @@ class SpatialTransformer(nnx.Module):
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs):
       return TransformerBlock(channels, cfg.context_dim, cfg.num_heads, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, rngs=rngs)
+                              param_dtype=cfg.param_dtype, rngs=rngs,
+                              attention_impl=cfg.attention_impl)
 
     self.transformer_blocks = make_blocks(rngs)
     self.proj_out = dense(channels, channels, ("embed", "conv_out"), **kw)
@@ -180,13 +204,17 @@ class SpatialTransformer(nnx.Module):
   def __call__(self, x: Array, context: Array) -> Array:
     b, h, w, c = x.shape
     t = self.proj_in(self.norm(x).reshape(b, h * w, c))
-    run = _maybe_remat(lambda block, t, ctx: block(t, ctx), self.remat)
+    # A plain lax.scan over the blocks' split state, not nnx.scan: the sampler calls the UNet
+    # inside its own lax.scan over steps, where nnx.scan refuses variables that hold tracers of
+    # the enclosing jit ("Cannot extract graph node from different trace level").
+    graphdef, stacked = nnx.split(self.transformer_blocks)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
-    def body(t, block, ctx):
-      return run(block, t, ctx)
+    def block(state, t, ctx):
+      return nnx.merge(graphdef, state)(t, ctx)
 
-    t = body(t, self.transformer_blocks, context)
+    if self.remat:
+      block = jax.checkpoint(block)
+    t, _ = jax.lax.scan(lambda t, state: (block(state, t, context), None), t, stacked)
     return x + self.proj_out(t).reshape(b, h, w, c)
 
 

@@ -199,3 +199,22 @@ def test_fsdp_shards_parameters_and_gives_the_data_parallel_update():
       == (128, 4)
   assert rel(fsdp, dp) <= 1e-5
   np.testing.assert_allclose(m_fsdp["loss"], m_dp["loss"], rtol=1e-6)
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_opt_state():
+  mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:2])
+  batch = random_batch(5, 8)
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    cfg = small_cfg(compute_dtype=dtype)
+    graphdef, state, shardings, tx, schedule = vllm.init_state(cfg, mesh, 10)
+    assert nnx.merge(graphdef, state["trained"], state["frozen"], state["rest"]).lm.config.dtype \
+        == jnp.dtype(dtype)
+    step = jax.jit(vllm.make_train_step(graphdef, tx, schedule))
+    with sharding.use_mesh(mesh):
+      state, metrics = step(state, batch, jax.random.key(0))
+    leaves = jax.tree.leaves(state["trained"]) + jax.tree.leaves(state["opt_state"])
+    assert {x.dtype for x in leaves if x.ndim} == {jnp.dtype(jnp.float32)}
+    losses[dtype] = float(metrics["loss"])
+  assert np.isfinite(losses["bfloat16"])
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
