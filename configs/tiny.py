@@ -52,4 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
                        log_every=50, ckpt_every=200, sample_every=400, init="random")
   cfg.sampler.update(num_steps=20)
   cfg.mesh.shape = (-1, 1, 1)
+  # `lego-jax demo` (lego_jax/demo.py): scale multiplies every training stage's steps (0.05 for a
+  # quick look), num_test limits the held-out frames generated (0: all), grid_rows the report's.
+  cfg.demo = dict(scale=1.0, num_test=0, grid_rows=8)
   return cfg

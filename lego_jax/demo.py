@@ -1,0 +1,471 @@
+"""`lego-jax demo`: the whole LEGO pipeline on the embedded default, with the evidence.
+
+    lego-jax demo [--workdir=DIR] [--config.demo.scale=0.1] [--config.section.key=value ...]
+
+One process runs every stage through its own module (the same code as the separate commands):
+prepare-data (synthetic scenes -> ArrayRecord, tokenizer) -> train-vae -> train-vllm -> extract
+(descriptions R, H_i, H_t) -> train-ldm (LEGO: text R + H_i + H_t) -> train-ldm again as the
+action-label-only baseline (configs/ablations/ip2p_action.py semantics: text_source="action", no
+VLLM embeddings; in WORKDIR/baseline_action_label) -> generate both on the held-out test split ->
+score both and the "copy the input frame" baseline -> WORKDIR/report.html, WORKDIR/metrics.json,
+WORKDIR/report/*.png (example grid, loss curves).
+
+Scores (lego_jax/eval/action_region.py): whole-frame PSNR (where copying the input is strong),
+PSNR inside the action mask, the placement of the hand and the acted-on object (IoU, centroid
+hits), and LPIPS (whole frame and action region) when its weights are in cfg.eval.weights_dir,
+else listed as skipped with the reason.
+
+Every stage resumes from what a previous run left in WORKDIR (checkpoints, records, features), so
+an interrupted demo continues where it stopped. `cfg.demo.scale` multiplies every training stage's
+step count (0.05: a smoke run of the same code path in a few minutes); `cfg.demo.num_test` limits
+the held-out frames generated (0: the whole test split).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from lego_jax.data import pipeline, records
+from lego_jax.data import prepare as prepare_stage
+from lego_jax.eval import action_region
+from lego_jax.eval import evaluate as evaluate_stage
+from lego_jax.eval import report as report_lib
+from lego_jax.infer import extract as extract_stage
+from lego_jax.infer import generate as generate_stage
+from lego_jax.train import ldm as ldm_stage
+from lego_jax.train import vae as vae_stage
+from lego_jax.train import vllm as vllm_stage
+
+DEFAULTS = {"scale": 1.0, "num_test": 0, "grid_rows": 8}
+BASELINE_DIR = "baseline_action_label"
+# method -> how the report names it
+METHODS = {
+    "lego": "LEGO (VLLM description + H_i + H_t)",
+    "action_label": "action label only (InstructPix2Pix fine-tuned)",
+    "copy_input": "copy the input frame",
+}
+# metric -> (label, higher is better, unit)
+HEADLINE = {
+    "region_psnr": ("PSNR in the action region", True, "dB"),
+    "placement": ("placement IoU (new hand + object pixels)", True, ""),
+    "hand_iou": ("hand IoU", True, ""),
+    "hand_hit": ("hand centroid within 1/8 frame", True, ""),
+    "hand_error": ("hand centroid error (frame widths)", False, ""),
+    "object_iou": ("moved-object IoU", True, ""),
+    "region_lpips": ("LPIPS in the action region", False, ""),
+    "frame_psnr": ("PSNR, whole frame", True, "dB"),
+    "frame_lpips": ("LPIPS, whole frame", False, ""),
+}
+
+
+def settings(cfg) -> dict:
+  """cfg.demo with defaults for the keys a config leaves out."""
+  out = dict(DEFAULTS)
+  if "demo" in cfg:
+    unknown = sorted(set(cfg.demo.keys()) - set(DEFAULTS))
+    if unknown:
+      from lego_jax.config import ConfigError
+
+      raise ConfigError(f"unknown config key(s) cfg.demo.{', cfg.demo.'.join(unknown)} "
+                        f"(known: {', '.join(sorted(DEFAULTS))})")
+    out.update({k: cfg.demo[k] for k in cfg.demo.keys()})
+  if not out["scale"] > 0:
+    from lego_jax.config import ConfigError
+
+    raise ConfigError(f"cfg.demo.scale={out['scale']} must be positive")
+  return out
+
+
+def scaled_config(cfg, scale: float):
+  """A copy of cfg whose training stages run `scale` times their steps (at least 1), logging
+  often enough for a loss curve, checkpointing at least at the end, without the LDM's
+  training-time samples (the demo generates its own)."""
+  cfg = cfg.copy_and_resolve_references()
+  for name in ("vae_train", "vllm_train", "ldm_train"):
+    t = cfg[name]
+    if t.num_steps > 0:  # vllm_train may count epochs instead (num_steps -1)
+      t.num_steps = max(1, int(round(t.num_steps * scale)))
+      t.log_every = max(1, min(t.log_every, t.num_steps // 20))
+      t.ckpt_every = min(t.ckpt_every, t.num_steps)
+  cfg.ldm_train.sample_every = 0
+  return cfg
+
+
+def baseline_config(cfg, workdir: Path):
+  """The action-label-only LDM (configs/ablations/ip2p_action.py) on the demo's own records,
+  tokenizer and VAE."""
+  b = cfg.copy_and_resolve_references()
+  b.name = f"{cfg.name}/ip2p_action"
+  b.ldm_train.text_source = "action"
+  b.ldm_train.use_image_embedding = False
+  b.ldm_train.use_text_embedding = False
+  b.data.records_dir = str(pipeline.records_dir_of(cfg.data, workdir).absolute())
+  if not b.data.tokenizer_dir:
+    b.data.tokenizer_dir = str((Path(workdir) / "tokenizer").absolute())
+  return b
+
+
+def link_vae(workdir: Path, baseline_dir: Path) -> None:
+  """The baseline decodes with the SAME trained VAE: its checkpoint directory, linked."""
+  link = baseline_dir / "checkpoints" / "vae"
+  link.parent.mkdir(parents=True, exist_ok=True)
+  if not link.is_symlink():
+    if link.exists():
+      shutil.rmtree(link)
+    link.symlink_to(os.path.relpath(Path(workdir) / "checkpoints" / "vae", link.parent),
+                    target_is_directory=True)
+
+
+class Stages:
+  """Runs named stages, prints a header for each, records wall and CPU seconds."""
+
+  def __init__(self):
+    self.timings: dict[str, dict[str, float]] = {}
+    self.start = time.perf_counter()
+
+  @staticmethod
+  def _cpu() -> float:
+    # This process (all its threads) plus reaped children (Grain's worker processes).
+    own = time.process_time()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own + kids.ru_utime + kids.ru_stime
+
+  def run(self, name: str, fn: Callable, *args, **kwargs):
+    print(f"\n== demo: {name} ==", flush=True)
+    wall, cpu = time.perf_counter(), self._cpu()
+    result = fn(*args, **kwargs)
+    self.timings[name] = {"wall_s": round(time.perf_counter() - wall, 1),
+                          "cpu_s": round(self._cpu() - cpu, 1)}
+    print(f"== {name}: {self.timings[name]['wall_s']:.0f} s wall, "
+          f"{self.timings[name]['cpu_s']:.0f} s CPU ==", flush=True)
+    return result
+
+  def total(self) -> dict[str, float]:
+    return {"wall_s": round(time.perf_counter() - self.start, 1),
+            "cpu_s": round(sum(t["cpu_s"] for t in self.timings.values()), 1)}
+
+
+def _stage_main(module, cfg, workdir: Path) -> None:
+  code = module.main(cfg, workdir)
+  if code:
+    raise RuntimeError(f"{module.__name__} ended with status {code}")
+
+
+def _extract(cfg, workdir: Path) -> dict:
+  _stage_main(extract_stage, cfg, workdir)
+  out = {}
+  for split in records.split_names(pipeline.records_dir_of(cfg.data, workdir), records.PAIRS):
+    p = Path(workdir) / extract_stage.FEATURES_DIR / split / "accuracy.json"
+    if p.exists():
+      out[split] = json.loads(p.read_text())
+  return out
+
+
+def _generate(cfg, workdir: Path, out: Path, limit: int) -> dict:
+  shutil.rmtree(out, ignore_errors=True)  # no frames of an earlier, longer run left to score
+  return generate_stage.generate_split(cfg, workdir, "test", out, limit=limit,
+                                       batch_size=min(16, limit) if limit else 16)
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+def _read_png(path: Path) -> np.ndarray:
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def load_examples(cfg, workdir: Path, generated_json: Path) -> list[dict]:
+  """The scored examples, in generation order: id, file, action, description, mask (H, W) bool
+  at the PNGs' size, meta (the synthetic scene's), and the ground-truth description."""
+  src = records.open_split(pipeline.records_dir_of(cfg.data, workdir), "test", records.PAIRS)
+  out = []
+  for entry in json.loads(generated_json.read_text()):
+    r = records.to_python(src[entry["index"]])
+    if r["id"] != entry["id"]:
+      raise RuntimeError(f"test record {entry['index']} is {r['id']}, generated.json says "
+                         f"{entry['id']}")
+    if not r["mask_png"]:
+      from lego_jax.cli import UserError
+
+      raise UserError("the demo's action-region scores need the synthetic scenes' action masks; "
+                      f"test record {r['id']} has none (use cfg.data.source='synthetic')")
+    with Image.open(io.BytesIO(r["mask_png"])) as m:
+      mask = m.convert("L")
+    out.append(dict(entry, mask_image=mask, meta=records.read_meta(r),
+                    reference_description=r["description"]))
+  return out
+
+
+def region_lpips_fn(cfg) -> tuple[Callable | None, str | None]:
+  """(LPIPS over [0, 1] crops, None) when its weights are there, else (None, why not)."""
+  from lego_jax.eval.weight_files import MissingWeightsError
+  from lego_jax.weights.io import WeightFileError
+  from lego_jax.weights.mapping import KeyMappingError
+
+  try:
+    from lego_jax.eval.lpips import build_lpips, lpips_distance
+
+    model = build_lpips(cfg.eval.lpips_net, cfg.eval.weights_dir)
+  except (MissingWeightsError, WeightFileError, KeyMappingError) as e:
+    return None, str(e)
+  import jax.numpy as jnp
+
+  return (lambda a, b: np.asarray(lpips_distance(model, jnp.asarray(a), jnp.asarray(b)))), None
+
+
+def score(cfg, workdir: Path, runs: dict[str, Path], examples: list[dict]) -> dict:
+  """Whole-frame scores through `lego-jax evaluate`'s code and the action-region scores, for
+  every method; -> {"methods": {method: {metric: value}}, "skipped": {...}, "per_example": ...}."""
+  eval_dir = Path(workdir) / "eval"
+  lpips_fn, lpips_skip = region_lpips_fn(cfg)
+  reference_dir = runs["lego"] / "reference"
+  dirs = {"lego": runs["lego"] / "generated", "action_label": runs["action_label"] / "generated",
+          "copy_input": runs["lego"] / "inputs"}
+  refs = [_read_png(reference_dir / e["file"]) for e in examples]
+  inputs = [_read_png(runs["lego"] / "inputs" / e["file"]) for e in examples]
+  masks = []
+  for e, r in zip(examples, refs):
+    m = e["mask_image"]
+    if m.size != (r.shape[1], r.shape[0]):
+      m = m.resize((r.shape[1], r.shape[0]), Image.Resampling.NEAREST)
+    masks.append(np.asarray(m) > 127)
+  methods, skipped, per_example = {}, {}, {}
+  for method, gen_dir in dirs.items():
+    frame = evaluate_stage.run_evaluation(
+        str(gen_dir), str(reference_dir), eval_dir, name=method, metrics=("psnr", "lpips"),
+        weights_dir=cfg.eval.weights_dir, dataset=cfg.data.dataset, lpips_net=cfg.eval.lpips_net,
+        progress=False)
+    gens = [_read_png(gen_dir / e["file"]) for e in examples]
+    summary, per = action_region.score_set(gens, refs, inputs, masks,
+                                           [e["meta"] for e in examples], lpips_fn=lpips_fn)
+    row = {"frame_psnr": frame["metrics"]["psnr"], **summary}
+    if "lpips" in frame["metrics"]:
+      row["frame_lpips"] = frame["metrics"]["lpips"]
+    else:
+      skipped["frame_lpips"] = frame["skipped"].get("lpips", "not computed")
+    methods[method] = row
+    per_example[method] = per
+  if lpips_skip:
+    skipped["region_lpips"] = lpips_skip
+  evaluate_stage.write_results_table(eval_dir, with_paper=False)
+  return {"methods": methods, "skipped": skipped, "per_example": per_example}
+
+
+def comparisons(methods: dict[str, dict]) -> dict[str, dict[str, float]]:
+  """LEGO minus each baseline, per headline metric both have (positive = LEGO higher)."""
+  out = {}
+  for base in ("copy_input", "action_label"):
+    diffs = {}
+    for k in HEADLINE:
+      a, b = methods["lego"].get(k), methods[base].get(k)
+      if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
+        diffs[k] = a - b
+    out[f"lego_minus_{base}"] = diffs
+  return out
+
+
+def _finite_or_none(obj):
+  """JSON without NaN/inf (not valid JSON): such values become null."""
+  if isinstance(obj, dict):
+    return {k: _finite_or_none(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite_or_none(v) for v in obj]
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if math.isfinite(obj) else None
+  if isinstance(obj, np.integer):
+    return int(obj)
+  return obj
+
+
+def _write_json(path: Path, data) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(_finite_or_none(data), indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- the run
+
+def run(cfg, workdir: str | os.PathLike) -> dict:
+  """Every stage, the scores, metrics.json and report.html; returns the metrics dict."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  demo = settings(cfg)
+  cfg = scaled_config(cfg, float(demo["scale"]))
+  baseline_dir = workdir / BASELINE_DIR
+  stages = Stages()
+  print(f"lego-jax demo: workdir {workdir}, scale {demo['scale']} (steps: VAE "
+        f"{cfg.vae_train.num_steps}, VLLM {cfg.vllm_train.num_steps}, LDM "
+        f"{cfg.ldm_train.num_steps} x 2), sampler {cfg.sampler.num_steps} steps", flush=True)
+
+  stages.run("prepare-data", _stage_main, prepare_stage, cfg, workdir)
+  stages.run("train-vae", _stage_main, vae_stage, cfg, workdir)
+  stages.run("train-vllm", _stage_main, vllm_stage, cfg, workdir)
+  accuracy = stages.run("extract", _extract, cfg, workdir)
+  stages.run("train-ldm (LEGO)", _stage_main, ldm_stage, cfg, workdir)
+  base_cfg = baseline_config(cfg, workdir)
+  link_vae(workdir, baseline_dir)
+  stages.run("train-ldm (action label only)", _stage_main, ldm_stage, base_cfg, baseline_dir)
+  runs = {"lego": workdir / "generated" / "lego",
+          "action_label": workdir / "generated" / "action_label"}
+  limit = int(demo["num_test"])
+  stages.run("generate (LEGO)", _generate, cfg, workdir, runs["lego"], limit)
+  stages.run("generate (action label only)", _generate, base_cfg, baseline_dir,
+             runs["action_label"], limit)
+  examples = load_examples(cfg, workdir, runs["lego"] / "generated.json")
+  scores = stages.run("evaluate", score, cfg, workdir, runs, examples)
+
+  metrics = {
+      "num_test": len(examples),
+      "methods": scores["methods"],
+      "lego_vs_baselines": comparisons(scores["methods"]),
+      "skipped": scores["skipped"],
+      "descriptions": accuracy,
+      "vae_check": _read_json(workdir / "vae_check.json"),
+      "final_losses": final_losses(workdir, baseline_dir),
+      "steps": {"vae": cfg.vae_train.num_steps, "vllm": cfg.vllm_train.num_steps,
+                "ldm": cfg.ldm_train.num_steps, "sampler": cfg.sampler.num_steps},
+      "scale": float(demo["scale"]),
+      "encoders": encoders_note(cfg),
+      "timings": stages.timings,
+  }
+  plots = stages.run("report", write_plots, workdir, baseline_dir, runs, examples,
+                     int(demo["grid_rows"]))
+  metrics["timings"] = stages.timings
+  metrics["total"] = stages.total()
+  metrics["plots"] = plots
+  _write_json(workdir / "per_example.json",
+              {"ids": [e["id"] for e in examples], **scores["per_example"]})
+  _write_json(workdir / "metrics.json", metrics)
+  report_lib.write_html(workdir / "report.html", report_data(
+      cfg, workdir, runs, examples, metrics, plots, int(demo["grid_rows"])))
+  print_summary(metrics, workdir)
+  return metrics
+
+
+def _read_json(path: Path) -> dict:
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def encoders_note(cfg) -> str:
+  """What the report says about the CLIP encoders (no pretrained weights exist offline)."""
+  vision = ("loaded from cfg.vllm_train.vision_checkpoint" if cfg.vllm_train.vision_checkpoint
+            else "randomly initialised")
+  frozen = cfg.vllm_train.frozen
+  vision += (" and frozen (vllm_train.frozen=" + repr(frozen) + ")" if frozen
+             and "vision" in frozen else " and trained with the VLLM")
+  return (f"CLIP vision tower (VLLM): {vision}. CLIP text encoder (LDM): randomly initialised "
+          "and frozen. Both are kept as they are, not trained briefly: the VLLM's projector and "
+          "LLaMA learn to read the frozen random patch features, and the LDM learns from the "
+          "frozen random text features (distinct texts give distinct features). The VAE is "
+          "trained from scratch by train-vae.")
+
+
+def final_losses(workdir: Path, baseline_dir: Path) -> dict[str, float]:
+  from lego_jax.train.common import read_metrics
+
+  out = {}
+  for name, logdir in loss_logs(workdir, baseline_dir).items():
+    rows = [r for r in read_metrics(logdir) if "loss" in r]
+    if rows:
+      out[name] = rows[-1]["loss"]
+  return out
+
+
+def loss_logs(workdir: Path, baseline_dir: Path) -> dict[str, Path]:
+  return {"vae": workdir / "logs" / "vae", "vllm": workdir / "logs" / "vllm",
+          "ldm": workdir / "logs" / "ldm", "ldm_action_label": baseline_dir / "logs" / "ldm"}
+
+
+def write_plots(workdir: Path, baseline_dir: Path, runs: dict[str, Path], examples: list[dict],
+                grid_rows: int) -> dict[str, str]:
+  """Loss-curve PNGs (from each stage's logs/<stage>/metrics.jsonl) and the example grid PNG
+  under WORKDIR/report; returns their paths relative to WORKDIR."""
+  from lego_jax.train.common import read_metrics
+
+  report_dir = workdir / "report"
+  report_dir.mkdir(parents=True, exist_ok=True)
+  logs = {k: read_metrics(p) for k, p in loss_logs(workdir, baseline_dir).items()}
+
+  def series(rows):
+    rows = [r for r in rows if "loss" in r]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+  plots = {}
+  for name, title, curves in (
+      ("vae", "train-vae: L1 + L2 + KL loss", {"VAE": logs["vae"]}),
+      ("vllm", "train-vllm: answer-token cross-entropy", {"VLLM": logs["vllm"]}),
+      ("ldm", "train-ldm: epsilon MSE", {"LEGO": logs["ldm"],
+                                          "action label only": logs["ldm_action_label"]})):
+    data = {label: series(rows) for label, rows in curves.items() if rows}
+    if data:
+      path = report_dir / f"loss_{name}.png"
+      report_lib.line_plot(data, path, title=title, xlabel="step", ylabel="loss", log_y=True)
+      plots[name] = str(path.relative_to(workdir))
+  grid = report_dir / "examples.png"
+  shown = examples[:grid_rows]
+  report_lib.example_grid_png(
+      [[runs["lego"] / "inputs" / e["file"], runs["lego"] / "generated" / e["file"],
+        runs["action_label"] / "generated" / e["file"], runs["lego"] / "reference" / e["file"]]
+       for e in shown],
+      [e["action"] for e in shown], ["input", "LEGO", "label only", "ground truth"], grid)
+  plots["examples"] = str(grid.relative_to(workdir))
+  return plots
+
+
+def report_data(cfg, workdir: Path, runs: dict[str, Path], examples: list[dict], metrics: dict,
+                plots: dict, grid_rows: int) -> dict:
+  rel = lambda p: os.path.relpath(p, workdir)
+  rows = []
+  for e in examples[:grid_rows]:
+    rows.append({
+        "images": [rel(runs["lego"] / "inputs" / e["file"]),
+                   rel(runs["lego"] / "generated" / e["file"]),
+                   rel(runs["action_label"] / "generated" / e["file"]),
+                   rel(runs["lego"] / "reference" / e["file"])],
+        "action": e["action"], "description": e["description"],
+        "reference_description": e["reference_description"], "id": e["id"]})
+  return {
+      "title": "lego-jax demo: LEGO on the embedded synthetic scenes",
+      "config_name": cfg.name, "methods": METHODS, "headline": HEADLINE, "metrics": metrics,
+      "columns": ["input", "LEGO", "action label only", "ground truth"], "rows": rows,
+      "plots": plots,
+      "sizes": {"image": cfg.data.image_size, "unet": list(cfg.unet.block_out_channels),
+                "llama": f"{cfg.llama.num_layers} layers x {cfg.llama.hidden_size}",
+                "vae": list(cfg.vae.block_out_channels),
+                "train_examples": cfg.data.synthetic.num_train
+                if "synthetic" in cfg.data else None},
+  }
+
+
+def print_summary(metrics: dict, workdir: Path) -> None:
+  m = metrics["methods"]
+  keys = [k for k in ("region_psnr", "placement", "hand_hit", "frame_psnr", "region_lpips",
+                      "frame_lpips") if all(k in m[x] for x in m)]
+  print(f"\nheld-out test frames: {metrics['num_test']}")
+  print(f"{'method':<14}" + "".join(f"{k:>14}" for k in keys))
+  for name, row in m.items():
+    print(f"{name:<14}" + "".join(f"{row[k]:>14.3f}" for k in keys))
+  for base, diffs in metrics["lego_vs_baselines"].items():
+    print(f"{base}: " + ", ".join(f"{k} {v:+.3f}" for k, v in diffs.items() if k in keys))
+  for k, why in metrics["skipped"].items():
+    print(f"skipped {k}: {why.splitlines()[0][:160]}")
+  t = metrics["total"]
+  print(f"total {t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU; report: "
+        f"{workdir / 'report.html'}", flush=True)
+
+
+def main(cfg, workdir: Path) -> int:
+  run(cfg, workdir)
+  return 0

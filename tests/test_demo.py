@@ -1,0 +1,121 @@
+"""`lego-jax demo` end to end at the smallest scale, plus the report's drawing helpers.
+
+The demo runs as a user runs it: `python -m lego_jax demo` in a subprocess, on one CPU device
+(the 8 fake devices the other tests use are taken out of XLA_FLAGS). Whether LEGO beats its
+baselines needs the full-scale demo; here every stage must run and every score must be a number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lego_jax.eval import report
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = [
+    "--config.demo.scale=0.01",            # 4 VAE, 3 VLLM, 8 + 8 LDM steps
+    "--config.demo.num_test=8",
+    "--config.data.synthetic.num_train=32",
+    "--config.data.synthetic.num_val=8",
+    "--config.data.synthetic.num_test=8",
+    "--config.data.num_workers=0",
+    "--config.sampler.num_steps=2",
+    "--config.vllm_generate.max_new_tokens=8",
+    "--config.checkpoint.async_save=false",
+]
+SCORES = ("frame_psnr", "region_psnr", "placement", "hand_iou", "hand_hit", "hand_error")
+STAGES = ("prepare-data", "train-vae", "train-vllm", "extract", "train-ldm (LEGO)",
+          "train-ldm (action label only)", "generate (LEGO)", "generate (action label only)",
+          "evaluate", "report")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("demo")
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                            env.get("XLA_FLAGS", ""))
+  proc = subprocess.run([sys.executable, "-m", "lego_jax", "demo", f"--workdir={workdir}", *SMOKE],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  return workdir, proc
+
+
+def test_demo_writes_every_score_for_the_model_and_both_baselines(demo_run):
+  workdir, _ = demo_run
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert metrics["num_test"] == 8
+  assert metrics["steps"] == {"vae": 4, "vllm": 3, "ldm": 8, "sampler": 2}
+  for method in ("lego", "action_label", "copy_input"):
+    row = metrics["methods"][method]
+    for key in SCORES:
+      assert isinstance(row[key], float) and math.isfinite(row[key]), (method, key, row[key])
+    assert row["placement_count"] == 8 and row["region_psnr_count"] == 8
+  copy = metrics["methods"]["copy_input"]
+  # Copying the input adds no hand anywhere: no overlap, no hit, the worst centroid error.
+  assert copy["placement"] == 0.0 and copy["hand_hit"] == 0.0
+  assert copy["hand_error"] == pytest.approx(math.sqrt(2))
+  for base in ("copy_input", "action_label"):
+    diffs = metrics["lego_vs_baselines"][f"lego_minus_{base}"]
+    for key in SCORES:
+      assert diffs[key] == pytest.approx(metrics["methods"]["lego"][key]
+                                         - metrics["methods"][base][key])
+  # No LPIPS weights in the test environment: skipped, and the reason names what is missing.
+  assert "weights_dir" in metrics["skipped"]["region_lpips"]
+  assert "weights_dir" in metrics["skipped"]["frame_lpips"]
+  assert set(metrics["timings"]) == set(STAGES)
+  assert set(metrics["descriptions"]) == {"train", "val", "test"}
+  assert metrics["vae_check"]["val_psnr_db"] > 0
+
+
+def test_demo_report_and_images(demo_run):
+  workdir, proc = demo_run
+  page = (workdir / "report.html").read_text()
+  sources = re.findall(r"src=['\"]([^'\"]+)['\"]", page)
+  # 8 examples x 4 frames + 3 loss curves, every one a file beside the page.
+  assert len(sources) == 8 * 4 + 3
+  for src in sources:
+    assert not src.startswith(("/", "http")) and (workdir / src).is_file(), src
+  for png in ("report/loss_vae.png", "report/loss_vllm.png", "report/loss_ldm.png",
+              "report/examples.png"):
+    assert Image.open(workdir / png).size[0] > 100
+  for run in ("lego", "action_label"):
+    for kind in ("generated", "reference", "inputs"):
+      assert len(list((workdir / "generated" / run / kind).glob("*.png"))) == 8
+  assert (workdir / "baseline_action_label" / "checkpoints" / "ldm").is_dir()
+  assert "LEGO vs copy the input frame" in page and "Skipped" in page
+  for stage in STAGES:
+    assert f"== demo: {stage} ==" in proc.stdout
+  assert "held-out test frames: 8" in proc.stdout
+  assert "it/s" in proc.stderr or "s/it" in proc.stderr  # the stages' progress bars
+
+
+def test_nice_ticks_are_round_and_cover_the_range():
+  assert report.nice_ticks(0, 800) == [0, 200, 400, 600, 800]
+  assert report.nice_ticks(0.13, 0.96) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+  assert report.nice_ticks(3, 3) == [3]
+
+
+def test_line_plot_draws_each_series_in_its_colour(tmp_path):
+  path = report.line_plot({"a": ([0, 10, 20], [1.0, 0.5, 0.2]), "b": ([0, 20], [0.8, float("nan")])},
+                          tmp_path / "p.png", title="t", xlabel="step", ylabel="loss", log_y=True)
+  pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+  colours = {tuple(p) for p in pixels}
+  assert report.PALETTE[0] in colours and report.PALETTE[1] in colours
+
+
+def test_outcome_respects_the_metric_direction():
+  assert report.outcome(+1.0, higher_better=True) == "wins"
+  assert report.outcome(+1.0, higher_better=False) == "loses"
+  assert report.outcome(-0.2, higher_better=False) == "wins"
+  assert report.outcome(0.0, higher_better=True) == "ties"
