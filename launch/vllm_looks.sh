@@ -10,7 +10,8 @@
 #   WORKDIR/trained    train-vllm on the config as it is
 #   WORKDIR/text_only  train-vllm with zero_image=true (image features zeroed, also at inference)
 # and `lego-jax extract` for each; WORKDIR/looks.md and looks.json compare the held-out (test)
-# rates of descriptions naming the right location, hand and object, with chance levels.
+# rates of descriptions naming the right location, hand and object, with chance levels
+# (WORKDIR/train_split/: the same on the training split).
 # Extra flags go to every command (e.g. --config.vllm_train.num_steps=1500 or
 # --config.data.synthetic.num_train=8192; a run's own setting wins). Every step resumes or is
 # kept when rerun with the same WORKDIR.
@@ -63,4 +64,7 @@ for run in untrained trained text_only; do
   lego extract --workdir="$WORKDIR/$run" "${DATA[@]}" "${EXTRA[@]}" "${own[@]}"
 done
 
+# The training split too: a model that memorised its scenes scores there, not on held-out ones.
+"$PYTHON" -m lego_jax.eval.looks "$WORKDIR" --split=train --out="$WORKDIR/train_split"
+echo
 "$PYTHON" -m lego_jax.eval.looks "$WORKDIR" --split=test --wall_s=$((SECONDS - started))

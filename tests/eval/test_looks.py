@@ -114,12 +114,17 @@ exec {sys.executable} "$@"
   fake.chmod(0o755)
   workdir = tmp_path / "looks"
   write_accuracies(workdir)
+  write_accuracies(workdir, "train", {k: dict(v, num=512) for k, v in ACCURACY.items()})
   env = dict(os.environ, PYTHON=str(fake))
   run = subprocess.run(["bash", str(SCRIPT), str(workdir), "--config.vllm_train.num_steps=7"],
                        env=env, capture_output=True, text=True, timeout=120)
   assert run.returncode == 0, run.stderr
   assert "| trained | 87.5% | 81.2% | 96.9% | 25.0% | 64 |" in run.stdout
-  assert (workdir / "looks.json").exists()
+  assert json.loads((workdir / "looks.json").read_text())["split"] == "test"
+  assert json.loads((workdir / "train_split" / "looks.json").read_text())["rows"][1]["num"] == 512
+  # The held-out table comes last, with the wall time.
+  assert run.stdout.index("training `train` split") < run.stdout.index("held-out `test` split")
+  assert run.stdout.rstrip().splitlines()[-1].startswith("wall time: ")
   commands = log.read_text().splitlines()
   data = (f"--config=configs/tiny.py --config.data.records_dir={workdir}/data/records "
           f"--config.data.tokenizer_dir={workdir}/data/tokenizer")
