@@ -1,5 +1,5 @@
-"""Faults: `kill -9` at a random step, then the same command again, ends bitwise equal (CPU) to an
-uninterrupted run, having seen the same batches; a non-finite loss stops training with a clear
+"""Faults: `kill -9` at a random step of train-vae or train-vllm, then the same command again,
+ends bitwise equal (CPU) to an uninterrupted run, having seen the same batches; a non-finite loss stops training with a clear
 message and keeps the last good checkpoint, or is skipped and counted with `skip_nonfinite`.
 
 Every run is the real `lego-jax` command in a subprocess on one CPU device, sharing one JAX
@@ -196,3 +196,12 @@ def test_data_iterators_resume_exactly(data, workers):
   assert seen == expected
   # 12 batches of 2 x 2 rows run past the 16 records of each shard: epochs roll over too.
   assert len({i for b in expected for i in b}) == 32
+
+
+def test_vllm_kill_9_then_resume_is_bitwise_equal(data, env, tmp_path):
+  n = 6
+  args = [f"--config.vllm_train.num_steps={n}", "--config.vllm_train.ckpt_every=1",
+          "--config.vllm_train.log_every=1", "--config.vllm_train.batch_size=4",
+          "--config.vllm_train.grad_accum=1", "--config.llama.num_layers=1",
+          "--config.clip_vision.num_layers=2", "--config.data.num_workers=2"]
+  _kill_and_resume(lambda w: _command("train-vllm", w, data, args), "vllm", n, env, tmp_path)
