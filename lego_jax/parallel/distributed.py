@@ -114,7 +114,7 @@ def gather_data_states(state: Any) -> Any:
 
   if jax.process_count() == 1:
     return state
-  states = [json.loads(b) for b in allgather_bytes(json.dumps(_jsonable(state)).encode())]
+  states = [json.loads(b) for b in allgather_bytes(json.dumps(to_jsonable(state)).encode())]
   if all(isinstance(s, dict) and "shards" in s for s in states):
     merged = {"num_shards": states[0]["num_shards"], "shards": {}}
     for s in states:
@@ -132,17 +132,18 @@ def this_process_data_state(state: Any) -> Any:
     if len(states) != jax.process_count():
       raise ValueError(f"the checkpoint's data iterators come from {len(states)} processes, this "
                        f"run has {jax.process_count()}: resume on as many processes")
-    return _from_jsonable(states[jax.process_index()])
+    return from_jsonable(states[jax.process_index()])
   return state
 
 
-def _jsonable(x):
+def to_jsonable(x):
+  """A data-iterator state JSON can hold: bytes (DataLoader iterator states) tagged as text."""
   if isinstance(x, bytes):
     return {"__bytes__": x.decode("utf-8")}
   return x
 
 
-def _from_jsonable(x):
+def from_jsonable(x):
   if isinstance(x, dict) and set(x) == {"__bytes__"}:
     return x["__bytes__"].encode("utf-8")
   return x

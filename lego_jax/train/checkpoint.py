@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lego_jax.parallel.distributed import from_jsonable, to_jsonable
+
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint written for other model shapes than the current config's."""
@@ -48,7 +50,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: Any = None, config: dict | None = None,
            force: bool = False) -> bool:
-    data_json = {"state": _jsonable(data_state)}
+    data_json = {"state": to_jsonable(data_state)}
     return self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -75,7 +77,7 @@ class Checkpointer:
           f"checkpoint {self.directory}/{step} does not fit the model of the current config "
           f"({str(e).splitlines()[0][:160]}); it was written with other settings: use the config "
           "it was trained with (saved in its config item) or a fresh --workdir") from None
-    return step, restored["state"], _from_jsonable(restored["data"]["state"])
+    return step, restored["state"], from_jsonable(restored["data"]["state"])
 
   def read_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -88,19 +90,6 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def _jsonable(x):
-  # Grain iterator states are dicts of ints/strings, or JSON bytes for DataLoader iterators.
-  if isinstance(x, bytes):
-    return {"__bytes__": x.decode("utf-8")}
-  return x
-
-
-def _from_jsonable(x):
-  if isinstance(x, dict) and set(x) == {"__bytes__"}:
-    return x["__bytes__"].encode("utf-8")
-  return x
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
