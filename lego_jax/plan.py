@@ -23,6 +23,7 @@ temporaries are the CPU compiler's buffer assignment, an estimate of what GPU/TP
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -303,19 +304,45 @@ def compile_stage(cfg, stage_name: str, mesh) -> dict:
   }
 
 
+def row_key(row: dict) -> tuple[str, str, int]:
+  return row["stage"], row["mesh_request"], row["devices"]
+
+
+def judge(row: dict, targets: tuple[Target, ...]) -> dict:
+  """row["targets"]: for each target with the row's chip count, whether the step fits it."""
+  row["targets"] = {}
+  for t in targets:
+    if t.chips == row["devices"]:
+      row["targets"][t.name] = None if "error" in row else bool(
+          row["bytes_per_device"]["peak"] <= HEADROOM * t.hbm_gib * GIB)
+  return row
+
+
 def plan(cfg, stages=("vllm", "ldm", "vae"), meshes=("config",),
-         targets: tuple[Target, ...] = TARGETS, log: Callable[[str], None] = print) -> list[dict]:
+         targets: tuple[Target, ...] = TARGETS, log: Callable[[str], None] = print,
+         done: tuple[dict, ...] = (), on_row: Callable[[dict], None] = lambda row: None
+         ) -> list[dict]:
   """One row per (stage, mesh, device count) with the targets it fits; compile failures (e.g.
-  a batch that does not split over the devices) are rows with an "error"."""
+  a batch that does not split over the devices) are rows with an "error".
+
+  A compiled row of `done` (an earlier run's, same config) is taken as it is, its fits judged
+  again for `targets`; rows with an error are tried again. `on_row` sees every row once it is
+  finished, so a caller can save it before the next compile (a full-size row takes minutes)."""
   for s in stages:
     if s not in STAGES:
       raise ValueError(f"unknown stage {s!r} (one of {sorted(STAGES)})")
   available = jax.devices()
+  finished = {row_key(r): r for r in done if "error" not in r}
   rows = []
   for stage_name in stages:
     for mesh_text in meshes:
       for chips in sorted({t.chips for t in targets}):
-        here = [t for t in targets if t.chips == chips]
+        key = (stage_name, mesh_text, chips)
+        if key in finished:
+          row = judge(dict(finished[key]), targets)
+          log(format_row(row) + " (from plan.json)")
+          rows.append(row)
+          continue
         row = {"stage": stage_name, "mesh_request": mesh_text, "devices": chips}
         if chips > len(available):
           row["error"] = f"needs {chips} devices, {len(available)} available"
@@ -325,14 +352,9 @@ def plan(cfg, stages=("vllm", "ldm", "vae"), meshes=("config",),
             row.update(compile_stage(cfg, stage_name, mesh))
           except Exception as e:  # a plan reports what does not compile and goes on
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        row["targets"] = {}
-        for t in here:
-          if "error" in row:
-            row["targets"][t.name] = None
-          else:
-            need = row["bytes_per_device"]["peak"]
-            row["targets"][t.name] = bool(need <= HEADROOM * t.hbm_gib * GIB)
+        judge(row, targets)
         log(format_row(row))
+        on_row(row)
         rows.append(row)
   return rows
 
@@ -359,7 +381,31 @@ def format_row(row: dict) -> str:
           f"{row['compile_s']:.0f} s | {fits}")
 
 
+def _flat(tree, prefix: str = "") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+  return out
+
+
+def saved_rows(path: Path, config: dict) -> list[dict]:
+  """The rows an earlier plan into `path` finished; refused if it planned another config
+  (rows of two configs in one file could not be told apart)."""
+  if not path.exists():
+    return []
+  saved = json.loads(path.read_text())
+  theirs, ours = _flat(saved.get("config_values", {})), _flat(config)
+  differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+  if differ:
+    raise ConfigError(f"{path} holds a plan of another config (differs in {', '.join(differ[:8])}"
+                      f"{' ...' if len(differ) > 8 else ''}): use another --workdir or remove it")
+  return saved["rows"]
+
+
 def main(cfg, workdir: Path) -> int:
+  from lego_jax import config as config_lib
   from lego_jax.train import checkpoint as ckpt_lib
 
   names = _TARGETS.value or [t.name for t in TARGETS]
@@ -370,11 +416,20 @@ def main(cfg, workdir: Path) -> int:
   meshes = tuple(_MESHES.value)
   for m in meshes:
     parse_mesh(m, cfg)
-  print(f"plan: config {cfg.name}, {len(jax.devices())} fake {jax.devices()[0].platform} "
-        f"devices; HBM budget {HEADROOM:.0%} of each chip")
-  rows = plan(cfg, tuple(_STAGES.value), meshes, targets)
   out = Path(workdir) / "plan.json"
-  ckpt_lib.dump_json({"config": cfg.name, "headroom": HEADROOM,
-                      "targets": [dataclasses.asdict(t) for t in targets], "rows": rows}, out)
+  config = config_lib.to_dict(cfg)
+  rows = saved_rows(out, config)
+  print(f"plan: config {cfg.name}, {len(jax.devices())} fake {jax.devices()[0].platform} "
+        f"devices; HBM budget {HEADROOM:.0%} of each chip; {out}: "
+        f"{sum('error' not in r for r in rows)} rows done before")
+
+  def save(row: dict) -> None:
+    # Every finished row is on disk before the next compile starts (atomically: a plan stopped
+    # mid-write leaves the previous file); rows of other stages or meshes stay.
+    rows[:] = [r for r in rows if row_key(r) != row_key(row)] + [row]
+    ckpt_lib.dump_json({"config": cfg.name, "config_values": config, "headroom": HEADROOM,
+                        "targets": [dataclasses.asdict(t) for t in TARGETS], "rows": rows}, out)
+
+  plan(cfg, tuple(_STAGES.value), meshes, targets, done=tuple(rows), on_row=save)
   print(f"plan: {out}")
   return 0

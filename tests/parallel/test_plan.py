@@ -1,12 +1,15 @@
 """`lego-jax plan`: FLOPs counted on the jaxpr (scans times their length), and the command itself
 on a small config: fake devices set up before JAX starts, the real train-vae step compiled from
-abstract shapes on two meshes, memory per device and fits reported."""
+abstract shapes on two meshes, memory per device and fits reported, each row saved as it is
+finished and kept by a rerun into the same workdir."""
 
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -47,19 +50,55 @@ def test_jaxpr_flops_counts_matmuls_convolutions_scans_and_gradients():
   assert (plan.jaxpr_flops(plain), plan.jaxpr_flops(remat)) == (3 * matmul, 4 * matmul)
 
 
-def test_plan_command_compiles_the_vae_step_abstractly(tmp_path):
+def _plan(workdir: Path, *args: str, wait: bool = True):
   env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("XLA_FLAGS", None)  # the command sets up its own 16 fake devices
-  done = subprocess.run(
-      [sys.executable, "-m", "lego_jax", "plan", f"--workdir={tmp_path}", "--plan_stages=vae",
-       "--plan_meshes=config,1:2:2", "--plan_targets=TPU v5p-8", *TINY],
-      env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  cmd = [sys.executable, "-m", "lego_jax", "plan", f"--workdir={workdir}",
+         "--plan_targets=TPU v5p-8", *TINY, *args]  # args last: they override TINY
+  if not wait:
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _saved(workdir: Path) -> list[dict]:
+  path = workdir / "plan.json"
+  return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def test_plan_command_compiles_the_vae_step_abstractly_row_by_row(tmp_path):
+  # Killed during its second row (the LDM step, a compile of many seconds): the first row is
+  # already in plan.json, written whole.
+  proc = _plan(tmp_path, "--plan_stages=vae,ldm", "--plan_meshes=config", wait=False)
+  try:
+    deadline = time.monotonic() + 600
+    while not _saved(tmp_path):
+      assert proc.poll() is None, proc.stderr.read()[-3000:]
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL, "the plan ended before its LDM row was killed"
+  (first,) = _saved(tmp_path)
+  assert (first["stage"], first["mesh_request"], first["devices"]) == ("vae", "config", 4)
+  # Marked, to tell a row taken from plan.json from one compiled again.
+  saved = json.loads((tmp_path / "plan.json").read_text())
+  saved["rows"][0]["compile_s"] = 12345.0
+  (tmp_path / "plan.json").write_text(json.dumps(saved))
+
+  # The same output again, one more mesh: the finished row is kept, only the new one compiles.
+  done = _plan(tmp_path, "--plan_stages=vae", "--plan_meshes=config,1:2:2")
   assert done.returncode == 0, done.stderr[-3000:]
-  assert "16 fake cpu devices" in done.stdout
-  rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
+  assert "16 fake cpu devices" in done.stdout and "1 rows done before" in done.stdout
+  assert done.stdout.count("(from plan.json)") == 1
+  rows = _saved(tmp_path)
   assert [(r["mesh"], r["devices"]) for r in rows] == [
       ({"data": 4, "fsdp": 1, "tensor": 1}, 4), ({"data": 1, "fsdp": 2, "tensor": 2}, 4)]
   replicated, split = rows
+  assert replicated["compile_s"] == 12345.0 and split["compile_s"] < 12345.0
   for r in rows:
     assert "error" not in r and r["targets"] == {"TPU v5p-8": True}
     assert r["global_batch"] == 8 and r["bytes_per_device"]["peak"] > 0
@@ -78,3 +117,10 @@ def test_plan_command_compiles_the_vae_step_abstractly(tmp_path):
   ratio = replicated["flops_per_device"] / replicated["xla_cost_analysis_flops_per_device"]
   assert 0.8 < ratio < 1.25, ratio
   assert replicated["flops_per_step"] == split["flops_per_step"]
+
+  # Rows of another config are never mixed into this file.
+  other = _plan(tmp_path, "--plan_stages=vae", "--plan_meshes=config",
+                "--config.vae_train.batch_size=16")
+  assert other.returncode == 2, other.stderr[-3000:]
+  assert "another config (differs in vae_train.batch_size)" in other.stderr
+  assert _saved(tmp_path) == rows
