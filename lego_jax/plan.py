@@ -191,7 +191,7 @@ def ldm_stage(cfg, mesh) -> Stage:
       return np.zeros((len(batch["input"]), text_len), np.int32)
 
   s = cfg.data.image_size
-  one = {"input": np.zeros((1, s, s, 3), np.float32), "target": np.zeros((1, s, s, 3), np.float32)}
+  one = {"input": np.zeros((1, s, s, 3), np.uint8), "target": np.zeros((1, s, s, 3), np.uint8)}
   example = ldm.batch_arrays(cfg, one, _Ids())  # the trainer's own batch layout, one row
   b = t.batch_size
   batch = _batch(mesh, {k: ((b,) + v.shape[1:], v.dtype) for k, v in example.items()})

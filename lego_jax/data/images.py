@@ -152,6 +152,23 @@ def to_unit_range(img: np.ndarray) -> np.ndarray:
   return out
 
 
+def frames_to_unit_range(x):
+  """Frames as the pipelines give them (uint8 0..255) -> float32 in [-1, 1]; float frames
+  (already in [-1, 1], e.g. from single-frame inference or tests) pass through unchanged.
+
+  Works on numpy arrays and on (traced) jax.Arrays: the training and sampling programs call it
+  on the device, so workers, inter-process queues and host->device copies move uint8 frames (a
+  quarter of the bytes, and the float conversion is fused into the first convolution's input).
+  The arithmetic is to_unit_range's."""
+  if x.dtype != np.uint8:
+    return x
+  if isinstance(x, np.ndarray):
+    return to_unit_range(x)
+  import jax.numpy as jnp
+
+  return x.astype(jnp.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
 def from_unit_range(img: np.ndarray) -> np.ndarray:
   """float in [-1, 1] -> uint8 (clipped)."""
   return np.clip(np.rint((np.asarray(img, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -28,6 +28,7 @@ from flax import nnx
 from PIL import Image
 from tqdm.auto import tqdm
 
+from lego_jax.data import images as images_lib
 from lego_jax.infer import sampler as sampler_lib
 
 _RUN = flags.DEFINE_string("run_name", None, "generate: name of this generation run")
@@ -49,12 +50,19 @@ def to_uint8(images: np.ndarray, mode: str) -> np.ndarray:
   return (x * 255.0).round().astype(np.uint8)
 
 
+def frames_uint8(frames) -> np.ndarray:
+  """Pipeline frames (uint8) as they are; float frames in [-1, 1] clamped to uint8."""
+  x = np.asarray(frames)
+  return x if x.dtype == np.uint8 else to_uint8(x, "clamp")
+
+
 @nnx.jit(static_argnames=("num_steps", "kind", "use_image", "use_text", "scaling"))
 def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, empty_ids, h_img,
                      h_txt, key, text_scale, image_scale, *, num_steps: int, kind: str,
                      use_image: bool, use_text: bool, scaling: float):
-  """input frames (B,H,W,3) in [-1,1] + text ids + VLLM features -> decoded frames (B,H,W,3)."""
-  image_latent = vae.mode(input_images)
+  """input frames (B,H,W,3) (uint8, or float in [-1,1]) + text ids + VLLM features -> decoded
+  frames (B,H,W,3)."""
+  image_latent = vae.mode(images_lib.frames_to_unit_range(input_images))
   text = clip_text(text_ids)
   cond = conditioner(text, h_img, h_txt, use_image=use_image, use_text=use_text)
   empty = jnp.broadcast_to(clip_text(empty_ids), text.shape)
@@ -108,8 +116,8 @@ def generate_split(cfg, workdir: Path, split: str, out: Path, models=None, limit
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(batch["index"]))
     decoded = run_batch(models, arrays, arrays["text_ids"], empty, cfg, keys)
     gen = to_uint8(np.asarray(decoded), cfg.sampler.output_norm)
-    ref = to_uint8(np.asarray(batch["target"]), "clamp")
-    inp = to_uint8(np.asarray(batch["input"]), "clamp")
+    ref = frames_uint8(batch["target"])
+    inp = frames_uint8(batch["input"])
     for i in range(b):
       name = safe_name(str(batch["id"][i])) + ".png"
       size = (int(batch["width"][i]), int(batch["height"][i]))
@@ -154,8 +162,8 @@ def training_sample_callback(cfg, workdir: Path, graphdefs, num: int = 4):
     models = tuple(nnx.merge(graphdefs[n], params[n]) for n in ("unet", "conditioner", "clip_text", "vae"))
     decoded = run_batch(models, arrays, arrays["text_ids"], empty, cfg, jax.random.key(cfg.sampler.seed))
     gen = to_uint8(np.asarray(decoded), cfg.sampler.output_norm)
-    rows = [[to_uint8(np.asarray(arrays["input"])[i:i + 1], "clamp")[0], gen[i],
-             to_uint8(np.asarray(arrays["target"])[i:i + 1], "clamp")[0]] for i in range(len(gen))]
+    inp, ref = frames_uint8(arrays["input"]), frames_uint8(arrays["target"])
+    rows = [[inp[i], gen[i], ref[i]] for i in range(len(gen))]
     grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
     Image.fromarray(grid).save(out_dir / f"step_{step:07d}.png")
     writer.image(step, "samples/input|ema_sample|target", grid)

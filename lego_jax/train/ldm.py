@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lego_jax.data import features as features_lib
+from lego_jax.data import images
 from lego_jax.data import pipeline
 from lego_jax.data.tokenizer import load_clip_tokenizer
 from lego_jax.infer.schedule import NoiseSchedule
@@ -117,9 +118,9 @@ def diffusion_loss(trained, frozen, graphdefs, batch, keys, mixer_key, *, cfg,
                                   for i in range(4))
   normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32)
 
-  mean, logvar = vae.encode(batch["input"])
+  mean, logvar = vae.encode(images.frames_to_unit_range(batch["input"]))
   input_latent = jax.lax.stop_gradient(mean)                       # posterior MODE, unscaled
-  t_mean, t_logvar = vae.encode(batch["target"])
+  t_mean, t_logvar = vae.encode(images.frames_to_unit_range(batch["target"]))
   eps_post = _per_example(k_post, t_mean.shape[1:], normal)
   target_latent = jax.lax.stop_gradient(t_mean + jnp.exp(0.5 * t_logvar) * eps_post)
   target_latent = target_latent * cfg.vae.scaling_factor           # posterior SAMPLE x 0.18215

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lego_jax.data import images as images_lib
 from lego_jax.data import pipeline
 from lego_jax.models.vae import VAE, VAEConfig
 from lego_jax.parallel import distributed, sharding
@@ -32,6 +33,7 @@ def build(cfg, rngs: nnx.Rngs | None = None) -> VAE:
 
 
 def vae_loss(model: VAE, images: jax.Array, rng: jax.Array, kl_weight: float, l2_weight: float):
+  images = images_lib.frames_to_unit_range(images)
   mean, logvar = model.encode(images)
   z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
   recon = model.decode(z)
@@ -137,7 +139,7 @@ def reconstruction_check(cfg, workdir: Path, model: VAE, num: int = 16) -> dict:
 
   loader = pipeline.eval_pairs(cfg, workdir, num, split="val", views=("ldm",))
   batch = next(iter(loader))
-  x = jnp.asarray(batch["target"])
+  x = jnp.asarray(images_lib.frames_to_unit_range(batch["target"]))
   recon = jax.jit(lambda m, a: m(a))(model, x)
   to01 = lambda a: np.clip((np.asarray(a) + 1) / 2, 0, 1)
   mse = np.mean((to01(recon) - to01(x)) ** 2, axis=(1, 2, 3))
