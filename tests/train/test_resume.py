@@ -1,12 +1,14 @@
-"""Faults: `kill -9` at a random step of train-vae or train-vllm, then the same command again,
-ends bitwise equal (CPU) to an uninterrupted run, having seen the same batches; a non-finite loss stops training with a clear
-message and keeps the last good checkpoint, or is skipped and counted with `skip_nonfinite`.
+"""Faults: `kill -9` at a random step of train-vae, train-vllm or train-ldm, then the same command
+again, ends bitwise equal (CPU) to an uninterrupted run, having seen the same batches; a non-finite
+loss stops training with a clear message and keeps the last good checkpoint, or is skipped and
+counted with `skip_nonfinite`.
 
 Every run is the real `lego-jax` command in a subprocess on one CPU device, sharing one JAX
 compilation cache so only the first run of a model pays its compile."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +29,16 @@ TIMEOUT = 600
 VAE = ["--config.vae.block_out_channels=(8,)", "--config.vae.layers_per_block=1",
        "--config.vae.norm_groups=4", "--config.data.image_size=16",
        "--config.vae_train.batch_size=8", "--config.vae_train.log_every=1"]
+VLLM = ["--config.llama.num_layers=1", "--config.clip_vision.num_layers=2"]
+# test_ldm.py's small UNet, text encoder and conditioner (whose llm_dim stays the VLLM's width).
+LDM = ["--config.unet.block_out_channels=(16,32)", "--config.unet.attention_levels=(False,True)",
+       "--config.unet.num_heads=2", "--config.unet.context_dim=16", "--config.unet.norm_groups=8",
+       "--config.clip_text.hidden_size=16", "--config.clip_text.intermediate_size=32",
+       "--config.clip_text.num_layers=1", "--config.clip_text.num_heads=2",
+       "--config.conditioner.context_dim=16", "--config.conditioner.num_heads=2",
+       "--config.conditioner.ffn_dim=32", "--config.conditioner.num_layers=1",
+       "--config.ldm_train.batch_size=4", "--config.ldm_train.log_every=1",
+       "--config.ldm_train.sample_every=0"]
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +214,35 @@ def test_vllm_kill_9_then_resume_is_bitwise_equal(data, env, tmp_path):
   n = 6
   args = [f"--config.vllm_train.num_steps={n}", "--config.vllm_train.ckpt_every=1",
           "--config.vllm_train.log_every=1", "--config.vllm_train.batch_size=4",
-          "--config.vllm_train.grad_accum=1", "--config.llama.num_layers=1",
-          "--config.clip_vision.num_layers=2", "--config.data.num_workers=2"]
+          "--config.vllm_train.grad_accum=1", "--config.data.num_workers=2", *VLLM]
   _kill_and_resume(lambda w: _command("train-vllm", w, data, args), "vllm", n, env, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def ldm_inputs(data, env, tmp_path_factory) -> Path:
+  """What train-ldm reads from its workdir (a VAE checkpoint, the VLLM's features of every
+  split), made once by the real commands at their cheapest: one VAE step (the same compiled step
+  as the VAE test's), the VLLM's random initialisation, 4-token descriptions."""
+  root = tmp_path_factory.mktemp("ldm_inputs")
+  for stage, args in (("train-vae", VAE + ["--config.vae_train.num_steps=1"]),
+                      ("train-vllm", VLLM + ["--config.vllm_train.num_steps=0"]),
+                      ("extract", VLLM + ["--config.vllm_generate.max_new_tokens=4"])):
+    done = _run(_command(stage, root, data, args), env)
+    assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
+  return root
+
+
+def test_ldm_kill_9_then_resume_is_bitwise_equal(data, env, ldm_inputs, tmp_path):
+  n = 5  # killed after checkpoint 1, 2 or 3: every step costs a checkpoint write here
+  args = VAE + LDM + [f"--config.ldm_train.num_steps={n}", "--config.ldm_train.ckpt_every=1",
+                      "--config.data.num_workers=2"]
+
+  def prepare_dir(workdir: Path) -> None:
+    shutil.copytree(ldm_inputs / "checkpoints" / "vae", workdir / "checkpoints" / "vae")
+    shutil.copytree(ldm_inputs / "features", workdir / "features")
+
+  _kill_and_resume(lambda w: _command("train-ldm", w, data, args), "ldm", n, env, tmp_path,
+                   prepare_dir=prepare_dir)
+  # What was compared bit for bit: the UNet and conditioner, their Adam moments and EMA.
+  compared = {k.split("]")[0] + "]" for k in _state(tmp_path / "reference", "ldm")}
+  assert {"['trained']", "['opt_state']", "['ema']", "['frozen']"} <= compared
