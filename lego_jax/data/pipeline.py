@@ -85,7 +85,10 @@ def _text(v) -> str:
   return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
+@dataclasses.dataclass(frozen=True)
 class DecodePair(grain.transforms.Map):
+  frames: bool = True  # False: no view of the frames is wanted (e.g. cached latents stand in)
+
   def map(self, r: dict) -> dict:
     out = {k: r[k] for k in r if k not in records.PAIR_BYTES and k not in records.PAIR_STRINGS
            and k not in records.PAIR_INTS}
@@ -93,6 +96,8 @@ class DecodePair(grain.transforms.Map):
       out[k] = _text(r[k])
     out["height"], out["width"] = np.int32(r["height"]), np.int32(r["width"])
     out["index"] = np.int32(r["index"])
+    if not self.frames:
+      return out
     # Frames stay PIL images until ToArrays: each numpy round trip would copy them.
     out["input"] = images.decode_rgb_image(r["input_jpeg"])
     out["target"] = images.decode_rgb_image(r["target_jpeg"])
@@ -116,7 +121,7 @@ class ResizePair(grain.transforms.Map):
       r["mask"] = images.squash_image(r["mask"], self.image_size, Image.Resampling.NEAREST)
     else:
       for k in ("input", "target", "mask"):
-        r.pop(k)
+        r.pop(k, None)
     return r
 
 
@@ -193,9 +198,12 @@ def pair_loader(records_dir: str | Path, split: str, *, batch_size: int, image_s
   """Batches of action-frame pairs (see module doc). `extra_operations` run after the
   standard ones, before batching (e.g. decoding zipped `extra_sources`)."""
   source = ZippedSource(records.open_split(records_dir, split, records.PAIRS), extra_sources)
-  ops = [DecodePair(), ResizePair(image_size, vllm_image_size)]
+  ops = [DecodePair(frames=bool(image_size or vllm_image_size)),
+         ResizePair(image_size, vllm_image_size)]
   if image_size:
     ops += [JointFlip(hflip_prob), ToArrays()]
+  elif hflip_prob > 0:  # the coin alone: a later operation (the LDM's latent cache) applies it
+    ops += [JointFlip(hflip_prob)]
   return make_loader(source, ops + list(extra_operations), batch_size=batch_size, seed=seed,
                      shuffle=shuffle, num_epochs=num_epochs, shard_options=shard_options,
                      worker_count=worker_count, drop_remainder=drop_remainder)
