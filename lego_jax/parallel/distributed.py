@@ -233,6 +233,12 @@ class ShardedIterator:
                        for i, it in zip(self.shard_ids, self.iterators)}}
 
   def set_state(self, state: dict) -> None:
+    if not (isinstance(state, dict) and "shards" in state):
+      import jax
+
+      # A checkpoint of a loader that read one shard per host (train-vllm and train-ldm before
+      # they had data shards): it is this process's shard of process_count.
+      state = {"num_shards": jax.process_count(), "shards": {str(jax.process_index()): state}}
     if state.get("num_shards") != self.num_shards:
       # The run started with another shard count: rebuild so the data order stays the run's.
       self.__init__(self.loader, int(state["num_shards"]))

@@ -38,7 +38,7 @@ from lego_jax.infer.schedule import NoiseSchedule
 from lego_jax.models.clip_text import CLIPText, CLIPTextConfig
 from lego_jax.models.conditioner import Conditioner, ConditionerConfig
 from lego_jax.models.unet import UNet, UNetConfig
-from lego_jax.parallel import sharding
+from lego_jax.parallel import distributed, sharding
 from lego_jax.train import common, loop
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import vae as vae_train
@@ -197,9 +197,11 @@ def init_state(cfg, workdir: Path, mesh):
   replicated = NamedSharding(mesh, P())
   trained = jax.device_put(trained, sharding.state_shardings(mesh, trained))
   frozen = jax.device_put(frozen, sharding.state_shardings(mesh, frozen))
+  # Adam's moments carry the parameters' logical names: they shard exactly like them. Explicit:
+  # left to jit, the step counts (which depend on no input) land on one device, off the mesh.
+  opt_shardings = sharding.state_shardings(mesh, jax.eval_shape(tx.init, trained))
   state = {"trained": trained, "frozen": frozen,
-           # Initialised under jit from the placed params: Adam moments inherit their shardings.
-           "opt_state": jax.jit(tx.init)(trained),
+           "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(trained),
            "ema": jax.jit(lambda p: jax.tree.map(jnp.copy, p))(trained),
            "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
            "nonfinite": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
@@ -226,14 +228,15 @@ class TextIds:
     return self.tokenize([""])
 
 
-def loader_for(cfg, workdir: Path, split: str, batch_size: int, train: bool):
+def loader_for(cfg, workdir: Path, split: str, batch_size: int, train: bool,
+               shard_options=None):
   extras, ops = {}, []
   if uses_features(cfg):
     extras["features"] = features_lib.open_source(Path(workdir) / "features", split)
     ops.append(features_lib.DecodeFeatures(cfg.conditioner.text_len))
   make = pipeline.train_pairs if train else pipeline.eval_pairs
   return make(cfg, workdir, batch_size, split=split, views=("ldm",), extra_sources=extras,
-              extra_operations=ops)
+              extra_operations=ops, shard_options=shard_options)
 
 
 def batch_arrays(cfg, batch: dict, text_ids: TextIds) -> dict:
@@ -260,8 +263,11 @@ def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = Tru
   step = jax.jit(make_train_step(cfg, graphdefs, tx, schedule_of(cfg), empty_ids),
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),
                  donate_argnums=0)
-  per_host = t.batch_size // jax.process_count()
-  loader = loader_for(cfg, workdir, "train", per_host, train=True)
+  # Data shards, not hosts, fix the data order: a run on 2 hosts equals one on 1 host with
+  # --data_shards=2, and resumes on either.
+  loader = distributed.ShardedLoader(
+      lambda shard, n: loader_for(cfg, workdir, "train", n, train=True, shard_options=shard),
+      global_batch=t.batch_size)
   every = None
   if samples and t.sample_every:
     from lego_jax.infer.generate import training_sample_callback

@@ -48,7 +48,7 @@ from lego_jax.data import tokenizer as tokenizer_lib
 from lego_jax.data.prompts import chat_prompt
 from lego_jax.models import clip_vision
 from lego_jax.models.llava import Llava, LlavaConfig, load_llava
-from lego_jax.parallel import sharding
+from lego_jax.parallel import distributed, sharding
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import common, loop
 
@@ -381,10 +381,13 @@ def train(cfg, workdir: Path, stop_after: int | None = None):
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),
                  donate_argnums=0)
   encoder = BatchEncoder(tok, llava_config(cfg).num_patches, int(t.max_length))
-  loader = pipeline.instruct_loader(
-      pipeline.records_dir_of(cfg.data, workdir), "train",
-      batch_size=t.batch_size // jax.process_count(), vllm_image_size=cfg.data.vllm_image_size,
-      seed=cfg.seed, shuffle=True, num_epochs=None, worker_count=cfg.data.num_workers)
+  # Data shards, not hosts, fix the data order (as in train-vae and train-ldm).
+  loader = distributed.ShardedLoader(
+      lambda shard, n: pipeline.instruct_loader(
+          pipeline.records_dir_of(cfg.data, workdir), "train", batch_size=n,
+          vllm_image_size=cfg.data.vllm_image_size, seed=cfg.seed, shuffle=True, num_epochs=None,
+          shard_options=shard, worker_count=cfg.data.num_workers),
+      global_batch=t.batch_size)
 
   with sharding.use_mesh(mesh):
     state = loop.run(

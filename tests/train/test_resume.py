@@ -210,6 +210,30 @@ def test_data_iterators_resume_exactly(data, workers):
   assert len({i for b in expected for i in b}) == 32
 
 
+def test_a_loader_state_of_one_shard_per_host_resumes_as_that_hosts_shard(data):
+  """Checkpoints of train-vllm / train-ldm from before they read data shards hold one plain
+  DataLoader state per host: a sharded loader resumes it in the same order."""
+  from lego_jax.data import pipeline
+
+  cfg = config_lib.load("tiny", [f"data.records_dir={data / 'records'}", "data.image_size=16",
+                                 "data.num_workers=0"])
+
+  def make(shard=None, n=4):
+    return pipeline.train_pairs(cfg, data, n, views=("ldm",), shard_options=shard)
+
+  straight = iter(make())
+  expected = [next(straight)["index"].tolist() for _ in range(6)]
+  old = iter(make())
+  seen = [next(old)["index"].tolist() for _ in range(2)]
+  saved = distributed.from_jsonable(json.loads(json.dumps(distributed.to_jsonable(
+      old.get_state()))))
+  resumed = iter(distributed.ShardedLoader(make, global_batch=4))
+  resumed.set_state(saved)
+  seen += [next(resumed)["index"].tolist() for _ in range(4)]
+  assert seen == expected
+  assert resumed.get_state()["num_shards"] == 1
+
+
 def test_vllm_kill_9_then_resume_is_bitwise_equal(data, env, tmp_path):
   n = 6
   args = [f"--config.vllm_train.num_steps={n}", "--config.vllm_train.ckpt_every=1",
