@@ -41,6 +41,7 @@ from lego_jax.models.unet import UNet, UNetConfig
 from lego_jax.parallel import distributed, sharding
 from lego_jax.train import common, loop
 from lego_jax.train import checkpoint as ckpt_lib
+from lego_jax.train import ldm_cache
 from lego_jax.train import vae as vae_train
 
 TEXT_SOURCES = ("generated", "annotation", "action")
@@ -118,14 +119,19 @@ def diffusion_loss(trained, frozen, graphdefs, batch, keys, mixer_key, *, cfg,
                                   for i in range(4))
   normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32)
 
-  mean, logvar = vae.encode(images.frames_to_unit_range(batch["input"]))
+  if "input_mean" in batch:  # ldm_train.cache_frozen: encoded once, before training
+    mean, t_mean, t_logvar = batch["input_mean"], batch["target_mean"], batch["target_logvar"]
+    text = batch["text"]
+  else:
+    mean, _ = vae.encode(images.frames_to_unit_range(batch["input"]))
+    t_mean, t_logvar = vae.encode(images.frames_to_unit_range(batch["target"]))
+    text = clip_text(batch["text_ids"])
   input_latent = jax.lax.stop_gradient(mean)                       # posterior MODE, unscaled
-  t_mean, t_logvar = vae.encode(images.frames_to_unit_range(batch["target"]))
   eps_post = _per_example(k_post, t_mean.shape[1:], normal)
   target_latent = jax.lax.stop_gradient(t_mean + jnp.exp(0.5 * t_logvar) * eps_post)
   target_latent = target_latent * cfg.vae.scaling_factor           # posterior SAMPLE x 0.18215
 
-  text = jax.lax.stop_gradient(clip_text(batch["text_ids"]))
+  text = jax.lax.stop_gradient(text)
   empty = jax.lax.stop_gradient(clip_text(empty_ids))
   r = jax.vmap(lambda k: jax.random.uniform(k, ()))(k_drop)
   drop_text, drop_image = cfg_dropout(r, t)
@@ -158,7 +164,7 @@ def make_train_step(cfg, graphdefs, tx, schedule, empty_ids):
                                 cfg=cfg, schedule=schedule, empty_ids=empty_ids)
     grad_fn = jax.value_and_grad(lambda p, b, k, mk: loss_fn(p, batch=b, keys=k, mixer_key=mk),
                                  has_aux=True)
-    n = batch["input"].shape[0]
+    n = batch["h_img"].shape[0]
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
     mixer_key = jax.random.fold_in(rng, n)
     # Per-example keys make the result independent of the micro-batch split (up to the mixer's
@@ -228,21 +234,35 @@ class TextIds:
     return self.tokenize([""])
 
 
-def loader_for(cfg, workdir: Path, split: str, batch_size: int, train: bool,
-               shard_options=None):
+def feature_extras(cfg, workdir: Path, split: str) -> tuple[dict, list]:
+  """The VLLM feature records zipped with the split's pairs, and their decoding operation."""
   extras, ops = {}, []
   if uses_features(cfg):
     extras["features"] = features_lib.open_source(Path(workdir) / "features", split)
     ops.append(features_lib.DecodeFeatures(cfg.conditioner.text_len))
+  return extras, ops
+
+
+def loader_for(cfg, workdir: Path, split: str, batch_size: int, train: bool,
+               shard_options=None):
+  extras, ops = feature_extras(cfg, workdir, split)
+  views = ("ldm",)
+  if train and cfg.ldm_train.cache_frozen:  # cached latents and text states replace the frames
+    extras["cache"] = ldm_cache.open_source(workdir, split)
+    ops.append(ldm_cache.DecodeCache())
+    views = ()
   make = pipeline.train_pairs if train else pipeline.eval_pairs
-  return make(cfg, workdir, batch_size, split=split, views=("ldm",), extra_sources=extras,
+  return make(cfg, workdir, batch_size, split=split, views=views, extra_sources=extras,
               extra_operations=ops, shard_options=shard_options)
 
 
 def batch_arrays(cfg, batch: dict, text_ids: TextIds) -> dict:
   """The numeric arrays one step needs (features zero-filled when the ablation drops them)."""
-  out = {"input": batch["input"], "target": batch["target"], "text_ids": text_ids(batch)}
-  b = len(out["input"])
+  if "input_mean" in batch:  # ldm_train.cache_frozen: the frozen encoders' outputs
+    out = {k: batch[k] for k in ldm_cache.LATENTS + ("text",)}
+  else:
+    out = {"input": batch["input"], "target": batch["target"], "text_ids": text_ids(batch)}
+  b = len(out["text" if "text" in out else "text_ids"])
   n_img = cfg.data.get("num_image_tokens", None)
   if "h_img" in batch:
     out["h_img"], out["h_txt"] = batch["h_img"], batch["h_txt"]
@@ -263,6 +283,11 @@ def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = Tru
   step = jax.jit(make_train_step(cfg, graphdefs, tx, schedule_of(cfg), empty_ids),
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),
                  donate_argnums=0)
+  if t.cache_frozen:
+    info = ldm_cache.build(cfg, workdir, graphdefs, state["frozen"], text_ids)
+    if jax.process_index() == 0 and not info.get("kept"):
+      print(f"train-ldm: frozen-encoder cache {ldm_cache.cache_dir(workdir)}: "
+            f"{info['num_records']} examples, {info['bytes_per_example'] / 1024:.1f} KiB each")
   # Data shards, not hosts, fix the data order: a run on 2 hosts equals one on 1 host with
   # --data_shards=2, and resumes on either.
   loader = distributed.ShardedLoader(
