@@ -44,7 +44,10 @@ LDM = ["--config.unet.block_out_channels=(16,32)", "--config.unet.attention_leve
        "--config.conditioner.context_dim=16", "--config.conditioner.num_heads=2",
        "--config.conditioner.ffn_dim=32", "--config.conditioner.num_layers=1",
        "--config.ldm_train.batch_size=8", "--config.ldm_train.log_every=1",
-       "--config.ldm_train.ckpt_every=2", "--config.ldm_train.sample_every=0"]
+       "--config.ldm_train.ckpt_every=2", "--config.ldm_train.sample_every=0",
+       # Orbax saves each device's slice of ~1,000 small arrays: 12 s synchronously on 8 devices,
+       # 26 s through the asynchronous path (measured on the loaded 2-core machine).
+       "--config.checkpoint.async_save=false"]
 # What each command prints at its end: process 1 (whose output goes to its log) got there too.
 ENDED = {"vae": "train-vae: held-out reconstruction PSNR", "vllm": "train-vllm: 2 steps",
          "ldm": "train-ldm: checkpoints in"}
