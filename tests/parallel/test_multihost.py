@@ -27,27 +27,16 @@ import pytest
 
 from lego_jax import config as config_lib
 from lego_jax.data import prepare
+from procs import SMALL_LDM, SMALL_VAE, SMALL_VLLM
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 600
-VAE = ["--config.vae.block_out_channels=(8,)", "--config.vae.layers_per_block=1",
-       "--config.vae.norm_groups=4", "--config.data.image_size=16",
-       "--config.vae_train.batch_size=8", "--config.vae_train.log_every=1",
-       "--config.vae_train.ckpt_every=2", "--config.data.num_workers=0"]
-VLLM = ["--config.llama.num_layers=1", "--config.clip_vision.num_layers=2",
-        "--config.data.num_workers=0"]
-# test_ldm.py's small UNet, text encoder and conditioner (whose llm_dim stays the VLLM's width).
-LDM = ["--config.unet.block_out_channels=(16,32)", "--config.unet.attention_levels=(False,True)",
-       "--config.unet.num_heads=2", "--config.unet.context_dim=16", "--config.unet.norm_groups=8",
-       "--config.clip_text.hidden_size=16", "--config.clip_text.intermediate_size=32",
-       "--config.clip_text.num_layers=1", "--config.clip_text.num_heads=2",
-       "--config.conditioner.context_dim=16", "--config.conditioner.num_heads=2",
-       "--config.conditioner.ffn_dim=32", "--config.conditioner.num_layers=1",
-       "--config.ldm_train.batch_size=8", "--config.ldm_train.log_every=1",
-       "--config.ldm_train.ckpt_every=2", "--config.ldm_train.sample_every=0",
-       # Orbax saves each device's slice of ~1,000 small arrays: 12 s synchronously on 8 devices,
-       # 26 s through the asynchronous path (measured on the loaded 2-core machine).
-       "--config.checkpoint.async_save=false"]
+VAE = SMALL_VAE + ["--config.vae_train.ckpt_every=2", "--config.data.num_workers=0"]
+VLLM = SMALL_VLLM + ["--config.data.num_workers=0"]
+LDM = SMALL_LDM + ["--config.ldm_train.batch_size=8", "--config.ldm_train.ckpt_every=2",
+                   # Orbax saves each device's slice of ~1,000 small arrays: 12 s synchronously
+                   # on 8 devices, 26 s through the asynchronous path (the loaded 2-core machine).
+                   "--config.checkpoint.async_save=false"]
 # What each command prints at its end: process 1 (whose output goes to its log) got there too.
 ENDED = {"vae": "train-vae: held-out reconstruction PSNR", "vllm": "train-vllm: 2 steps",
          "ldm": "train-ldm: checkpoints in"}

@@ -9,16 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lego_jax import config as config_lib
 from lego_jax import plan
 from lego_jax.parallel import sharding
+from procs import kill_when
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--config.vae.block_out_channels=(8,)", "--config.vae.layers_per_block=1",
@@ -70,17 +69,7 @@ def test_plan_command_compiles_the_vae_step_abstractly_row_by_row(tmp_path):
   # Killed during its second row (the LDM step, a compile of many seconds): the first row is
   # already in plan.json, written whole.
   proc = _plan(tmp_path, "--plan_stages=vae,ldm", "--plan_meshes=config", wait=False)
-  try:
-    deadline = time.monotonic() + 600
-    while not _saved(tmp_path):
-      assert proc.poll() is None, proc.stderr.read()[-3000:]
-      assert time.monotonic() < deadline
-      time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
+  kill_when(proc, lambda: bool(_saved(tmp_path)), 600)
   assert proc.returncode == -signal.SIGKILL, "the plan ended before its LDM row was killed"
   (first,) = _saved(tmp_path)
   assert (first["stage"], first["mesh_request"], first["devices"]) == ("vae", "config", 4)

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lego_jax.parallel import sharding
 from lego_jax.train import checkpoint as ckpt_lib
+from procs import kill_when
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,17 +107,11 @@ def test_kill_9_during_a_save_keeps_the_last_good_checkpoint(tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
   try:
     assert proc.stdout.readline().strip() == "saved 1"
-    deadline = time.monotonic() + 120
-    # Orbax writes step 2 into a temporary directory and renames it only when complete.
-    while not any("tmp" in p.name for p in directory.iterdir()):
-      assert proc.poll() is None, proc.stderr.read()
-      assert time.monotonic() < deadline, "the second save never started"
-      time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
+  except BaseException:
+    proc.kill()
+    raise
+  # Orbax writes step 2 into a temporary directory and renames it only when complete.
+  kill_when(proc, lambda: any("tmp" in p.name for p in directory.iterdir()), 120, poll_s=0.005)
   leftovers = sorted(p.name for p in directory.iterdir())
   assert "2" not in leftovers and any("tmp" in n for n in leftovers), leftovers
 

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -23,22 +22,13 @@ import pytest
 from lego_jax import config as config_lib
 from lego_jax.data import prepare
 from lego_jax.parallel import distributed
+from procs import SMALL_LDM, SMALL_VAE, SMALL_VLLM, kill_when
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 600
-VAE = ["--config.vae.block_out_channels=(8,)", "--config.vae.layers_per_block=1",
-       "--config.vae.norm_groups=4", "--config.data.image_size=16",
-       "--config.vae_train.batch_size=8", "--config.vae_train.log_every=1"]
-VLLM = ["--config.llama.num_layers=1", "--config.clip_vision.num_layers=2"]
-# test_ldm.py's small UNet, text encoder and conditioner (whose llm_dim stays the VLLM's width).
-LDM = ["--config.unet.block_out_channels=(16,32)", "--config.unet.attention_levels=(False,True)",
-       "--config.unet.num_heads=2", "--config.unet.context_dim=16", "--config.unet.norm_groups=8",
-       "--config.clip_text.hidden_size=16", "--config.clip_text.intermediate_size=32",
-       "--config.clip_text.num_layers=1", "--config.clip_text.num_heads=2",
-       "--config.conditioner.context_dim=16", "--config.conditioner.num_heads=2",
-       "--config.conditioner.ffn_dim=32", "--config.conditioner.num_layers=1",
-       "--config.ldm_train.batch_size=4", "--config.ldm_train.log_every=1",
-       "--config.ldm_train.sample_every=0"]
+VAE = SMALL_VAE
+VLLM = SMALL_VLLM
+LDM = SMALL_LDM + ["--config.ldm_train.batch_size=4"]
 
 
 @pytest.fixture(scope="module")
@@ -117,17 +107,8 @@ def _kill_and_resume(cmd_of, name: str, num_steps: int, env, tmp_path: Path, pre
   kill_after = int(np.random.default_rng().integers(1, num_steps - 1))
   proc = subprocess.Popen(cmd_of(run), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.monotonic() + TIMEOUT
-    while not [s for s in _steps(run / "checkpoints" / name) if s >= kill_after]:
-      assert proc.poll() is None, proc.stderr.read()[-3000:]
-      assert time.monotonic() < deadline
-      time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
+  kill_when(proc, lambda: any(s >= kill_after for s in _steps(run / "checkpoints" / name)),
+            TIMEOUT)
   assert proc.returncode == -signal.SIGKILL
   killed_at = _steps(run / "checkpoints" / name)[-1]
   assert killed_at < num_steps, f"the run had finished before the kill (after {kill_after})"
