@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
       vllm_image_size=224,            # CLIP view: bicubic short side 224, center crop 224
       hflip_prob=0.5,                 # joint flip of input and target
       num_workers=2,
-      synthetic=dict(num_train=0, num_val=0, num_test=0, seed=0, frame_size=256),
+      synthetic=dict(num_train=0, num_val=0, num_test=0, seed=0, frame_size=256, objects=(2, 4)),
       tokenizer_dir="",               # LLaMA SentencePiece tokenizer directory (local)
       clip_tokenizer_dir="",          # CLIP BPE tokenizer directory (local)
       tokenizer_vocab_size=32000,

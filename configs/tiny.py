@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.data.source = "synthetic"
   cfg.data.image_size = 64            # frames squashed to 64x64 for the LDM
   cfg.data.vllm_image_size = 32       # CLIP view for the VLLM
-  cfg.data.synthetic = dict(num_train=512, num_val=32, num_test=64, seed=0, frame_size=64)
+  cfg.data.synthetic = dict(num_train=512, num_val=32, num_test=64, seed=0, frame_size=64,
+                            objects=(2, 4))
   cfg.data.num_shards = 2
   # The synthetic descriptions say left/right and which hand: a flipped pair would contradict
   # its own text, so the embedded default does not flip (real LEGO data keeps the release's 0.5).

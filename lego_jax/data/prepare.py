@@ -84,7 +84,12 @@ def _release_inputs(data, workdir: Path) -> tuple[dict, dict, Path, str]:
     if not any(v > 0 for v in counts.values()):
       raise DataConfigError("cfg.data.synthetic asks for no examples (num_train, num_val and "
                             "num_test are all 0)")
-    files = synthetic.write_release(workdir / "raw", counts, s.seed, s.frame_size)
+    try:
+      objects = synthetic.check_objects(s.get("objects", synthetic.OBJECTS))
+    except ValueError as e:
+      raise DataConfigError(f"cfg.data.synthetic.objects: {e}") from None
+    files = synthetic.write_release(workdir / "raw", counts, s.seed, s.frame_size,
+                                    objects=objects)
     return (dict(files.annotations), dict(files.llava), files.frames_dir, str(files.metadata))
   annotations = {split: Path(_get(data, f"annotation_{split}"))
                  for split in records.SPLITS if _get(data, f"annotation_{split}")}

@@ -1,6 +1,6 @@
 """Synthetic egocentric table-top scenes in the LEGO release's file formats (the embedded default).
 
-A first-person view of a work surface with 2-4 objects (7 kinds x 6 colours at 3 column
+A first-person view of a work surface with 2-4 objects (configurable: `objects`) (7 kinds x 6 colours at 3 column
 locations, near or far), hands resting at the bottom edge. One scene (a "clip") carries one or
 two actions; each action gives
   input frame    the scene;
@@ -340,8 +340,11 @@ def _rest_point(side: str) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------- scenes
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-  n = int(rng.integers(2, 5))
+OBJECTS = (2, 4)  # objects per scene, inclusive range (the default; configurable per dataset)
+
+
+def sample_scene(rng: np.random.Generator, objects: tuple[int, int] = OBJECTS) -> Scene:
+  n = int(rng.integers(objects[0], objects[1] + 1))
   slots = [(col, row) for col in range(3) for row in range(2)]
   chosen = rng.permutation(len(slots))
   objects: list[Obj] = []
@@ -591,12 +594,23 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
-def generate_split(split: str, num: int, seed: int, size: int):
-  """Yields (clip_id, action_id, Example) until `num` actions; 1-2 actions per scene."""
+def check_objects(objects) -> tuple[int, int]:
+  lo, hi = (int(v) for v in objects)
+  if not 1 <= lo <= hi <= 6:
+    raise ValueError(f"synthetic objects={tuple(objects)} must be (min, max) with "
+                     "1 <= min <= max <= 6 (a scene has 6 slots)")
+  return lo, hi
+
+
+def generate_split(split: str, num: int, seed: int, size: int,
+                   objects: tuple[int, int] = OBJECTS):
+  """Yields (clip_id, action_id, Example) until `num` actions; 1-2 actions per scene, on
+  scenes of objects[0]..objects[1] objects."""
+  objects = check_objects(objects)
   made, scene_index = 0, 0
   while made < num:
     rng = scene_rng(seed, split, scene_index)
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, objects)
     count = min(num - made, 2 if rng.random() < 0.35 else 1, len(scene.objects))
     actions = sample_actions(scene, rng, count)
     frame = _render(scene, size, None)[0]
@@ -624,12 +638,15 @@ def release_files(root: str | Path, splits: Sequence[str]) -> ReleaseFiles:
                       {s: root / f"llava_{s}.json" for s in splits})
 
 
-def _settings(counts: dict[str, int], seed: int, size: int) -> dict:
-  return {"counts": counts, "seed": seed, "frame_size": size, "generator": 1}
+def _settings(counts: dict[str, int], seed: int, size: int, objects: tuple[int, int]) -> dict:
+  out = {"counts": counts, "seed": seed, "frame_size": size, "generator": 1}
+  if tuple(objects) != OBJECTS:  # stamps written before the setting existed stay valid
+    out["objects"] = list(objects)
+  return out
 
 
 def write_release(root: str | Path, counts: dict[str, int], seed: int, size: int,
-                  progress: bool = True) -> ReleaseFiles:
+                  progress: bool = True, objects: tuple[int, int] = OBJECTS) -> ReleaseFiles:
   """Writes the synthetic dataset in the release's formats under `root` (see module doc).
 
   Written into a sibling temporary directory that is renamed into place at the end: a run that
@@ -638,8 +655,9 @@ def write_release(root: str | Path, counts: dict[str, int], seed: int, size: int
   root = Path(root)
   if not 16 <= size <= 1024:
     raise ValueError(f"synthetic frame_size={size} must be in [16, 1024]")
+  objects = check_objects(objects)
   splits = [s for s in SPLITS if counts.get(s, 0) > 0]
-  settings = _settings({s: counts[s] for s in splits}, seed, size)
+  settings = _settings({s: counts[s] for s in splits}, seed, size, objects)
   files = release_files(root, splits)
   stamp = root / "synthetic.json"
   if stamp.exists():
@@ -657,7 +675,7 @@ def write_release(root: str | Path, counts: dict[str, int], seed: int, size: int
     for split in splits:
       annotation: dict = {}
       llava: list = []
-      for clip, action_id, ex in generate_split(split, counts[split], seed, size):
+      for clip, action_id, ex in generate_split(split, counts[split], seed, size, objects):
         d = tmp / "frames" / clip / action_id
         d.mkdir(parents=True, exist_ok=True)
         frame_in = 100 + 37 * int(action_id) + (hash_int(clip) % 5000)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from data_prep.ego4d_text import normalise_narration
@@ -159,3 +160,21 @@ def test_two_actions_of_one_clip_share_the_input_frame():
     assert np.array_equal(a.input, b.input)
     assert a.action != b.action and not np.array_equal(a.target, b.target)
   assert sum(len(v) for v in clips.values()) == 30
+
+
+def test_objects_per_scene_is_a_setting():
+  """`objects=(lo, hi)` bounds the objects of every scene; the default stream is unchanged."""
+  seen = set()
+  for i in range(40):
+    scene = synthetic.sample_scene(synthetic.scene_rng(0, "train", i), (1, 2))
+    seen.add(len(scene.objects))
+  assert seen == {1, 2}
+  for i in range(10):  # the default range draws exactly what the generator always drew
+    a = synthetic.sample_scene(synthetic.scene_rng(3, "val", i))
+    b = synthetic.sample_scene(synthetic.scene_rng(3, "val", i), (2, 4))
+    assert [(o.kind, o.colour, o.column) for o in a.objects] == \
+        [(o.kind, o.colour, o.column) for o in b.objects]
+  exs = [e for _, _, e in synthetic.generate_split("test", 12, 0, 16, objects=(1, 1))]
+  assert all(len(e.meta["objects"]) == 1 for e in exs)
+  with pytest.raises(ValueError, match="objects"):
+    list(synthetic.generate_split("test", 1, 0, 16, objects=(0, 2)))
