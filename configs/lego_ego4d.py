@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
       use_image_embedding=True, use_text_embedding=True,
       text_source="generated",        # CLIP text of: "generated" R, "annotation", or "action"
       drop_text_prob=0.05, drop_both_prob=0.05, drop_image_prob=0.05, remat=True,
-      cache_frozen=False, init="sd15", init_checkpoint="", init_use_ema=True,
+      cache_frozen=False, scale_by_std=False, init="sd15", init_checkpoint="", init_use_ema=True,
       skip_nonfinite=False, log_every=50, ckpt_every=1000,
       sample_every=1000, num_timesteps=1000, beta_start=0.00085, beta_end=0.012)
   cfg.sampler = dict(kind="euler_ancestral", num_steps=100, text_guidance=7.5, image_guidance=1.5,

@@ -28,7 +28,7 @@ DATA_KEYS = frozenset({
     "metadata", "llava_train", "llava_val", "llava_test", "records_dir", "num_shards",
     "max_bad_fraction", "image_size", "vllm_image_size", "hflip_prob", "num_workers",
     "synthetic", "tokenizer_dir", "clip_tokenizer_dir", "tokenizer_vocab_size"})
-SYNTHETIC_KEYS = frozenset({"num_train", "num_val", "num_test", "seed", "frame_size"})
+SYNTHETIC_KEYS = frozenset({"num_train", "num_val", "num_test", "seed", "frame_size", "objects"})
 SOURCES = ("synthetic", "lego_json")
 
 

@@ -10,7 +10,7 @@ runs the trained VLLM for the description and H_i / H_t first.
 
 Generation per frame: input latent = VAE mode (unscaled); context from the conditioner; the
 sampler (Euler ancestral over the 1000 CompVis sigmas, dual guidance in one 3-way batch) as ONE
-jitted program; decode z / 0.18215; per-image min-max normalisation (the release) or clamping;
+jitted program; decode z / the latent scale the LDM trained with (0.18215 for SD's VAE); per-image min-max normalisation (the release) or clamping;
 resize back to the input's size (bicubic).
 """
 
@@ -81,7 +81,7 @@ def run_batch(models, batch: dict, text_ids: np.ndarray, empty_ids: np.ndarray, 
       jnp.asarray(empty_ids), jnp.asarray(batch["h_img"]), jnp.asarray(batch["h_txt"]), key,
       s.text_guidance, s.image_guidance, num_steps=s.num_steps, kind=s.kind,
       use_image=t.use_image_embedding, use_text=t.use_text_embedding,
-      scaling=cfg.vae.scaling_factor)
+      scaling=float(vae.config.scaling_factor))
 
 
 def safe_name(id_: str) -> str:
@@ -158,8 +158,8 @@ def training_sample_callback(cfg, workdir: Path, graphdefs, num: int = 4):
   writer = MetricWriter(Path(workdir) / "logs" / "ldm_samples")
 
   def callback(step, state):
-    params = dict(state["frozen"], **state["ema"])
-    models = tuple(nnx.merge(graphdefs[n], params[n]) for n in ("unet", "conditioner", "clip_text", "vae"))
+    models = ldm.models_from(graphdefs, dict(state["frozen"], **state["ema"]),
+                             state["latent_scale"])
     decoded = run_batch(models, arrays, arrays["text_ids"], empty, cfg, jax.random.key(cfg.sampler.seed))
     gen = to_uint8(np.asarray(decoded), cfg.sampler.output_norm)
     inp, ref = frames_uint8(arrays["input"]), frames_uint8(arrays["target"])

@@ -3,7 +3,8 @@
 Per example: input frame, target frame, text (the VLLM's generated description R by default),
 H_i and H_t (from `lego-jax extract`). In the step:
   input latent  = VAE posterior MODE of the input frame (NOT scaled by 0.18215)
-  target latent = VAE posterior SAMPLE of the target frame x 0.18215
+  target latent = VAE posterior SAMPLE of the target frame x 0.18215 (or, `scale_by_std`, x 1/std
+                  of the first training latents: LDM's rule for a VAE of its own)
   context       = [CLIP_text(R) (77), proj_img(H_i) (256), mix(proj_txt(H_t)) (77)]
   eps-MSE of the UNet on [noisy target latent ++ input latent], t ~ U{0..999}, scaled-linear betas.
 Classifier-free-guidance dropout exactly as the release, one r ~ U(0,1) per example:
@@ -20,6 +21,7 @@ Ablations and baselines are the same trainer with switches: `text_source` ("gene
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -106,9 +108,11 @@ def _per_example(keys: jax.Array, shape: tuple[int, ...], fn) -> jax.Array:
 
 
 def diffusion_loss(trained, frozen, graphdefs, batch, keys, mixer_key, *, cfg,
-                   schedule: NoiseSchedule, empty_ids: jax.Array):
+                   schedule: NoiseSchedule, empty_ids: jax.Array, latent_scale=None):
   """eps-MSE of one (micro-)batch. `keys` (B,) are per-example PRNG keys, so the draws of an
-  example do not depend on how the batch is split into micro-batches."""
+  example do not depend on how the batch is split into micro-batches. `latent_scale`: the
+  target latents' factor (default cfg.vae.scaling_factor; the train state's, see
+  `scale_by_std`)."""
   t = cfg.ldm_train
   unet = nnx.merge(graphdefs["unet"], trained["unet"])
   conditioner = nnx.merge(graphdefs["conditioner"],
@@ -129,7 +133,9 @@ def diffusion_loss(trained, frozen, graphdefs, batch, keys, mixer_key, *, cfg,
   input_latent = jax.lax.stop_gradient(mean)                       # posterior MODE, unscaled
   eps_post = _per_example(k_post, t_mean.shape[1:], normal)
   target_latent = jax.lax.stop_gradient(t_mean + jnp.exp(0.5 * t_logvar) * eps_post)
-  target_latent = target_latent * cfg.vae.scaling_factor           # posterior SAMPLE x 0.18215
+  if latent_scale is None:
+    latent_scale = cfg.vae.scaling_factor
+  target_latent = target_latent * latent_scale                     # posterior SAMPLE x 0.18215
 
   text = jax.lax.stop_gradient(text)
   empty = jax.lax.stop_gradient(clip_text(empty_ids))
@@ -161,7 +167,8 @@ def make_train_step(cfg, graphdefs, tx, schedule, empty_ids):
 
   def step(state, batch, rng):
     loss_fn = functools.partial(diffusion_loss, frozen=state["frozen"], graphdefs=graphdefs,
-                                cfg=cfg, schedule=schedule, empty_ids=empty_ids)
+                                cfg=cfg, schedule=schedule, empty_ids=empty_ids,
+                                latent_scale=state.get("latent_scale"))
     grad_fn = jax.value_and_grad(lambda p, b, k, mk: loss_fn(p, batch=b, keys=k, mixer_key=mk),
                                  has_aux=True)
     n = batch["h_img"].shape[0]
@@ -210,9 +217,50 @@ def init_state(cfg, workdir: Path, mesh):
            "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(trained),
            "ema": jax.jit(lambda p: jax.tree.map(jnp.copy, p))(trained),
            "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-           "nonfinite": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+           "nonfinite": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+           # Saved with the checkpoint: generation decodes with the factor training used.
+           "latent_scale": jax.device_put(jnp.asarray(cfg.vae.scaling_factor, jnp.float32),
+                                          replicated)}
   shardings = jax.tree.map(lambda x: x.sharding, state)
   return graphdefs, state, shardings, tx
+
+
+def scale_by_std(cfg, workdir: Path, graphdefs, frozen, num: int = 64) -> float:
+  """Latent diffusion's `scale_by_std`: 1 / std of the VAE posterior samples of the first `num`
+  training targets, so the diffusion's data have unit variance. SD's 0.18215 is this number for
+  SD's VAE; a VAE trained from scratch (the embedded default) needs its own (the tiny one's
+  latents have std ~1.5: x 0.18215 would leave the diffusion ~0.28-std data and a 13x lower
+  signal-to-noise ratio at every step than its schedule assumes). The same records in the same
+  order on every host, so every host computes the same number."""
+  import grain
+
+  loader = pipeline.pair_loader(
+      pipeline.records_dir_of(cfg.data, workdir), "train", batch_size=num,
+      image_size=cfg.data.image_size, vllm_image_size=None, shuffle=False, num_epochs=1,
+      shard_options=grain.sharding.NoSharding(), worker_count=0, drop_remainder=False)
+  batch = next(iter(loader))
+  vae = nnx.merge(graphdefs["vae"], frozen["vae"])
+
+  @jax.jit
+  def std(frames):
+    mean, logvar = vae.encode(images.frames_to_unit_range(frames))
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(0), mean.shape)
+    return jnp.std(z.astype(jnp.float32))
+
+  value = float(std(jnp.asarray(batch["target"])))
+  if not np.isfinite(value) or value <= 0:
+    raise ValueError(f"ldm_train.scale_by_std: the VAE's latents have std {value} on the first "
+                     f"{len(batch['target'])} training targets")
+  return 1.0 / value
+
+
+def models_from(graphdefs, params: dict, latent_scale) -> tuple:
+  """(unet, conditioner, clip_text, vae) from split params; the VAE carries the latent scale
+  the LDM was trained with (as diffusers' vae.config.scaling_factor)."""
+  unet, conditioner, clip_text, vae = (nnx.merge(graphdefs[n], params[n])
+                                       for n in ("unet", "conditioner", "clip_text", "vae"))
+  vae.config = dataclasses.replace(vae.config, scaling_factor=float(latent_scale))
+  return unet, conditioner, clip_text, vae
 
 
 class TextIds:
@@ -283,6 +331,13 @@ def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = Tru
   step = jax.jit(make_train_step(cfg, graphdefs, tx, schedule_of(cfg), empty_ids),
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),
                  donate_argnums=0)
+  if t.scale_by_std:  # a resumed run keeps its checkpoint's factor (loop.run restores it)
+    scale = scale_by_std(cfg, workdir, graphdefs, state["frozen"])
+    state["latent_scale"] = jax.device_put(jnp.asarray(scale, jnp.float32),
+                                           shardings["latent_scale"])
+    if jax.process_index() == 0:
+      print(f"train-ldm: latent scale 1/std = {scale:.5f} (ldm_train.scale_by_std; "
+            f"cfg.vae.scaling_factor={cfg.vae.scaling_factor} unused)")
   if t.cache_frozen:
     info = ldm_cache.build(cfg, workdir, graphdefs, state["frozen"], text_ids)
     if jax.process_index() == 0 and not info.get("kept"):
@@ -320,7 +375,7 @@ def load_trained(cfg, workdir: Path, use_ema: bool = True):
   _, state, _ = ckpt.restore(ckpt_lib.abstract_like(state, shardings))
   ckpt.close()
   params = dict(state["frozen"], **(state["ema"] if use_ema else state["trained"]))
-  return tuple(nnx.merge(graphdefs[n], params[n]) for n in ("unet", "conditioner", "clip_text", "vae"))
+  return models_from(graphdefs, params, state["latent_scale"])
 
 
 def main(cfg, workdir: Path) -> int:

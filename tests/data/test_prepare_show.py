@@ -134,6 +134,10 @@ def test_config_mistakes_are_named(tmp_path):
     prepare.prepare(_cfg(source="webdataset"), tmp_path)
   with pytest.raises(prepare.DataConfigError, match="max_bad_fraction=1.5"):
     prepare.prepare(_cfg(max_bad_fraction=1.5), tmp_path)
+  cfg = _cfg()
+  cfg.data.synthetic.objects = (3, 9)
+  with pytest.raises(prepare.DataConfigError, match=r"cfg.data.synthetic.objects: .*\(3, 9\)"):
+    prepare.prepare(cfg, tmp_path)
   assert not (tmp_path / "records").exists()
   # Through the command's entry point the same mistakes become one-line user errors.
   from lego_jax.cli import UserError

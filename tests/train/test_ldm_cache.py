@@ -133,6 +133,45 @@ def test_cached_loss_equals_the_loss_computed_from_frames(built):
   assert a > 0 and b == pytest.approx(a, rel=1e-5)
 
 
+def test_scale_by_std_gives_unit_variance_latents_and_travels_with_the_vae(built):
+  """LDM's scale_by_std: the factor makes the training targets' latents unit-variance; the step
+  uses the state's factor over the config's, and the loaded VAE carries it for decoding."""
+  cfg, workdir, graphdefs, frozen, text_ids, _ = built
+  scale = ldm.scale_by_std(cfg, workdir, graphdefs, frozen, num=N)
+  # Independently: the cache's stored posteriors of the same targets, sampled with other keys.
+  stored = _stored(workdir)
+  mean = np.stack([r["target_mean"] for r in stored])
+  logvar = np.stack([r["target_logvar"] for r in stored])
+  rng = np.random.default_rng(0)
+  z = np.concatenate([mean + np.exp(0.5 * logvar) * rng.normal(size=mean.shape)
+                      for _ in range(8)])
+  assert abs(float(np.std(z)) * scale - 1.0) < 0.05
+  assert abs(scale - cfg.vae.scaling_factor) > 0.05  # a random VAE's latents are not SD's
+
+  unet, conditioner = ldm.build_trainable(cfg, 0)
+  gd = dict(graphdefs)
+  gd["unet"], p_unet = nnx.split(unet)
+  gd["conditioner"], p_cond = nnx.split(conditioner)
+  trained = {"unet": p_unet, "conditioner": p_cond}
+  batch = ldm.batch_arrays(cfg, next(iter(ldm.loader_for(cfg, workdir, "train", 4,
+                                                        train=False))), text_ids)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(4))
+
+  def loss(c, latent_scale=None):
+    return float(ldm.diffusion_loss(
+        trained, frozen, gd, batch, keys, jax.random.key(4), cfg=c, schedule=NoiseSchedule(),
+        empty_ids=jnp.zeros((1, 77), jnp.int32), latent_scale=latent_scale)[0])
+
+  as_config = cfg.copy_and_resolve_references()
+  as_config.vae.scaling_factor = scale
+  by_state = loss(cfg, jnp.float32(scale))
+  assert by_state == pytest.approx(loss(as_config), rel=1e-5)
+  assert by_state != pytest.approx(loss(cfg), rel=1e-3)  # the factor matters
+  params = dict(frozen, **trained)
+  vae = ldm.models_from(gd, params, jnp.float32(scale))[3]
+  assert vae.config.scaling_factor == pytest.approx(scale)
+
+
 def test_interrupted_build_resumes_and_new_weights_rebuild(built):
   cfg, workdir, graphdefs, frozen, text_ids, info = built
   before = _stored(workdir)
