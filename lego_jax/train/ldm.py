@@ -231,7 +231,15 @@ def scale_by_std(cfg, workdir: Path, graphdefs, frozen, num: int = 64) -> float:
   SD's VAE; a VAE trained from scratch (the embedded default) needs its own (the tiny one's
   latents have std ~1.5: x 0.18215 would leave the diffusion ~0.28-std data and a 13x lower
   signal-to-noise ratio at every step than its schedule assumes). The same records in the same
-  order on every host, so every host computes the same number."""
+  order on every host, so every host computes the same number. With `cache_frozen` the cached
+  posteriors of those records are read (no VAE encode to compile)."""
+  if cfg.ldm_train.cache_frozen:  # train() builds the cache first
+    src = ldm_cache.open_source(workdir, "train")
+    rows = [ldm_cache.decode(src[i]) for i in range(min(num, len(src)))]
+    mean = np.stack([r["target_mean"] for r in rows]).astype(np.float64)
+    logvar = np.stack([r["target_logvar"] for r in rows]).astype(np.float64)
+    z = mean + np.exp(0.5 * logvar) * np.random.default_rng(0).normal(size=mean.shape)
+    return _inverse_std(float(np.std(z)), len(rows))
   import grain
 
   loader = pipeline.pair_loader(
@@ -247,10 +255,13 @@ def scale_by_std(cfg, workdir: Path, graphdefs, frozen, num: int = 64) -> float:
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(0), mean.shape)
     return jnp.std(z.astype(jnp.float32))
 
-  value = float(std(jnp.asarray(batch["target"])))
+  return _inverse_std(float(std(jnp.asarray(batch["target"]))), len(batch["target"]))
+
+
+def _inverse_std(value: float, num: int) -> float:
   if not np.isfinite(value) or value <= 0:
     raise ValueError(f"ldm_train.scale_by_std: the VAE's latents have std {value} on the first "
-                     f"{len(batch['target'])} training targets")
+                     f"{num} training targets")
   return 1.0 / value
 
 
@@ -331,6 +342,11 @@ def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = Tru
   step = jax.jit(make_train_step(cfg, graphdefs, tx, schedule_of(cfg), empty_ids),
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),
                  donate_argnums=0)
+  if t.cache_frozen:
+    info = ldm_cache.build(cfg, workdir, graphdefs, state["frozen"], text_ids)
+    if jax.process_index() == 0 and not info.get("kept"):
+      print(f"train-ldm: frozen-encoder cache {ldm_cache.cache_dir(workdir)}: "
+            f"{info['num_records']} examples, {info['bytes_per_example'] / 1024:.1f} KiB each")
   if t.scale_by_std:  # a resumed run keeps its checkpoint's factor (loop.run restores it)
     scale = scale_by_std(cfg, workdir, graphdefs, state["frozen"])
     state["latent_scale"] = jax.device_put(jnp.asarray(scale, jnp.float32),
@@ -338,11 +354,6 @@ def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = Tru
     if jax.process_index() == 0:
       print(f"train-ldm: latent scale 1/std = {scale:.5f} (ldm_train.scale_by_std; "
             f"cfg.vae.scaling_factor={cfg.vae.scaling_factor} unused)")
-  if t.cache_frozen:
-    info = ldm_cache.build(cfg, workdir, graphdefs, state["frozen"], text_ids)
-    if jax.process_index() == 0 and not info.get("kept"):
-      print(f"train-ldm: frozen-encoder cache {ldm_cache.cache_dir(workdir)}: "
-            f"{info['num_records']} examples, {info['bytes_per_example'] / 1024:.1f} KiB each")
   # Data shards, not hosts, fix the data order: a run on 2 hosts equals one on 1 host with
   # --data_shards=2, and resumes on either.
   loader = distributed.ShardedLoader(

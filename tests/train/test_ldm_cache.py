@@ -147,6 +147,11 @@ def test_scale_by_std_gives_unit_variance_latents_and_travels_with_the_vae(built
                       for _ in range(8)])
   assert abs(float(np.std(z)) * scale - 1.0) < 0.05
   assert abs(scale - cfg.vae.scaling_factor) > 0.05  # a random VAE's latents are not SD's
+  # With cache_frozen the cached posteriors give it (other noise draws: close, not equal).
+  cached = cfg.copy_and_resolve_references()
+  cached.ldm_train.cache_frozen = True
+  from_cache = ldm.scale_by_std(cached, workdir, graphdefs, frozen, num=N)
+  assert from_cache == pytest.approx(scale, rel=0.05) and from_cache != scale
 
   unet, conditioner = ldm.build_trainable(cfg, 0)
   gd = dict(graphdefs)
