@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   # CLIP ViT-L/14 @224 vision tower: 303,179,776 params.
   cfg.clip_vision = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
                          image_size=224, patch_size=14, layer_norm_eps=1e-5, select_layer=-2,
-                         projection_dim=768)
+                         projection_dim=768, position_init_std=0.02)
   # CLIP ViT-L/14 text encoder: 123,060,480 params.
   cfg.clip_text = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_layers=12,
                        num_heads=12, max_position=77, layer_norm_eps=1e-5)
@@ -48,7 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
                    num_heads=40, num_kv_heads=40, rms_norm_eps=1e-5, rope_theta=10000.0,
                    max_position=4096, tie_embeddings=False)
   # LLaVA glue: ONE linear layer 1024 -> 5120 in LEGO ("mlp2x_gelu" is LLaVA-1.5's).
-  cfg.llava = dict(projector="linear", vision_hidden=1024, text_hidden=5120)
+  cfg.llava = dict(projector="linear", vision_hidden=1024, text_hidden=5120,
+                   projector_init_scale=1.0)
   # SD KL-f8 VAE: 83,653,863 params.
   cfg.vae = dict(in_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                  layers_per_block=2, norm_groups=32, scaling_factor=0.18215)

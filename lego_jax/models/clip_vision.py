@@ -48,6 +48,10 @@ class CLIPVisionConfig:
   remat: bool = False
   # "auto": cuDNN flash attention on GPUs in bf16/fp16, XLA elsewhere; None: XLA; "cudnn": forced.
   attention_impl: str | None = "auto"
+  # Std of the random position table (transformers' initializer_range 0.02). Only a tower trained
+  # from scratch sees it (pretrained towers load theirs); at 0.02 against patch content of order 1
+  # the patch features barely say where a patch is.
+  position_init_std: float = 0.02
 
   @property
   def num_patches(self) -> int:
@@ -196,7 +200,8 @@ class CLIPVision(nnx.Module):
         rngs=rngs)
     class_init = nnx.with_partitioning(nnx.initializers.normal(d ** -0.5), ("embed",))
     self.class_embedding = nnx.Param(class_init(rngs.params(), (d,), pdt))
-    position_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("length", "embed"))
+    position_init = nnx.with_partitioning(nnx.initializers.normal(cfg.position_init_std),
+                                          ("length", "embed"))
     self.position_embedding = nnx.Param(
         position_init(rngs.params(), (cfg.num_patches + 1, d), pdt))
     self.pre_norm = layer_norm(d, cfg.layer_norm_eps, dt, pdt, rngs)

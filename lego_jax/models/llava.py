@@ -55,6 +55,10 @@ class LlavaConfig:
   vision: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig)
   llama: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
   dtype: Any = jnp.float32           # projector compute dtype (the towers carry their own)
+  # Random projector kernels are lecun_normal times this: at 1 H_i enters at about the tower
+  # features' norm, ~100x a 0.02-initialised text embedding's. Only models trained from scratch
+  # see it (pretrained projectors load theirs).
+  projector_init_scale: float = 1.0
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -89,9 +93,12 @@ class Projector(nnx.Module):
 
   def __init__(self, config: LlavaConfig, *, rngs: nnx.Rngs):
     self.kind = config.projector
+    # lecun_normal is variance_scaling(1, "fan_in", "truncated_normal"): scale 1 draws the same.
+    init = nnx.initializers.variance_scaling(config.projector_init_scale ** 2, "fan_in",
+                                             "truncated_normal")
     dense = lambda i, o, names: nnx.Linear(
         i, o, dtype=config.dtype, param_dtype=config.param_dtype,
-        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
+        kernel_init=nnx.with_partitioning(init, names),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[-1:]), rngs=rngs)
     self.linear_1 = dense(config.vision_hidden, config.text_hidden, (None, "embed"))
     if self.kind == "mlp2x_gelu":

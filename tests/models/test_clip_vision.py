@@ -329,3 +329,18 @@ def test_preprocess_matches_clip_image_processor():
   expect = (np.array([1.0, 0.0, 0.0]) - np.array([0.48145466, 0.4578275, 0.40821073])) / \
       np.array([0.26862954, 0.26130258, 0.27577711])
   np.testing.assert_allclose(sq[0], np.broadcast_to(expect, (16, 16, 3)), atol=1e-5)
+
+
+def test_position_init_std_sets_the_random_position_table():
+  """`position_init_std` (default 0.02, transformers' initializer_range) only scales the random
+  position table of a tower trained from scratch; every other draw is unchanged."""
+  c = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=32,
+           patch_size=8)
+  assert CLIPVisionConfig().position_init_std == 0.02
+  a = CLIPVision(CLIPVisionConfig(**c), rngs=nnx.Rngs(0))
+  b = CLIPVision(CLIPVisionConfig(**c, position_init_std=1.0), rngs=nnx.Rngs(0))
+  pa, pb = np.asarray(a.position_embedding[...]), np.asarray(b.position_embedding[...])
+  np.testing.assert_allclose(pb, pa / 0.02, rtol=1e-5, atol=1e-6)
+  assert 0.9 < pb.std() < 1.1
+  np.testing.assert_array_equal(np.asarray(a.patch_embedding.kernel[...]),
+                                np.asarray(b.patch_embedding.kernel[...]))

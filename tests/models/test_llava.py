@@ -231,3 +231,23 @@ def test_greedy_generation_matches_transformers_tokens_and_hidden(reference):
     np.testing.assert_array_equal(np.asarray(gen.tokens[row, n:]), 0)
     assert rel(gen.hidden[row, :n], ref_hidden) <= 1e-4
     assert not np.any(np.asarray(gen.hidden[row, n:]))
+
+
+def test_projector_init_scale_scales_the_random_kernel_only():
+  """`projector_init_scale` multiplies lecun_normal's draw (scale 1: lecun_normal itself, the
+  default), so H_i of a model trained from scratch can start near the text embeddings' norm."""
+  import dataclasses
+
+  base = our_config("linear")
+  kernel = lambda m: np.asarray(m.projector.linear_1.kernel[...])
+  one = Llava(base, rngs=nnx.Rngs(0))
+  small = Llava(dataclasses.replace(base, projector_init_scale=0.02), rngs=nnx.Rngs(0))
+  assert LlavaConfig().projector_init_scale == 1.0
+  np.testing.assert_allclose(kernel(small), 0.02 * kernel(one), rtol=1e-6)
+  # The same random stream: the LLaMA's and the tower's draws do not move.
+  np.testing.assert_array_equal(np.asarray(one.lm.embed(jnp.arange(5))),
+                                np.asarray(small.lm.embed(jnp.arange(5))))
+  assert 0.8 / 24 ** 0.5 < kernel(one).std() < 1.2 / 24 ** 0.5
+  px = np.random.default_rng(0).normal(size=(2, 28, 28, 3)).astype(np.float32)
+  ratio = (np.linalg.norm(small.image_features(px)) / np.linalg.norm(one.image_features(px)))
+  assert abs(ratio - 0.02) < 1e-5  # the projector's bias starts at zero
