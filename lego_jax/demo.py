@@ -363,13 +363,16 @@ def encoders_note(cfg) -> str:
   vision = ("loaded from cfg.vllm_train.vision_checkpoint" if cfg.vllm_train.vision_checkpoint
             else "randomly initialised")
   frozen = cfg.vllm_train.frozen
-  vision += (" and frozen (vllm_train.frozen=" + repr(frozen) + ")" if frozen
-             and "vision" in frozen else " and trained with the VLLM")
+  tower_frozen = bool(frozen) and "vision" in frozen
+  if tower_frozen:
+    vision += (f" and frozen (vllm_train.frozen={frozen!r}): the VLLM's projector and LLaMA "
+               "learn to read its random patch features")
+  else:
+    vision += (f", then trained briefly with the projector and LLaMA in train-vllm "
+               f"(vllm_train.frozen={frozen!r}: nothing frozen)")
   return (f"CLIP vision tower (VLLM): {vision}. CLIP text encoder (LDM): randomly initialised "
-          "and frozen. Both are kept as they are, not trained briefly: the VLLM's projector and "
-          "LLaMA learn to read the frozen random patch features, and the LDM learns from the "
-          "frozen random text features (distinct texts give distinct features). The VAE is "
-          "trained from scratch by train-vae.")
+          "and frozen, kept as it is: the LDM learns from its random text features (distinct "
+          "texts give distinct features). The VAE is trained from scratch by train-vae.")
 
 
 def final_losses(workdir: Path, baseline_dir: Path) -> dict[str, float]:

@@ -22,7 +22,10 @@ SMALL_LDM = ["--config.unet.block_out_channels=(16,32)",
              "--config.clip_text.num_layers=1", "--config.clip_text.num_heads=2",
              "--config.conditioner.context_dim=16", "--config.conditioner.num_heads=2",
              "--config.conditioner.ffn_dim=32", "--config.conditioner.num_layers=1",
-             "--config.ldm_train.log_every=1", "--config.ldm_train.sample_every=0"]
+             "--config.ldm_train.log_every=1", "--config.ldm_train.sample_every=0",
+             # The frozen encoders in the step (the tiny default caches them; test_ldm_cache.py
+             # and the demo test run that path).
+             "--config.ldm_train.cache_frozen=false"]
 
 
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float,

@@ -38,6 +38,7 @@ def micro_config():
     cfg.llava.update(vision_hidden=16, text_hidden=32)
     cfg.conditioner.update(llm_dim=32, context_dim=16, num_heads=2, ffn_dim=32, num_layers=1)
     cfg.sampler.num_steps = 2
+    cfg.vllm_train.frozen = r"^vision/.*"  # the release's rule (the tiny default trains it)
     cfg.mesh.shape = (-1, 1, 1)
   return cfg
 

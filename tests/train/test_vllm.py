@@ -29,7 +29,9 @@ def small_cfg(**train):
                    num_heads=4, num_kv_heads=4)
   cfg.llava.update(vision_hidden=32, text_hidden=32)
   cfg.data.vllm_image_size = 16
-  cfg.vllm_train.update({"batch_size": 8, "grad_accum": 1, "max_length": 24, **train})
+  # The release's rule: the tower frozen (the tiny default trains its random tower).
+  cfg.vllm_train.update({"batch_size": 8, "grad_accum": 1, "max_length": 24,
+                         "frozen": r"^vision/.*", **train})
   return cfg
 
 
