@@ -10,4 +10,4 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 TF_CPP_MIN_LOG
 # Only "--" flags: XLA stops reading XLA_FLAGS at the first bare word, which silently dropped the
 # 8 fake devices conftest.py appends after it.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false"
-python -m pytest -n "${LEGO_TEST_WORKERS:-2}" --dist loadfile tests "$@"
+python -m pytest -n "${LEGO_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder tests "$@"

@@ -137,7 +137,9 @@ def test_scale_by_std_gives_unit_variance_latents_and_travels_with_the_vae(built
   """LDM's scale_by_std: the factor makes the training targets' latents unit-variance; the step
   uses the state's factor over the config's, and the loaded VAE carries it for decoding."""
   cfg, workdir, graphdefs, frozen, text_ids, _ = built
-  scale = ldm.scale_by_std(cfg, workdir, graphdefs, frozen, num=N)
+  frames = cfg.copy_and_resolve_references()
+  frames.ldm_train.cache_frozen = False  # the VAE encodes the frames (the tiny default caches)
+  scale = ldm.scale_by_std(frames, workdir, graphdefs, frozen, num=N)
   # Independently: the cache's stored posteriors of the same targets, sampled with other keys.
   stored = _stored(workdir)
   mean = np.stack([r["target_mean"] for r in stored])
