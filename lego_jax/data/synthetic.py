@@ -1,8 +1,8 @@
 """Synthetic egocentric table-top scenes in the LEGO release's file formats (the embedded default).
 
-A first-person view of a work surface with 2-4 objects (configurable: `objects`) (7 kinds x 6 colours at 3 column
-locations, near or far), hands resting at the bottom edge. One scene (a "clip") carries one or
-two actions; each action gives
+A first-person view of a work surface with 2-4 objects (the `objects` setting; 7 kinds x 6
+colours at 3 column locations, near or far), hands resting at the bottom edge. One scene (a
+"clip") carries one or two actions; each action gives
   input frame    the scene;
   action prompt  "pick up the red cup" (half of them written as Ego4D narrations, "#C C picks up
                  the red cup", so the converter's normalisation is exercised);

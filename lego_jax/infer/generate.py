@@ -10,8 +10,9 @@ runs the trained VLLM for the description and H_i / H_t first.
 
 Generation per frame: input latent = VAE mode (unscaled); context from the conditioner; the
 sampler (Euler ancestral over the 1000 CompVis sigmas, dual guidance in one 3-way batch) as ONE
-jitted program; decode z / the latent scale the LDM trained with (0.18215 for SD's VAE); per-image min-max normalisation (the release) or clamping;
-resize back to the input's size (bicubic).
+jitted program; decode z / the latent scale the LDM trained with (0.18215 for SD's VAE);
+per-image min-max normalisation (the release) or clamping; resize back to the input's size
+(bicubic).
 """
 
 from __future__ import annotations
