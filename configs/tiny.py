@@ -51,17 +51,20 @@ def get_config() -> ml_collections.ConfigDict:
                   layers_per_block=1, num_heads=4, context_dim=64, norm_groups=16)
   cfg.conditioner.update(llm_dim=128, context_dim=64, num_heads=4, ffn_dim=128)
 
-  cfg.vae_train.update(batch_size=16, num_steps=400, lr=2e-3, l2_weight=1.0, log_every=50,
+  # Batch 8: 2.3x faster than 16 (164 s against 379 s), 24.3 dB held-out reconstruction against
+  # 25.8, still above what the briefly trained LDM draws (~22 dB).
+  cfg.vae_train.update(batch_size=8, num_steps=400, lr=2e-3, l2_weight=1.0, log_every=50,
                        ckpt_every=300)
   cfg.vllm_train.update(batch_size=16, grad_accum=1, num_steps=600, frozen="", lr=1e-3, max_length=160,
                         log_every=20, ckpt_every=100, compute_dtype="float32")
   cfg.vllm_generate.update(max_new_tokens=48, part_size=64, compute_dtype="float32")
-  # cache_frozen: the frozen VAE and CLIP text run once, not in every step. scale_by_std stays
-  # off: the tiny VAE's latents have std ~1.6 (x 0.18215: 0.28, not 1), but unit-variance
-  # latents (x 0.62) scored no better after 400 steps (README, "The demo").
-  cfg.ldm_train.update(batch_size=16, grad_accum=1, num_steps=400, lr=5e-4, ema_decay=0.999,
+  # cache_frozen: the frozen VAE and CLIP text run once, not in every step. scale_by_std: the
+  # tiny VAE (KL weight 1e-6) makes latents of std ~1.3, so SD's 0.18215 would leave the diffusion
+  # 0.24-std data under a schedule made for std 1 (sigma up to 14.6): LDM's 1/std rule instead.
+  # Batch 8: half the compute of 16 for 400 steps, nearly the same scores (README, "The demo").
+  cfg.ldm_train.update(batch_size=8, grad_accum=1, num_steps=400, lr=5e-4, ema_decay=0.999,
                        log_every=50, ckpt_every=200, sample_every=200, init="random",
-                       scale_by_std=False, cache_frozen=True)
+                       scale_by_std=True, cache_frozen=True)
   # Guidance off and clamped output: on the briefly trained tiny LDM, the paper's 7.5 / 1.5 and
   # per-image min-max stretched errors into washed-out frames (README, "The demo").
   cfg.sampler.update(num_steps=20, text_guidance=1.0, image_guidance=1.0, output_norm="clamp")

@@ -302,6 +302,26 @@ def test_sampler_is_one_program_compiled_once():
   assert traces.count("module") == 1 and _rel(d, c) > 1e-3
 
 
+def test_unguided_sampling_runs_one_row_and_equals_the_three_way_batch():
+  img, cond, uncond, w = _problem(seed=2)
+  shapes = []
+
+  def unet(x8, t, ctx):
+    shapes.append(x8.shape)
+    return toy_unet(jnp, x8, t, ctx, jnp.asarray(w))
+
+  for kind in sampler.SAMPLERS:
+    shapes.clear()
+    three = sampler.sample(unet, img, cond, uncond, key(3), num_steps=10, kind=kind,
+                           text_scale=1.0, image_scale=1.0, guided=True)
+    one = sampler.sample(unet, img, cond, uncond, key(3), num_steps=10, kind=kind,
+                         text_scale=1.0, image_scale=1.0)
+    assert shapes == [(6, 4, 4, 8), (2, 4, 4, 8)], shapes  # scales (1, 1): a third of the batch
+    assert _rel(one, three) <= 1e-5, _rel(one, three)
+  assert sampler.unguided(1, 1.0) and not sampler.unguided(1.0, 1.5)
+  assert not sampler.unguided(jnp.float32(1.0), 1.0)  # traced values may change: stay guided
+
+
 def test_per_frame_keys_make_frames_independent_of_the_batch():
   img, cond, uncond, w = _problem(b=2)
   unet = functools.partial(toy_unet, jnp, w=jnp.asarray(w))

@@ -9,10 +9,10 @@ Single-frame mode:
 runs the trained VLLM for the description and H_i / H_t first.
 
 Generation per frame: input latent = VAE mode (unscaled); context from the conditioner; the
-sampler (Euler ancestral over the 1000 CompVis sigmas, dual guidance in one 3-way batch) as ONE
-jitted program; decode z / the latent scale the LDM trained with (0.18215 for SD's VAE);
-per-image min-max normalisation (the release) or clamping; resize back to the input's size
-(bicubic).
+sampler (Euler ancestral over the 1000 CompVis sigmas, dual guidance in one 3-way batch, or the
+conditional row alone when both scales are 1) as ONE jitted program; decode z / the latent scale
+the LDM trained with (0.18215 for SD's VAE); per-image min-max normalisation (the release) or
+clamping; resize back to the input's size (bicubic).
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ def frames_uint8(frames) -> np.ndarray:
   return x if x.dtype == np.uint8 else to_uint8(x, "clamp")
 
 
-@nnx.jit(static_argnames=("num_steps", "kind", "use_image", "use_text", "scaling"))
+@nnx.jit(static_argnames=("num_steps", "kind", "use_image", "use_text", "scaling", "guided"))
 def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, empty_ids, h_img,
                      h_txt, key, text_scale, image_scale, *, num_steps: int, kind: str,
-                     use_image: bool, use_text: bool, scaling: float):
+                     use_image: bool, use_text: bool, scaling: float, guided: bool = True):
   """input frames (B,H,W,3) (uint8, or float in [-1,1]) + text ids + VLLM features -> decoded
   frames (B,H,W,3)."""
   image_latent = vae.mode(images_lib.frames_to_unit_range(input_images))
@@ -70,7 +70,7 @@ def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, 
   uncond = conditioner.unconditional(empty, h_img.shape[1], use_image=use_image,
                                      use_text=use_text)
   z = sampler_lib.sample(unet, image_latent, cond, uncond, key, num_steps=num_steps, kind=kind,
-                         text_scale=text_scale, image_scale=image_scale)
+                         text_scale=text_scale, image_scale=image_scale, guided=guided)
   return vae.decode(z / scaling)
 
 
@@ -82,7 +82,8 @@ def run_batch(models, batch: dict, text_ids: np.ndarray, empty_ids: np.ndarray, 
       jnp.asarray(empty_ids), jnp.asarray(batch["h_img"]), jnp.asarray(batch["h_txt"]), key,
       s.text_guidance, s.image_guidance, num_steps=s.num_steps, kind=s.kind,
       use_image=t.use_image_embedding, use_text=t.use_text_embedding,
-      scaling=float(vae.config.scaling_factor))
+      scaling=float(vae.config.scaling_factor),
+      guided=not sampler_lib.unguided(s.text_guidance, s.image_guidance))
 
 
 def safe_name(id_: str) -> str:
