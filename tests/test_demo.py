@@ -23,7 +23,7 @@ from lego_jax.eval import report
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = [
-    "--config.demo.scale=0.01",            # 4 VAE, 6 VLLM, 4 + 4 LDM steps
+    "--config.demo.scale=0.01",            # 4 VAE, 6 VLLM, 3 + 3 LDM steps
     "--config.demo.num_test=8",
     "--config.data.synthetic.num_train=32",
     "--config.data.synthetic.num_val=8",
@@ -57,7 +57,7 @@ def test_demo_writes_every_score_for_the_model_and_both_baselines(demo_run):
   workdir, _ = demo_run
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert metrics["num_test"] == 8
-  assert metrics["steps"] == {"vae": 4, "vllm": 6, "ldm": 4, "sampler": 2}
+  assert metrics["steps"] == {"vae": 4, "vllm": 6, "ldm": 3, "sampler": 2}
   for method in ("lego", "action_label", "copy_input"):
     row = metrics["methods"][method]
     for key in SCORES:
