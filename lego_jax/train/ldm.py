@@ -382,6 +382,7 @@ def load_trained(cfg, workdir: Path, use_ema: bool = True):
   graphdefs, state, shardings, _ = init_state(cfg, workdir, mesh)
   ckpt = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "ldm")
   if ckpt.latest_step() is None:
+    ckpt.close()  # an open manager's threads print a traceback at interpreter exit
     raise FileNotFoundError(f"no LDM checkpoint in {ckpt.directory}: run `lego-jax train-ldm` first")
   _, state, _ = ckpt.restore(ckpt_lib.abstract_like(state, shardings))
   ckpt.close()

@@ -124,6 +124,7 @@ def load_trained(cfg, workdir: Path) -> VAE:
   graphdef, state, shardings, _ = init_state(cfg, mesh)
   ckpt = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "vae")
   if ckpt.latest_step() is None:
+    ckpt.close()  # an open manager's threads print a traceback at interpreter exit
     raise FileNotFoundError(
         f"no VAE checkpoint in {ckpt.directory}: run `lego-jax train-vae` first, or set "
         "--config.vae_train.init_checkpoint to a diffusers/CompVis VAE file (SD-1.5's "

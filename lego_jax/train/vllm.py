@@ -448,5 +448,6 @@ def main(cfg, workdir: Path) -> int:
   last = metrics[-1] if metrics else {}
   print(f"train-vllm: {int(jax.device_get(state['step']))} steps, last loss "
         f"{last.get('loss', float('nan')):.4f}, answer-token accuracy "
-        f"{last.get('token_accuracy', float('nan')):.3f} -> {checkpointer(workdir).directory}")
+        f"{last.get('token_accuracy', float('nan')):.3f} -> "
+        f"{(Path(workdir) / 'checkpoints' / NAME).absolute()}")
   return 0

@@ -203,3 +203,15 @@ def test_interrupted_build_resumes_and_new_weights_rebuild(built):
     rebuilt = ldm_cache.build(cfg, workdir, graphdefs, other, text_ids, batch_size=3)
   assert rebuilt["fingerprint"] != info["fingerprint"] and not rebuilt.get("kept")
   assert not np.allclose(_stored(workdir)[0]["input_mean"], before[0]["input_mean"])
+
+
+def test_missing_checkpoints_name_the_command_to_run(tmp_path):
+  """A workdir without checkpoints: the VAE's and the LDM's loaders say which file is missing
+  and which command makes it."""
+  from lego_jax.train import vae as vae_train
+
+  cfg = _cfg()
+  with pytest.raises(FileNotFoundError, match="no VAE checkpoint .* run `lego-jax train-vae`"):
+    vae_train.load_trained(cfg, tmp_path)
+  with pytest.raises(FileNotFoundError, match="no VAE checkpoint"):  # the LDM needs it first
+    ldm.load_trained(cfg, tmp_path)
