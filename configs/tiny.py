@@ -51,8 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
                   layers_per_block=1, num_heads=4, context_dim=64, norm_groups=16)
   cfg.conditioner.update(llm_dim=128, context_dim=64, num_heads=4, ffn_dim=128)
 
-  # Batch 8: 2.3x faster than 16 (164 s against 379 s), 24.3 dB held-out reconstruction against
-  # 25.8, still above what the briefly trained LDM draws (~22 dB).
+  # Batch 8: half the images of 16 (train-vae 121-163 s in the demo against 379 s on a partly
+  # shared machine), 24.3 dB held-out reconstruction against 25.8, still above what the briefly
+  # trained LDM draws (~21 dB).
   cfg.vae_train.update(batch_size=8, num_steps=400, lr=2e-3, l2_weight=1.0, log_every=50,
                        ckpt_every=300)
   cfg.vllm_train.update(batch_size=16, grad_accum=1, num_steps=600, frozen="", lr=1e-3, max_length=160,
@@ -61,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   # cache_frozen: the frozen VAE and CLIP text run once, not in every step. scale_by_std: the
   # tiny VAE (KL weight 1e-6) makes latents of std ~1.3, so SD's 0.18215 would leave the diffusion
   # 0.24-std data under a schedule made for std 1 (sigma up to 14.6): LDM's 1/std rule instead.
-  # 320 steps of 8: a third of the compute of 400 of 16, the same scores within noise (README,
+  # 320 steps of 8: 40% of the samples of 400 of 16, the same scores within noise (README,
   # "The demo").
   cfg.ldm_train.update(batch_size=8, grad_accum=1, num_steps=320, lr=5e-4, ema_decay=0.999,
                        log_every=40, ckpt_every=160, sample_every=160, init="random",
