@@ -91,6 +91,15 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
+  # `with Checkpointer(...) as ckpt:` closes it on every exit, errors included: a manager left
+  # open keeps background threads that can print a traceback at interpreter exit.
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    self.close()
+    return False
+
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
   """ShapeDtypeStructs (with shardings when given) for restoring onto the current mesh."""

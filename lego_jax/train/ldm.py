@@ -380,12 +380,11 @@ def load_trained(cfg, workdir: Path, use_ema: bool = True):
   """(unet, conditioner, clip_text, vae) from WORKDIR's latest train-ldm checkpoint."""
   mesh = sharding.make_mesh(cfg.mesh.shape)
   graphdefs, state, shardings, _ = init_state(cfg, workdir, mesh)
-  ckpt = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "ldm")
-  if ckpt.latest_step() is None:
-    ckpt.close()  # an open manager's threads print a traceback at interpreter exit
-    raise FileNotFoundError(f"no LDM checkpoint in {ckpt.directory}: run `lego-jax train-ldm` first")
-  _, state, _ = ckpt.restore(ckpt_lib.abstract_like(state, shardings))
-  ckpt.close()
+  with ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "ldm") as ckpt:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(
+          f"no LDM checkpoint in {ckpt.directory}: run `lego-jax train-ldm` first")
+    _, state, _ = ckpt.restore(ckpt_lib.abstract_like(state, shardings))
   params = dict(state["frozen"], **(state["ema"] if use_ema else state["trained"]))
   return models_from(graphdefs, params, state["latent_scale"])
 

@@ -122,15 +122,13 @@ def load_trained(cfg, workdir: Path) -> VAE:
     return model
   mesh = sharding.make_mesh(cfg.mesh.shape)
   graphdef, state, shardings, _ = init_state(cfg, mesh)
-  ckpt = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "vae")
-  if ckpt.latest_step() is None:
-    ckpt.close()  # an open manager's threads print a traceback at interpreter exit
-    raise FileNotFoundError(
-        f"no VAE checkpoint in {ckpt.directory}: run `lego-jax train-vae` first, or set "
-        "--config.vae_train.init_checkpoint to a diffusers/CompVis VAE file (SD-1.5's "
-        "vae/diffusion_pytorch_model.safetensors from runwayml/stable-diffusion-v1-5)")
-  _, state, _ = ckpt.restore(ckpt_lib.abstract_like(state, shardings))
-  ckpt.close()
+  with ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "vae") as ckpt:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(
+          f"no VAE checkpoint in {ckpt.directory}: run `lego-jax train-vae` first, or set "
+          "--config.vae_train.init_checkpoint to a diffusers/CompVis VAE file (SD-1.5's "
+          "vae/diffusion_pytorch_model.safetensors from runwayml/stable-diffusion-v1-5)")
+    _, state, _ = ckpt.restore(ckpt_lib.abstract_like(state, shardings))
   return nnx.merge(graphdef, state["params"], state["rest"])
 
 

@@ -371,10 +371,9 @@ def train(cfg, workdir: Path, stop_after: int | None = None):
   graphdef, state, shardings, tx, schedule = init_state(cfg, mesh, num_steps)
   if num_steps == 0:
     # The loop saves after steps only; the untrained model still needs a checkpoint to load.
-    ckpt = checkpointer(workdir)
-    if ckpt.latest_step() is None:
-      ckpt.save(0, state, None, cfg.to_dict(), force=True)
-    ckpt.close()
+    with checkpointer(workdir) as ckpt:
+      if ckpt.latest_step() is None:
+        ckpt.save(0, state, None, cfg.to_dict(), force=True)
     return graphdef, state
   step = jax.jit(make_train_step(graphdef, tx, schedule, accum=max(int(t.grad_accum), 1),
                                  zero_image=bool(t.zero_image)),
@@ -409,9 +408,8 @@ def trained_source(cfg, workdir: Path) -> str:
   """Which weights `load_trained` returns, as a string that changes when they do."""
   directory = (Path(workdir) / "checkpoints" / NAME).absolute()
   if directory.exists():
-    ckpt = checkpointer(workdir)
-    step = ckpt.latest_step()
-    ckpt.close()
+    with checkpointer(workdir) as ckpt:
+      step = ckpt.latest_step()
     if step is not None:  # relative: a moved workdir keeps its extracted features valid
       return f"WORKDIR/checkpoints/{NAME} step {step}"
   if cfg.vllm_train.init_checkpoint:
@@ -436,9 +434,8 @@ def load_trained(cfg, workdir: Path, *, dtype: str | None = None,
     return nnx.merge(graphdef, jax.device_put(params, sharding.state_shardings(mesh, params))), tok
   graphdef, abstract, shardings, _, _ = init_state(cfg, mesh, 1, abstract=True, dtype=dtype,
                                                    remat=False)
-  ckpt = checkpointer(workdir)
-  _, state, _ = ckpt.restore(abstract)
-  ckpt.close()
+  with checkpointer(workdir) as ckpt:
+    _, state, _ = ckpt.restore(abstract)
   return nnx.merge(graphdef, state["trained"], state["frozen"], state["rest"]), tok
 
 
