@@ -4,21 +4,15 @@ cores in minutes, on synthetic egocentric scenes the package generates itself (n
 Model sections use the field names of each model's Config dataclass in lego_jax/models/.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
-
-def _base(name):
-  spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name(f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from lego_jax import config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  cfg = _base("lego_ego4d").get_config()
+  cfg = config.load(pathlib.Path(__file__).with_name("lego_ego4d.py"))
   cfg.name = "tiny"
 
   cfg.data.source = "synthetic"
