@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
-WORK_FORMAT = 1  # bump when the per-video work files change meaning: old ones are redone
+WORK_FORMAT = 2  # bump when the per-video work files change meaning: old ones are redone
+# 2: frame 0 is the first decoded frame (was the stream start_time: AVI + B-frames one late).
 OUTCOMES = ("written", "video_missing", "video_unreadable", "frame_before_start",
             "frame_past_end", "frame_not_found", "decode_error", "near_duplicate", "unrelated",
             "worker_error")
@@ -682,7 +683,9 @@ def _define_flags():
   flags.DEFINE_string("ego4d_input", "pre_frame", "critical frame used as input")
   flags.DEFINE_string("ego4d_target", "pnr_frame", "critical frame used as target")
   flags.DEFINE_enum("epic_positions", "frames", ["frames", "timestamps"],
-                    "EPIC start/stop from start_frame/stop_frame or the timestamps")
+                    "EPIC start/stop from start_frame/stop_frame (numbered at 60 fps for "
+                    "PXX_YY videos, 50 for PXX_1YY, whatever the video's rate) or the "
+                    "timestamps")
   flags.DEFINE_float("epic_input_offset_sec", 0.0, "EPIC input this long before the start")
   flags.DEFINE_float("epic_target_fraction", 0.5, "EPIC target this far into the segment")
   for name in ("source", "annotations", "videos_dir", "out"):

@@ -96,6 +96,7 @@ def run(argv: list[str] | None = None) -> None:
     from lego_jax.parallel import distributed
     from lego_jax.train.checkpoint import Preempted
     from lego_jax.train.common import NonFiniteError
+    from lego_jax.data.records import RecordFileError
 
     cfg = _CONFIG.value
     workdir = Path(_WORKDIR.value)
@@ -123,6 +124,9 @@ def run(argv: list[str] | None = None) -> None:
       print(f"lego-jax {command}: {e}", file=sys.stderr)
       return Preempted.exit_code
     except NonFiniteError as e:
+      print(f"lego-jax {command}: error: {e}", file=sys.stderr)
+      return 1
+    except RecordFileError as e:   # damaged data on disk: exit 1, like other data faults
       print(f"lego-jax {command}: error: {e}", file=sys.stderr)
       return 1
 
