@@ -164,9 +164,9 @@ def test_original_llava_layout_linear_projector_and_separate_clip(reference, tmp
              for k, v in saved.items() if k.startswith("vision_tower.")}
   clip_sd["text_model.embeddings.token_embedding.weight"] = np.zeros((5, 3), np.float32)
   assert llava_lib.detect_llava_layout(lm_sd) == "llava"
-  with pytest.raises(KeyMappingError, match="vision_state_dict"):
+  with pytest.raises(KeyMappingError, match="vision_source"):
     llava_lib.load_llava(abstract(our_config("linear")), lm_sd)
-  model = llava_lib.load_llava(abstract(our_config("linear")), lm_sd, vision_state_dict=clip_sd)
+  model = llava_lib.load_llava(abstract(our_config("linear")), lm_sd, vision_source=clip_sd)
 
   # Reference: transformers' Llava with its projector swapped for the same single Linear.
   linear = torch.nn.Linear(24, 32)
