@@ -412,11 +412,12 @@ HF_CONFIG: dict[str, Any] = {
     "hidden_size": ("hidden_size", 4096),
     "intermediate_size": ("intermediate_size", 11008),
     "num_layers": ("num_hidden_layers", 32),
-    "num_heads": _num_heads,
+    "num_heads": pretrained.named("num_attention_heads", _num_heads),
     # absent or null: as many kv heads as query heads (no GQA)
-    "num_kv_heads": lambda c: c.get("num_key_value_heads") or c.get("num_attention_heads", 32),
+    "num_kv_heads": pretrained.named("num_key_value_heads", lambda c: c.get(
+        "num_key_value_heads") or c.get("num_attention_heads", 32)),
     "rms_norm_eps": ("rms_norm_eps", 1e-6),
-    "rope_theta": _rope_theta,
+    "rope_theta": pretrained.named("rope_theta", _rope_theta),
     "max_position": ("max_position_embeddings", 2048),
     "tie_embeddings": ("tie_word_embeddings", False),
 }

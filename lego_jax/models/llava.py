@@ -312,10 +312,8 @@ HF_REQUIRE: dict[str, tuple] = {"projector_hidden_act": ("gelu",),
                                 "vision_feature_select_strategy": ("default",),
                                 "multimodal_projector_bias": (True,)}
 # The original LLaVA repository's config.json (LlavaLlamaForCausalLM: a LlamaConfig plus mm_*).
-REPO_CONFIG: dict[str, Any] = {
-    "projector": ("mm_projector_type", "linear"),
-    "image_token_id": lambda c: LLAVA_IMAGE_TOKEN_ID,
-}
+# (Its image placeholder is a code constant, IMAGE_TOKEN_INDEX: LlavaConfig's default.)
+REPO_CONFIG: dict[str, Any] = {"projector": ("mm_projector_type", "linear")}
 REPO_REQUIRE: dict[str, tuple] = {"mm_projector_type": ("linear", "mlp2x_gelu"),
                                   "mm_vision_select_feature": ("patch",)}
 # CLIP towers the original repository names in mm_vision_tower, for files without the tower's

@@ -650,11 +650,15 @@ HF_CONFIG: dict[str, Any] = {
     "in_channels": ("in_channels", 4),
     "out_channels": ("out_channels", 4),
     "block_out_channels": ("block_out_channels", (320, 640, 1280, 1280)),
-    "attention_levels": _attention_levels,
-    "layers_per_block": lambda c: _single(c, "layers_per_block", 2),
-    "num_heads": _diffusers_heads,
-    "transformer_depth": lambda c: _single(c, "transformer_layers_per_block", 1),
-    "context_dim": lambda c: _single(c, "cross_attention_dim", 1280),
+    "attention_levels": pretrained.named("down_block_types", _attention_levels),
+    "layers_per_block": pretrained.named("layers_per_block",
+                                         lambda c: _single(c, "layers_per_block", 2)),
+    # diffusers' legacy naming: attention_head_dim holds the number of heads (see below)
+    "num_heads": pretrained.named("attention_head_dim", _diffusers_heads),
+    "transformer_depth": pretrained.named(
+        "transformer_layers_per_block", lambda c: _single(c, "transformer_layers_per_block", 1)),
+    "context_dim": pretrained.named("cross_attention_dim",
+                                    lambda c: _single(c, "cross_attention_dim", 1280)),
     "norm_groups": ("norm_num_groups", 32),
 }
 # Settings this model implements one way only: their key -> (diffusers' default, also allowed).
@@ -689,10 +693,11 @@ def _compvis_heads(c: Mapping[str, Any]) -> int | tuple[int, ...]:
 COMPVIS_CONFIG: dict[str, Any] = {
     "in_channels": "in_channels",
     "out_channels": "out_channels",
-    "block_out_channels": lambda c: tuple(c["model_channels"] * m for m in c["channel_mult"]),
-    "attention_levels": _compvis_levels,
+    "block_out_channels": pretrained.named(
+        "model_channels", lambda c: tuple(c["model_channels"] * m for m in c["channel_mult"])),
+    "attention_levels": pretrained.named("attention_resolutions", _compvis_levels),
     "layers_per_block": "num_res_blocks",
-    "num_heads": _compvis_heads,
+    "num_heads": pretrained.named("num_heads", _compvis_heads),
     "transformer_depth": ("transformer_depth", 1),
     "context_dim": "context_dim",
 }

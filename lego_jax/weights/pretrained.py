@@ -99,6 +99,20 @@ def translate(config: Mapping[str, Any], table: Mapping[str, Any],
   return out
 
 
+def named(their_key: str, fn: Callable[[Mapping[str, Any]], Any]) -> Callable:
+  """A computed table entry that still names the key it reads (for error messages)."""
+  fn.their_key = their_key
+  return fn
+
+
+def _their_name(spec) -> str | None:
+  if isinstance(spec, str):
+    return spec
+  if isinstance(spec, tuple):
+    return spec[0]
+  return getattr(spec, "their_key", None)
+
+
 def _same(a, b) -> bool:
   if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
     return tuple(np.atleast_1d(a).tolist()) == tuple(np.atleast_1d(b).tolist())
@@ -113,9 +127,7 @@ def settle(stated: Mapping[str, Any], overrides: Mapping[str, Any], source: str,
   field came from."""
   for field, value in overrides.items():
     if field in stated and not _same(stated[field], value):
-      theirs = (names or {}).get(field)
-      theirs = theirs if isinstance(theirs, str) else (
-          theirs[0] if isinstance(theirs, tuple) else None)
+      theirs = _their_name((names or {}).get(field))
       said = f" ({theirs})" if theirs and theirs != field else ""
       raise PretrainedConfigError(
           f"{field}={value!r} was asked for, but {source} says {field}{said}="
