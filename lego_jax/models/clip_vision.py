@@ -496,6 +496,12 @@ HF_CONFIG: dict[str, Any] = {
 HF_REQUIRE: dict[str, tuple] = {"hidden_act": ("quick_gelu",), "num_channels": (3,)}
 
 
+def _image_size_seen(patches: int, patch_size: int, stated: int) -> int:
+  # The position table says the patch grid; any size with that grid is consistent with it.
+  grid = int(round(patches ** 0.5))
+  return stated if (stated // patch_size) == grid else grid * patch_size
+
+
 def vision_weight_facts(prefix: str, with_projection: bool = False) -> dict[str, Any]:
   """Config fields read off the weights of a tower under `prefix`."""
   p = prefix
@@ -505,9 +511,9 @@ def vision_weight_facts(prefix: str, with_projection: bool = False) -> dict[str,
       "patch_size": pretrained.dim(patch, 2),
       "num_layers": pretrained.count(f"{p}encoder.layers."),
       "intermediate_size": pretrained.dim(f"{p}encoder.layers.0.mlp.fc1.weight", 0),
-      "image_size": lambda sd, f: int(round(
-          (np.shape(sd[f"{p}embeddings.position_embedding.weight"])[0] - 1) ** 0.5))
-      * int(np.shape(sd[patch])[2]),
+      "image_size": lambda sd, f: _image_size_seen(
+          np.shape(sd[f"{p}embeddings.position_embedding.weight"])[0] - 1,
+          int(np.shape(sd[patch])[2]), f["image_size"]),
   }
   if with_projection:
     facts["projection_dim"] = pretrained.dim(VISUAL_PROJECTION_KEY, 0)

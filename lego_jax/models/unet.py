@@ -678,7 +678,8 @@ HF_REQUIRE: dict[str, tuple] = {
 
 def _compvis_levels(c: Mapping[str, Any]) -> tuple[bool, ...]:
   # ldm's UNetModel attends at the levels whose downsampling rate (1, 2, 4, ...) is listed.
-  return tuple(2 ** b in set(c.get("attention_resolutions") or ()) for b in range(len(c["channel_mult"])))
+  rates = set(c.get("attention_resolutions") or ())
+  return tuple(2 ** b in rates for b in range(len(c["channel_mult"])))
 
 
 def _compvis_heads(c: Mapping[str, Any]) -> int | tuple[int, ...]:

@@ -517,7 +517,8 @@ def vae_to_torch(model: VAE, layout: str = "diffusers",
 
 def _vae_channels(c: Mapping[str, Any]) -> tuple[int, ...]:
   channels = tuple(c.get("block_out_channels", (64,)))
-  for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+  for key, kind in (("down_block_types", "DownEncoderBlock2D"),
+                    ("up_block_types", "UpDecoderBlock2D")):
     types = tuple(c.get(key) or (kind,) * len(channels))
     if types != (kind,) * len(channels):
       raise pretrained.PretrainedConfigError(

@@ -136,7 +136,7 @@ def ldm_parts_from_yaml(path: str | os.PathLike, kind: str,
           "vae": lambda: vae.VAE(configs["vae"], rngs=nnx.Rngs(0)),
           "clip_text": lambda: clip_text.CLIPText(configs["clip_text"], rngs=nnx.Rngs(0))}
   if kind == "lego":
-    cond = conditioner.ConditionerConfig(**{
-        "context_dim": configs["unet"].context_dim, **dict((overrides or {}).get("conditioner", {}))})
+    cond = conditioner.ConditionerConfig(**{"context_dim": configs["unet"].context_dim,
+                                            **dict((overrides or {}).get("conditioner", {}))})
     make["conditioner"] = lambda: conditioner.Conditioner(cond, rngs=nnx.Rngs(0))
   return {name: nnx.eval_shape(m) for name, m in make.items()}
