@@ -68,9 +68,10 @@ class Described:
 
 def sampling_config(cfg, tok: Tokenizer) -> decode.SamplingConfig:
   g = cfg.vllm_generate
-  return decode.SamplingConfig(
-      max_new_tokens=int(g.max_new_tokens), greedy=bool(g.greedy), temperature=float(g.temperature),
-      top_p=float(g.top_p), top_k=int(g.top_k), eos_id=tok.eos_id, pad_id=tok.pad_id)
+  return decode.SamplingConfig.for_tokenizer(
+      tok, max_new_tokens=int(g.max_new_tokens), greedy=bool(g.greedy),
+      temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k),
+      min_new_tokens=int(g.get("min_new_tokens", 0)))
 
 
 @nnx.jit(static_argnames=("zero_image",))

@@ -133,6 +133,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       f"{path}: unknown weight file type {path.suffix!r}; expected .safetensors, .bin, .ckpt, .pth or .pt")
 
 
+def as_state_dict(source) -> tuple[Mapping[str, np.ndarray], str]:
+  """Every loader's one input: a state dict as it is, or a file / directory read from disk.
+  Returns (the state dict, a name for error messages)."""
+  if isinstance(source, Mapping):
+    return source, "(state dict)"
+  if isinstance(source, (str, os.PathLike)):
+    return read_state_dict(source), str(source)
+  raise TypeError(f"expected a state dict or a path, got {type(source).__name__}")
+
+
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None) -> Path:
   """Writes `tensors` atomically: a crash never leaves a half-written file at `path`."""
