@@ -176,10 +176,13 @@ class VideoReader:
 
   def _first_pts(self, path) -> int:
     """The timestamp of the first frame the decoder gives: frame 0 (see the module doc)."""
+    start = self._stream.start_time
     try:
       for frame in self._container.decode(self._stream):
         if frame.pts is not None:
-          return frame.pts
+          # A frame before the stream's start is pre-roll an edit list hides (when the decoder
+          # does not drop it itself): frame 0 is then still the one at the start.
+          return frame.pts if start is None else max(start, frame.pts)
     except av.error.FFmpegError as e:
       self._container.close()
       raise VideoOpenError(f"{path}: its first frame does not decode: {e}") from e

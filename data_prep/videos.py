@@ -578,11 +578,17 @@ def read_ids(path: str | Path) -> set[str]:
 def read_descriptions(path: str | Path | None) -> dict:
   if not path:
     return {}
+  def no_repeats(pairs):
+    twice = sorted(k for k, n in collections.Counter(k for k, _ in pairs).items() if n > 1)
+    if twice:   # json would keep the last silently; which description is meant is unknown
+      raise UsageError(f"--descriptions {path}: key(s) {twice[:5]} given twice in one object")
+    return dict(pairs)
+
   try:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=no_repeats)
   except FileNotFoundError:
     raise UsageError(f"--descriptions file not found: {path}") from None
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UsageError(f"--descriptions {path} is not valid JSON: {e}") from None
   if not isinstance(data, dict):
     raise UsageError(f"--descriptions {path}: expected {{clip_id: {{action_id: {{...}}}}}}")

@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_prep import lego_json, llava_json, tfds_builder
+from data_prep import lego_json, llava_json, tfds_builder, videos
 from data_prep.lego_json import ConversionError
 from lego_jax.data import records
 
@@ -92,3 +92,13 @@ def test_llava_repeated_ids_keys_and_surrogates_are_counted_by_name(tmp_path):
   assert "record r3: field 'conversations[1].value' is not valid Unicode text" in bad
   assert "record #4: field(s) ['id'] given more than once" in bad
   json.dumps(result.bad)   # the messages themselves are storable
+
+
+def test_repeated_description_keys_are_a_usage_error(tmp_path):
+  path = tmp_path / "desc.json"
+  path.write_text('{"c": {"a1": {"llava_forecast_finetune": "x"}, '
+                  '"a1": {"llava_forecast_finetune": "y"}}}')
+  with pytest.raises(videos.UsageError, match=r"desc.json: key\(s\) \['a1'\] given twice"):
+    videos.read_descriptions(path)
+  path.write_text('{"c": {"a1": {"llava_forecast_finetune": "x"}}}')
+  assert videos.read_descriptions(path) == {"c": {"a1": {"llava_forecast_finetune": "x"}}}

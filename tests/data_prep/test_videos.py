@@ -176,6 +176,24 @@ def test_mpeg4_with_b_frames_in_avi_counts_from_the_first_frame(tmp_path):
     assert got == {0: 0, 1: 1, 13: 13, 39: 39} and reader.missing == {}
 
 
+def test_edit_list_pre_roll_is_not_frame_0(data, tmp_path):
+  """An MP4 cut at frame 30 by stream copy keeps the GOP from keyframe 24 as pre-roll before its
+  edit list's start: frame 0 is the source's frame 30, not the first decodable one (24)."""
+  with av.open(str(data["ego_videos"] / "full_scale" / "vid_a.mp4")) as inp, \
+      av.open(str(tmp_path / "cut.mp4"), "w") as out:
+    ist = inp.streams.video[0]
+    ost = out.add_stream_from_template(ist)
+    step, start = int(1 / (ist.average_rate * ist.time_base)), ist.start_time
+    for pkt in inp.demux(ist):
+      if pkt.dts is None or pkt.dts < start + 22 * step:   # from the GOP of keyframe 24 on
+        continue
+      pkt.pts, pkt.dts, pkt.stream = pkt.pts - start - 30 * step, pkt.dts - start - 30 * step, ost
+      out.mux(pkt)
+  with VideoReader(str(tmp_path / "cut.mp4")) as reader:
+    got = {i: read_index(f.to_ndarray(format="rgb24")) for i, f in reader.read([0, 1, 20])}
+  assert got == {0: 30, 1: 31, 20: 50}
+
+
 def test_reader_rejects_files_that_are_not_videos(data):
   with pytest.raises(VideoOpenError):
     VideoReader(str(data["ego_videos"] / "full_scale" / "vid_corrupt.mp4"))
