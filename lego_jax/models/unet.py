@@ -690,7 +690,8 @@ def _compvis_heads(c: Mapping[str, Any]) -> int | tuple[int, ...]:
   return c.get("num_heads", -1)
 
 
-# ldm's UNetModel in a CompVis yaml (model.params.unet_config.params) -> UNetConfig.
+# ldm's UNetModel in a CompVis yaml (model.params.unet_config.params) -> UNetConfig. ldm's
+# GroupNorm32 is not in the yaml: norm_groups keeps its default, 32.
 COMPVIS_CONFIG: dict[str, Any] = {
     "in_channels": "in_channels",
     "out_channels": "out_channels",

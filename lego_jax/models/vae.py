@@ -549,7 +549,8 @@ HF_REQUIRE: dict[str, tuple] = {"act_fn": ("silu",), "use_quant_conv": (True,),
                                 "mid_block_add_attention": (True,), "shift_factor": (None,)}
 
 # ldm's AutoencoderKL in a CompVis yaml: first_stage_config.params (ddconfig flattened into it,
-# with the LDM's scale_factor) -> VAEConfig.
+# with the LDM's scale_factor) -> VAEConfig. ldm's Normalize (32 groups) is not in the yaml:
+# norm_groups keeps its default, 32.
 COMPVIS_CONFIG: dict[str, Any] = {
     "in_channels": lambda c: _same_channels(c, "out_ch", "in_channels", 3),
     "latent_channels": lambda c: _same_channels(c, "embed_dim", "z_channels", 4),

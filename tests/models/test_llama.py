@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +218,27 @@ def test_bf16_generation_greedy_matches_fp32_reference_and_sampling_knobs(tmp_pa
   np.testing.assert_array_equal(hot(7), hot(7))
   assert not np.array_equal(hot(7), hot(8))
   assert decode._generate_jit._cache_size() == compiled   # the knobs are traced, not static
+
+  # The stop is the tokenizer's EOS (transformers' tokenizer fields here), never a guessed id:
+  # with row 0's first greedy token as EOS, row 0 stops at once unless min_new_tokens forbids it,
+  # exactly as transformers' generate(eos_token_id=, min_new_tokens=).
+  tokenizer = types.SimpleNamespace(eos_token_id=int(greedy[0, 0]), pad_token_id=None)
+  for min_new in (0, 2):
+    cfg = decode.SamplingConfig.for_tokenizer(tokenizer, max_new_tokens=4, greedy=True,
+                                              min_new_tokens=min_new)
+    assert (cfg.eos_id, cfg.pad_id) == (greedy[0, 0], greedy[0, 0])
+    out = decode.generate_from_ids(model, ids, lengths, cfg)
+    for row, n in enumerate(lengths):
+      with torch.no_grad():
+        ref = hf.generate(torch.as_tensor(ids[row:row + 1, :n]), do_sample=False,
+                          max_new_tokens=4, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id,
+                          min_new_tokens=min_new)[0, n:].numpy()
+      assert int(out.num_tokens[row]) == len(ref)
+      np.testing.assert_array_equal(np.asarray(out.tokens[row, :len(ref)]), ref)
+    assert int(out.num_tokens[0]) == 1 if min_new == 0 else int(out.num_tokens[0]) >= min_new
+  assert decode._generate_jit._cache_size() == compiled
+  with pytest.raises(ValueError, match="eos_id is not set"):
+    decode.generate_from_ids(model, ids, lengths, decode.SamplingConfig(max_new_tokens=4))
   # top-p keeps exactly the best tokens whose mass above them is < p.
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   kept = np.isfinite(np.asarray(decode.filter_logits(
