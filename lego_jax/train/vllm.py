@@ -296,7 +296,8 @@ def num_train_steps(cfg, workdir: Path) -> int:
 
 def make_optimizer(cfg, trained, num_steps: int):
   t = cfg.vllm_train
-  schedule = common.learning_rate(t.lr, num_steps, t.warmup_ratio, t.schedule)
+  schedule = common.learning_rate(t.lr, num_steps, t.warmup_ratio, t.schedule,
+                                  t.get("warmup_shape", "linear"))
   tx = common.adamw(trained, schedule, weight_decay=t.weight_decay, grad_clip=t.grad_clip or None)
   return tx, schedule
 
