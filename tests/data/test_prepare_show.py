@@ -112,6 +112,10 @@ def test_release_path_gives_the_same_records(prepared, tmp_path):
   prepare.convert_release(cfg.data, tmp_path)
   fingerprint = records.build_metadata(tmp_path / "rec", records.INSTRUCT)["fingerprint"]
   assert fingerprint["derived"] == ["test", "train", "val"]
+  from lego_jax.train import vllm  # train-vllm says so when it starts
+
+  assert "released VLLM's outputs" in vllm.targets_note(tmp_path / "rec")
+  assert vllm.targets_note(workdir / "records") == ""  # the generator's LLaVA files
   for split in ("train", "val", "test"):
     a = records.open_split(workdir / "records", split)
     b = records.open_split(tmp_path / "rec", split)

@@ -150,25 +150,30 @@ def test_bad_feature_files_are_named(prepared, tmp_path):
     assert not features.is_complete(workdir / "features", "test")
 
 
-def test_cli_errors_are_one_line(prepared, tmp_path):
-  """A missing feature file: exit 1 (data); a missing directory: exit 2 (usage)."""
+def test_cli_missing_file_is_one_line_exit_1(prepared, tmp_path):
+  """A missing feature file is a data error: exit 1, one line naming it, nothing half-written."""
   _, root, _, _ = prepared
   txt = tmp_path / "txt"
   for p in (root / "txt").rglob("*.npy"):
     if p.name != "clipB_000102.npy":
       (txt / p.relative_to(root / "txt")).parent.mkdir(parents=True, exist_ok=True)
       (txt / p.relative_to(root / "txt")).write_bytes(p.read_bytes())
-  for text_root, code, message in (
-      (txt, 1, f"H_t feature file missing: {txt / 'clipB/3/clipB_000102.npy'}"),
-      (tmp_path / "nowhere", 2, f"--text_features directory not found: {tmp_path / 'nowhere'}")):
-    workdir = _workdir(prepared, tmp_path / f"w{code}")
-    proc = subprocess.run(
-        [sys.executable, "-m", "lego_jax", "import-features", f"--workdir={workdir}",
-         f"--config={REPO / 'configs/lego_ego4d.py'}", "--config.data.source=lego_json",
-         f"--config.data.annotation_test={root / 'ego4d_val.json'}", "--split=test",
-         "--config.conditioner.llm_dim=24", f"--image_features={root / 'img'}",
-         f"--text_features={text_root}"],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == code, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"lego-jax import-features: error: {message}"
+  workdir = _workdir(prepared, tmp_path / "w")
+  proc = subprocess.run(
+      [sys.executable, "-m", "lego_jax", "import-features", f"--workdir={workdir}",
+       f"--config={REPO / 'configs/lego_ego4d.py'}", "--config.data.source=lego_json",
+       f"--config.data.annotation_test={root / 'ego4d_val.json'}", "--split=test",
+       "--config.conditioner.llm_dim=24", f"--image_features={root / 'img'}",
+       f"--text_features={txt}", "--import_part_size=2"],
+      capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "lego-jax import-features: error: H_t feature file missing: "
+      f"{txt / 'clipB/3/clipB_000102.npy'}")
+  assert features.done_parts(workdir / "features", "test") == {0}  # the part before it is kept
+  # A missing directory is a usage error (exit 2 through the CLI), named before anything runs.
+  cfg = prepared[0]
+  with pytest.raises(FileNotFoundError, match="--text_features directory not found: .*nowhere"):
+    rf.import_split(cfg, _workdir(prepared, tmp_path / "w2"), "test", root / "img",
+                    tmp_path / "nowhere", progress=False)

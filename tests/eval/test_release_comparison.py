@@ -224,6 +224,12 @@ def test_evaluate_on_the_release_folders_equals_the_release_definitions(release,
                           **dict(kw, metrics=("psnr", "lpips", "clip")))
   for k in ("psnr", "lpips", "clip"):
     np.testing.assert_allclose(own["metrics"][k], m[k], rtol=1e-6)
+  # BLIP-B/L find each pair's enriched description in the annotation by clip/action/frame.
+  from lego_jax.eval import images as im
+
+  found, why = ev._descriptions(im.match_sets(out / "generated", out / "reference"),
+                                str(release / "ego4d_val.json"), "llava_forecast_finetune")
+  assert why == "" and set(found.values()) == {"the person cuts the carrot"} and len(found) == 4
   # The table prints the release's LPIPS, unmarked.
   md, _, _ = ev.write_results_table(tmp_path / "eval", with_paper=False)
   row = next(l for l in md.read_text().splitlines() if l.startswith("| vs_release |"))
