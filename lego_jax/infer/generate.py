@@ -142,14 +142,22 @@ def annotation_frames(cfg, workdir: Path, split: str) -> dict[str, tuple[str, st
   """record id "<clip>/<action>" -> (image_0, image_1) relative paths, from the split's
   annotation JSON (cfg.data.annotation_<split>, or the synthetic data's under WORKDIR/raw);
   {} when there is none (the files are then named after the record id)."""
+  from lego_jax.data import pipeline
+
   d = cfg.data
   path = None
   if d.source == "synthetic":
     from lego_jax.data import synthetic
-    path = synthetic.release_files(Path(workdir) / "raw", [split]).annotations[split]
+    # prepare-data wrote the raw files beside the records (a run may read another's records)
+    for root in (Path(workdir), pipeline.records_dir_of(d, workdir).parent):
+      path = synthetic.release_files(root / "raw", [split]).annotations[split]
+      if path.is_file():
+        break
   elif d.get(f"annotation_{split}", ""):
     path = Path(d[f"annotation_{split}"])
   if path is None or not path.is_file():
+    print(f"generate: no annotation JSON for split {split!r} (cfg.data.annotation_{split}): "
+          "files are named <clip>/<action>/action_frame, not after the release's frames")
     return {}
   try:
     ann = json.loads(path.read_text(encoding="utf-8"))
