@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-vae": ("lego_jax.train.vae", "train the KL autoencoder (the embedded default has no SD weights)"),
     "train-vllm": ("lego_jax.train.vllm", "LLaVA visual instruction tuning: the VLLM writes enriched descriptions"),
     "extract": ("lego_jax.infer.extract", "VLLM descriptions + H_i/H_t features of every split -> WORKDIR/features"),
+    "import-features": ("data_prep.release_features", "the release's .npy H_i/H_t features of a split -> WORKDIR/features"),
     "describe": ("lego_jax.infer.describe", "print the VLLM's enriched description of one frame (--image, --action)"),
     "train-ldm": ("lego_jax.train.ldm", "train LEGO's latent diffusion model on frames + VLLM features"),
     "generate": ("lego_jax.infer.generate", "generate action frames (a records split, or --image/--action)"),

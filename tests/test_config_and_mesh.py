@@ -24,6 +24,13 @@ def test_full_configs_hold_the_paper_settings():
   assert cfg.unet.in_channels == 8 and cfg.vae.scaling_factor == 0.18215
   assert (cfg.sampler.text_guidance, cfg.sampler.image_guidance, cfg.sampler.num_steps) == (7.5, 1.5, 100)
   assert config_lib.load("lego_epickitchens").eval.egovlp_frames == 16
+  # Comparable with the release by default (docs/fidelity.md lists each switch).
+  for name in ("lego_ego4d", "lego_epickitchens"):
+    c = config_lib.load(name)
+    assert (c.sampler.postprocess, c.sampler.image_format, c.eval.lpips_release_range,
+            c.ldm_train.ema_scope, c.vllm_train.warmup_shape, c.data.action_normalisation,
+            c.data.instructions) == ("release", "release", True, "unet", "log", "release",
+                                     "gpt_curated")
 
 
 def test_rule_table_and_mesh():

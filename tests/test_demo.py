@@ -107,7 +107,7 @@ def test_demo_report_and_images(demo_run):
   assert len(list((workdir / "generated" / "vae_roundtrip").glob("*.png"))) == 8
   for run in ("lego", "action_label"):
     for kind in ("generated", "reference", "inputs"):
-      assert len(list((workdir / "generated" / run / kind).glob("*.png"))) == 8
+      assert len(list((workdir / "generated" / run / kind).rglob("*.png"))) == 8
   assert (workdir / "baseline_action_label" / "checkpoints" / "ldm").is_dir()
   assert "LEGO vs copy the input frame" in page and "Skipped" in page
   for stage in STAGES:

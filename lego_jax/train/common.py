@@ -35,10 +35,33 @@ def label_params(params: Any, frozen: str | None) -> Any:
       lambda p, _: "frozen" if rx is not None and rx.search(path_str(p)) else "trained", params)
 
 
+def log_warmup(base: float, warmup: int) -> optax.Schedule:
+  """DeepSpeed's WarmupLR with its default warmup_type "log" (min lr 0), in optimizer steps k:
+  the scheduler starts at iteration -1 (lr 0) and steps after each update, so update k uses
+  base * log(k) / log(W), W = max(2, warmup), for 1 <= k <= W (0 at k = 0 and 1), then base."""
+  w = max(2, warmup)
+
+  def schedule(k):
+    k = jnp.maximum(jnp.asarray(k, jnp.float32), 1.0)
+    return base * jnp.minimum(1.0, jnp.log(k) / math.log(w))
+  return schedule
+
+
+WARMUPS = ("linear", "log")
+
+
 def learning_rate(base: float, total_steps: int, warmup_ratio: float = 0.0,
-                  schedule: str = "constant") -> optax.Schedule:
-  """Linear warm-up over `warmup_ratio` of the steps, then constant or cosine to 0."""
+                  schedule: str = "constant", warmup_shape: str = "linear") -> optax.Schedule:
+  """Warm-up over `warmup_ratio` of the steps (linear from 0, or DeepSpeed WarmupLR's "log"),
+  then constant or cosine to 0."""
   warmup = int(math.ceil(warmup_ratio * max(total_steps, 1)))
+  if warmup_shape not in WARMUPS:
+    raise ValueError(f"unknown warm-up shape {warmup_shape!r} (one of {WARMUPS})")
+  if warmup_shape == "log" and warmup > 0:
+    if schedule != "constant":  # WarmupLR holds the peak: it has no decay to join
+      raise ValueError("the log warm-up is DeepSpeed's WarmupLR, which stays constant after it: "
+                       f"schedule={schedule!r} needs warmup_shape='linear'")
+    return log_warmup(base, warmup)
   if schedule == "constant":
     after = optax.constant_schedule(base)
   elif schedule == "cosine":

@@ -182,7 +182,8 @@ def make_train_step(cfg, graphdefs, tx, schedule, empty_ids):
     updates, opt_state = tx.update(grads, state["opt_state"], state["trained"])
     trained = optax.apply_updates(state["trained"], updates)
     # LitEma counts this update before computing its decay: n = step + 1.
-    ema = common.ema_update(state["ema"], trained, state["step"] + 1, t.ema_decay)
+    ema = ema_of(state["ema"], trained, state["step"] + 1, t.ema_decay,
+                 t.get("ema_scope", "trained"))
     ok = common.all_finite(loss, grads)
     # One lax.cond, not a jnp.where per leaf: wheres that all wait on a reduction over every
     # gradient made XLA:CPU compile this step 4x slower (175 s vs 43 s of CPU, tiny config).
@@ -194,6 +195,23 @@ def make_train_step(cfg, graphdefs, tx, schedule, empty_ids):
     return new_state, aux
 
   return step
+
+
+EMA_SCOPES = ("unet", "trained")
+
+
+def ema_of(ema: dict, trained: dict, num_updates, decay: float, scope: str) -> dict:
+  """The EMA weights after an update. scope "trained": every trained module averaged; "unet":
+  the release's LitEma(self.model), the UNet only: the other trained modules (the conditioner
+  with train_projections) are sampled with their current weights, so their "EMA" copy is them."""
+  if scope not in EMA_SCOPES:
+    raise ValueError(f"ldm_train.ema_scope={scope!r}: one of {EMA_SCOPES}")
+  new = common.ema_update(ema, trained, num_updates, decay)
+  if scope == "unet":
+    new = {k: (v if k == "unet" else jax.tree.map(lambda p, e: p.astype(e.dtype), trained[k],
+                                                   ema[k]))
+           for k, v in new.items()}
+  return new
 
 
 def init_state(cfg, workdir: Path, mesh):

@@ -296,7 +296,8 @@ def num_train_steps(cfg, workdir: Path) -> int:
 
 def make_optimizer(cfg, trained, num_steps: int):
   t = cfg.vllm_train
-  schedule = common.learning_rate(t.lr, num_steps, t.warmup_ratio, t.schedule)
+  schedule = common.learning_rate(t.lr, num_steps, t.warmup_ratio, t.schedule,
+                                  t.get("warmup_shape", "linear"))
   tx = common.adamw(trained, schedule, weight_decay=t.weight_decay, grad_clip=t.grad_clip or None)
   return tx, schedule
 
@@ -360,6 +361,20 @@ def load_tokenizer(cfg, workdir: Path) -> tokenizer_lib.Tokenizer:
   return tok
 
 
+def targets_note(records_dir: Path) -> str:
+  """Says (printed, and returned) where the training targets came from when they are not a
+  LLaVA file: prepare-data records it in the instruction records' fingerprint."""
+  derived = records.build_metadata(records_dir, records.INSTRUCT).get("fingerprint", {}).get(
+      "derived", [])
+  if "train" not in derived:
+    return ""
+  note = ("train-vllm: the train targets are the annotation's llava_forecast_finetune, the "
+          "released VLLM's outputs (cfg.data.instructions=released_vllm_outputs): this distils "
+          "that VLLM rather than reproducing its GPT-curated instruction tuning")
+  print(note)
+  return note
+
+
 def train(cfg, workdir: Path, stop_after: int | None = None):
   """Runs (or resumes) train-vllm; returns (graphdef, final state)."""
   t = cfg.vllm_train
@@ -380,6 +395,7 @@ def train(cfg, workdir: Path, stop_after: int | None = None):
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),
                  donate_argnums=0)
   encoder = BatchEncoder(tok, llava_config(cfg).num_patches, int(t.max_length))
+  targets_note(pipeline.records_dir_of(cfg.data, workdir))
   # Data shards, not hosts, fix the data order (as in train-vae and train-ldm).
   loader = distributed.ShardedLoader(
       lambda shard, n: pipeline.instruct_loader(
