@@ -45,6 +45,25 @@ def _one_line(e: BaseException) -> str:
   return (text[0][:200] if text else type(e).__name__)
 
 
+def _quiet_abandoned_reads() -> None:
+  """After a failed restore, Orbax's reads of the other arrays are abandoned: when collected,
+  Python prints each as "Exception ignored in: <coroutine ...>" with a TensorStore traceback,
+  pages of noise after our one-line message. Those (and only those) are silenced."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_lego_jax", False):
+    return
+
+  def hook(unraisable):
+    obj = unraisable.object
+    code = getattr(obj, "cr_code", None)
+    if code is not None and "/orbax/" in code.co_filename.replace("\\", "/"):
+      return
+    previous(unraisable)
+
+  hook._lego_jax = True
+  sys.unraisablehook = hook
+
+
 def _shapes(tree: Any) -> dict[str, tuple]:
   """{'a/b/0': shape} of the leaves that have a shape (arrays, ShapeDtypeStructs, metadata)."""
   out = {}
@@ -112,6 +131,7 @@ class Checkpointer:
               "with (saved in its config item) or a fresh --workdir") from None
         reason = _one_line(e)
         self.damaged.append((s, reason))
+        _quiet_abandoned_reads()
         if jax.process_index() == 0:
           print(f"lego-jax: checkpoint {self.directory}/{s} is damaged ({reason}); "
                 + ("trying the one before" if s != steps[-1] else "no older one"),
