@@ -140,6 +140,8 @@ def _parse_flags(command: str, argv: list[str]) -> list[str]:
   if config_file is None:
     argv = argv[:1] + [f"--config={_DEFAULT_CONFIG}"] + argv[1:]
   _ARGV[:] = argv
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)  # a previous run()'s overrides (tests run several in-process)
   overrides = [a.split("=", 1)[0][len("--config."):] for a in argv[1:]
                if a.startswith("--config.")]
   try:

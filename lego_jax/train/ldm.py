@@ -80,13 +80,13 @@ def build_text_encoder(cfg, seed: int) -> CLIPText:
 def initialise(cfg, workdir: Path):
   """(unet, conditioner, clip_text, vae) as the config's `init` says."""
   t = cfg.ldm_train
+  if t.init == "random" and t.init_checkpoint:
+    raise ConfigError(
+        f"ldm_train.init_checkpoint={t.init_checkpoint!r} is read only with ldm_train.init=sd15 "
+        "or lego (it says which weights the file holds); ldm_train.init='random' ignores it")
   unet, conditioner = build_trainable(cfg, cfg.seed)
   clip_text = build_text_encoder(cfg, cfg.seed)
   if t.init == "random":
-    if t.init_checkpoint:
-      raise ConfigError(
-          f"ldm_train.init_checkpoint={t.init_checkpoint!r} is read only with ldm_train.init=sd15 "
-          "or lego (it says which weights the file holds); ldm_train.init='random' ignores it")
     vae = vae_train.load_trained(cfg, workdir)
   elif t.init in ("sd15", "lego"):
     from lego_jax.weights import checkpoints as ckpts
