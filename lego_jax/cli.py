@@ -224,9 +224,9 @@ def run(argv: list[str] | None = None) -> None:
     except OSError as e:
       if not _environment_error(e):
         raise
-      where = f" {e.filename}" if e.filename else ""
-      print(f"lego-jax {command}: error: cannot write{where}: {e.strerror or e} (check --workdir: "
-            "a writable directory with free space)", file=sys.stderr)
+      where = f"{e.filename}: " if e.filename else ""
+      print(f"lego-jax {command}: error: {where}{e.strerror or e} (--workdir must be a writable "
+            "directory with free space)", file=sys.stderr)
       return 1
 
   logging.set_verbosity(logging.WARNING)

@@ -122,9 +122,10 @@ def test_a_workdir_that_cannot_be_written_is_one_line_exit_1(capsys, tmp_path, m
   code, _, err = _cli(capsys, "prepare-data", f"--workdir={workdir}")
   assert code == 1
   line = _one_line(err)
-  assert line.startswith(f"lego-jax prepare-data: error: cannot write {workdir}")
-  assert ("File exists" if fault == "workdir is a file" else
-          os.strerror(errno.EROFS if fault == "read-only" else errno.ENOSPC)) in line
+  reason = ("File exists" if fault == "workdir is a file" else
+            os.strerror(errno.EROFS if fault == "read-only" else errno.ENOSPC))
+  assert line.startswith(f"lego-jax prepare-data: error: {workdir}")
+  assert line.endswith(f": {reason} (--workdir must be a writable directory with free space)")
 
 
 def _small_vae_cfg(*extra):

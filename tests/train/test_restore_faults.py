@@ -165,6 +165,23 @@ def test_a_resumed_run_leaves_one_history_in_metrics_jsonl(tmp_path):
   assert [r["step"] for r in rows] == list(range(1, 9))
   assert all(r["loss"] > 0 for r in rows)
   assert not (log.parent / "metrics.jsonl.tmp").exists()
+  # TensorBoard: the resumed run's event file opens with the purge marker (SessionLog START at
+  # the first redone step), which makes TensorBoard drop the cut run's later points.
+  events = sorted(log.parent.glob("events.out.tfevents.*"))
+  assert [s for f in events for s in _session_starts(f)] == [4]
+
+
+def _session_starts(path: Path) -> list[int]:
+  from tensorboardX.proto import event_pb2
+
+  data, out, i = path.read_bytes(), [], 0
+  while i < len(data):  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
+    n = int.from_bytes(data[i:i + 8], "little")
+    event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+    i += 16 + n
+    if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+      out.append(event.step)
+  return out
 
 
 def _grain_loader(workers: int):
