@@ -62,10 +62,12 @@ def test_config_mistakes_are_one_line_exit_2(capsys, tmp_path, flag, message):
 @pytest.mark.parametrize("flags,message", [
     (["--config.vae_train.num_steps=-5"],
      "vae_train.num_steps=-5 is negative: give the number of steps (>= 0)"),
-    # 8 CPU devices in the tests: the VAE's batch (half input, half target frames) is a multiple
-    # of 16. An odd batch once trained on one image fewer than it reported.
-    (["--config.vae_train.batch_size=3"],
-     "vae_train.batch_size=3 (half input, half target frames) must be a positive multiple of 16"),
+    # 8 CPU devices in the tests. An odd VAE batch (half input, half target frames) once trained
+    # on one image fewer than it reported.
+    (["--config.vae_train.batch_size=3"], "vae_train.batch_size=3 (half input, half target "
+     "frames, per host) must be a positive multiple of 8"),
+    (["--config.vae_train.batch_size=12"], "vae_train.batch_size=12 (half input, half target "
+     "frames, per host) must be a positive multiple of 8"),
     (["--config.mesh.shape=(2,1,1)"],
      "mesh shape (2, 1, 1) needs 2 devices, 8 available: set --config.mesh.shape"),
 ])
@@ -87,6 +89,10 @@ def test_batch_split_over_data_parallel_devices():
   cfg.ldm_train.grad_accum = 4
   with pytest.raises(config_lib.ConfigError, match="multiple of 16"):
     common.check_schedule("ldm_train", cfg.ldm_train, mesh)
+  cfg.vae_train.batch_size = 3  # one device: the pairs still need an even batch
+  with pytest.raises(config_lib.ConfigError, match="multiple of 2"):
+    common.check_schedule("vae_train", cfg.vae_train, sharding.make_mesh(
+        (1, 1, 1), devices=jax.devices()[:1]), pairs=True)
   cfg.vllm_train.num_steps = -1  # -1 = vllm_train.epochs passes
   cfg.vllm_train.batch_size = 8
   common.check_schedule("vllm_train", cfg.vllm_train, mesh, epochs_allowed=True)

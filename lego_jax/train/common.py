@@ -35,10 +35,10 @@ def check_schedule(section: str, t, mesh, *, pairs: bool = False, epochs_allowed
   accum = max(int(t.get("grad_accum", 1)), 1)
   devices = mesh.shape["data"] * mesh.shape["fsdp"]
   hosts = jax.process_count()
-  unit = accum * devices * (2 if pairs else 1)
-  unit = math.lcm(unit, accum * hosts)
+  # Each host reads batch / hosts rows (for pairs: an even number, its input and target frames).
+  unit = math.lcm(accum * devices, accum * hosts * (2 if pairs else 1))
   if batch <= 0 or batch % unit:
-    what = " (half input, half target frames)" if pairs else ""
+    what = " (half input, half target frames, per host)" if pairs else ""
     raise ConfigError(
         f"{section}.batch_size={batch}{what} must be a positive multiple of {unit}: it splits "
         f"into grad_accum={accum} micro-batches over the {devices} device(s) of the mesh's batch "
