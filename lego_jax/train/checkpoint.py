@@ -70,7 +70,8 @@ def _shapes(tree: Any) -> dict[str, tuple]:
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     shape = getattr(leaf, "shape", None)
     if shape is not None:
-      out["/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)] = tuple(shape)
+      name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+      out[name] = tuple(shape)
   return out
 
 
@@ -79,6 +80,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
     self.directory = Path(directory).absolute()
+    self.damaged: list[tuple[int, str]] = []  # (step, why) skipped by the last restore
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
@@ -138,7 +140,7 @@ class Checkpointer:
                 file=sys.stderr, flush=True)
         continue
       if self.damaged and jax.process_index() == 0:
-        print(f"lego-jax: resuming from checkpoint {s} in {self.directory}, the newest intact one "
+        print(f"lego-jax: restored checkpoint {s} in {self.directory}, the newest intact one "
               f"(damaged, kept: {', '.join(str(d) for d, _ in self.damaged)})",
               file=sys.stderr, flush=True)
       return s, restored["state"], data

@@ -62,7 +62,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
     assert [s for s, _ in ckpt.damaged] == [3]
   err = capsys.readouterr().err
   assert f"checkpoint {directory}/3 is damaged (" in err
-  assert f"resuming from checkpoint 2 in {directory}, the newest intact one (damaged, kept: 3)" in err
+  assert f"restored checkpoint 2 in {directory}, the newest intact one (damaged, kept: 3)" in err
   assert _files(directory) == before  # restore deletes nothing
 
 
