@@ -50,6 +50,12 @@ from lego_jax.train import ldm as ldm_stage
 from lego_jax.train import vae as vae_stage
 from lego_jax.train import vllm as vllm_stage
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "vae", "vae_train", "clip_vision", "llama", "llava", "vllm_train",
+                   "vllm_generate", "unet", "clip_text", "conditioner", "ldm_train", "sampler",
+                   "eval", "demo", "mesh", "checkpoint")
+
+
 DEFAULTS = {"scale": 1.0, "num_test": 0, "grid_rows": 8}
 BASELINE_DIR = "baseline_action_label"
 # method -> how the report names it

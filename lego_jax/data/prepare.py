@@ -23,6 +23,10 @@ from lego_jax.data import prompts, records, synthetic, tokenizer
 from lego_jax.data.pipeline import records_dir_of
 
 # Every key cfg.data may have; anything else is a typo that would silently do nothing.
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data",)
+
+
 DATA_KEYS = frozenset({
     "source", "dataset", "annotation_train", "annotation_val", "annotation_test", "frames_dir",
     "metadata", "llava_train", "llava_val", "llava_test", "records_dir", "num_shards",

@@ -44,6 +44,10 @@ from absl import flags
 from lego_jax.eval import images as im
 from lego_jax.eval import table as table_lib
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "eval")
+
+
 def _flag(kind: str, name: str, default, help_text: str):
   """Defines --name unless another module of the same process already did (tests import several
   command modules into one process); returns a getter of its value."""

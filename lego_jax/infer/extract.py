@@ -49,6 +49,10 @@ from lego_jax.parallel import sharding
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import vllm
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "clip_vision", "llama", "llava", "vllm_train", "vllm_generate", "mesh")
+
+
 FEATURES_DIR = "features"
 PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: few compilations, little waste
 

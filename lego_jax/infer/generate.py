@@ -45,6 +45,12 @@ from tqdm.auto import tqdm
 from lego_jax.data import images as images_lib
 from lego_jax.infer import sampler as sampler_lib
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "vae", "vae_train", "unet", "clip_text", "conditioner", "ldm_train",
+                   "sampler", "mesh", "name")
+CLI_FLAGS = ("image", "action", "split", "out")
+
+
 _RUN = flags.DEFINE_string("run_name", None, "generate: name of this generation run")
 _LIMIT = flags.DEFINE_integer("limit", 0, "generate: at most this many examples (0: all)")
 _BATCH = flags.DEFINE_integer("gen_batch_size", 16, "generate: frames per sampler call")

@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lego_jax.config import ConfigError
 from lego_jax.data import features as features_lib
 from lego_jax.data import images
 from lego_jax.data import pipeline
@@ -45,6 +46,11 @@ from lego_jax.train import common, loop
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import ldm_cache
 from lego_jax.train import vae as vae_train
+
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "vae", "vae_train", "unet", "clip_text", "conditioner", "ldm_train",
+                   "sampler", "mesh", "checkpoint", "seed")
+
 
 TEXT_SOURCES = ("generated", "annotation", "action")
 
@@ -74,6 +80,10 @@ def build_text_encoder(cfg, seed: int) -> CLIPText:
 def initialise(cfg, workdir: Path):
   """(unet, conditioner, clip_text, vae) as the config's `init` says."""
   t = cfg.ldm_train
+  if t.init == "random" and t.init_checkpoint:
+    raise ConfigError(
+        f"ldm_train.init_checkpoint={t.init_checkpoint!r} is read only with ldm_train.init=sd15 "
+        "or lego (it says which weights the file holds); ldm_train.init='random' ignores it")
   unet, conditioner = build_trainable(cfg, cfg.seed)
   clip_text = build_text_encoder(cfg, cfg.seed)
   if t.init == "random":
@@ -354,6 +364,7 @@ def batch_arrays(cfg, batch: dict, text_ids: TextIds) -> dict:
 def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = True):
   t = cfg.ldm_train
   mesh = sharding.make_mesh(cfg.mesh.shape)
+  common.check_schedule("ldm_train", t, mesh)
   graphdefs, state, shardings, tx = init_state(cfg, workdir, mesh)
   text_ids = TextIds(cfg, workdir)
   empty_ids = jnp.asarray(text_ids.empty())

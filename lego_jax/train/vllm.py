@@ -52,6 +52,11 @@ from lego_jax.parallel import distributed, sharding
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import common, loop
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "clip_vision", "llama", "llava", "vllm_train", "mesh", "checkpoint",
+                   "seed")
+
+
 NAME = "vllm"
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -341,13 +346,7 @@ def check_config(cfg, mesh) -> None:
   if cfg.data.vllm_image_size != cfg.clip_vision.image_size:
     raise ConfigError(f"data.vllm_image_size={cfg.data.vllm_image_size} differs from the vision "
                      f"tower's clip_vision.image_size={cfg.clip_vision.image_size}")
-  accum = max(int(t.grad_accum), 1)
-  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  if t.batch_size % (accum * jax.process_count()) or (t.batch_size // accum) % batch_devices:
-    raise ConfigError(
-        f"vllm_train.batch_size={t.batch_size} must split into grad_accum={accum} micro-batches "
-        f"whose size is a multiple of the {batch_devices} devices of the mesh's batch axes "
-        f"(data x fsdp), over {jax.process_count()} host(s)")
+  common.check_schedule("vllm_train", t, mesh, epochs_allowed=True)
 
 
 # --- training ---------------------------------------------------------------------------------

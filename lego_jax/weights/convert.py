@@ -33,6 +33,12 @@ import orbax.checkpoint as ocp
 from absl import flags
 from flax import nnx
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("vae", "unet", "clip_text", "clip_vision", "llama", "llava", "conditioner",
+                   "ldm_train")
+CLI_FLAGS = ("out",)
+
+
 _SOURCE = flags.DEFINE_string("source", None, "convert: PyTorch checkpoint file or directory")
 _KIND = flags.DEFINE_enum("kind", None, ["sd15", "lego", "unet", "vae", "clip_text", "clip_vision",
                                          "llama", "llava"], "convert: what the source holds")
