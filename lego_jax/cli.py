@@ -37,7 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lego_jax.demo", "run the whole pipeline on the embedded default config"),
     "evaluate": ("lego_jax.eval.evaluate", "score generated frames against ground truth"),
     "bench": ("lego_jax.bench.bench", "time a step (unet-train, ldm-train, vllm-train, vllm-decode, sample, data), optionally vs PyTorch"),
+    "serve": ("lego_jax.serve.app", "a local web page: describe and generate from your own frame (needs the serve extra)"),
 }
+# Commands that only read WORKDIR: it is neither made nor written (a missing one is their error).
+READ_ONLY = ("serve",)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(config_lib.CONFIG_DIR / "tiny.py"), "ml_collections config file", lock_config=True)
@@ -108,11 +111,12 @@ def run(argv: list[str] | None = None) -> None:
     except ValueError as e:
       print(f"lego-jax {command}: error: {e}", file=sys.stderr)
       return 2
-    workdir.mkdir(parents=True, exist_ok=True)
     import jax
 
-    if jax.process_index() == 0:
-      config_lib.save(cfg, workdir, f"config.{command}.json")
+    if command not in READ_ONLY:
+      workdir.mkdir(parents=True, exist_ok=True)
+      if jax.process_index() == 0:
+        config_lib.save(cfg, workdir, f"config.{command}.json")
     try:
       return module.main(cfg, workdir) or 0
     except _user_error_types() as e:
