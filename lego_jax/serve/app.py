@@ -40,6 +40,9 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen o
                             "interface, reachable from other machines)")
 _PORT = flags.DEFINE_integer("port", 7860, "serve: the port to listen on")
 
+# What `lego-jax serve --help` lists as read: the VLLM's, the LDM's and the sampler's sections.
+CONFIG_SECTIONS = ("data", "clip_vision", "llama", "llava", "vllm_train", "vllm_generate", "vae",
+                   "vae_train", "unet", "clip_text", "conditioner", "ldm_train", "sampler", "mesh")
 PAGE = Path(__file__).with_name("page.html")
 KEEP_JOBS = 64  # finished results kept for download (oldest dropped first)
 
@@ -86,7 +89,7 @@ class Queue:
                  if j.state in ("queued", "describing", "sampling") and j.seq < job.seq)
 
   def _stage(self, job: Job, state: str, stage: str, key: str, steps: int) -> bool:
-    compiling = steps > 0 and steps not in self.engine.compiled_steps
+    compiling = key != "describe" and (key, steps) not in self.engine.compiled
     job.state, job.stage = state, stage + (" (compiling this step count, once)" if compiling else "")
     job.stage_started, job.stage_expected = time.perf_counter(), self.engine.expected(key, steps)
     return compiling
@@ -113,16 +116,16 @@ class Queue:
           eng.record(model.label, steps, time.perf_counter() - job.stage_started, compiling)
           job.results[key] = engine_lib.to_png(frame, size)
           job.labels[key] = model.label
-        job.state = "done"
+        state = "done"
       except UserError as e:
-        job.state, job.error = "error", str(e)
+        state, job.error = "error", str(e)
       except Exception as e:  # the server stays up; the page gets one line, the log the rest
         import traceback
 
         traceback.print_exc()
-        job.state, job.error = "error", f"generation failed ({type(e).__name__}: {e})"[:500]
+        state, job.error = "error", f"generation failed ({type(e).__name__}: {e})"[:500]
       job.seconds["total"] = round(time.perf_counter() - job.started, 2)
-      job.frame = None
+      job.frame, job.state = None, state  # the state last: a poll that sees it sees the rest
       self.log(f"serve: request {job.id} {job.state} in {job.seconds['total']:.1f} s"
                + (f": {job.error}" if job.error else ""))
 
@@ -185,7 +188,7 @@ def make_app(engine, log=print):
                          "image_scale": float(s.image_guidance), "steps": engine.default_steps,
                          "seed": int(s.seed)},
             "step_choices": list(engine.step_choices),
-            "compiled_steps": sorted(engine.compiled_steps),
+            "compiled_steps": engine.compiled_steps,
             "compilations": engine.compilations.count,
             "max_action_chars": engine_lib.MAX_ACTION_CHARS,
             "max_upload_mib": engine_lib.MAX_UPLOAD_BYTES >> 20,

@@ -189,7 +189,7 @@ class Engine:
         f"{time.perf_counter() - t0:.0f} s")
     self.default_steps = int(cfg.sampler.num_steps)
     self.step_choices = tuple(sorted({self.default_steps, *STEP_CHOICES}))
-    self.compiled_steps: set[int] = set()
+    self.compiled: set[tuple[str, int]] = set()  # (LDM label, steps) run at least once
     self.seconds: dict[tuple[str, int], float] = {}  # (stage, steps) -> the last run's time
     self.examples = self._examples()
 
@@ -228,8 +228,14 @@ class Engine:
         model.cfg, model.models, model.text_ids, frame, described, action,
         jax.random.key(settings.seed), text_scale=jnp.float32(settings.text_scale),
         image_scale=jnp.float32(settings.image_scale), num_steps=settings.num_steps)
-    self.compiled_steps.add(settings.num_steps)
+    self.compiled.add((model.label, settings.num_steps))
     return out
+
+  @property
+  def compiled_steps(self) -> list[int]:
+    """Step counts every LDM has compiled."""
+    return sorted({s for _, s in self.compiled
+                   if all((m.label, s) in self.compiled for m in self.ldms)})
 
   def warm_up(self, log: Callable[[str], None] = print) -> None:
     """Compiles the description and every LDM's sampler at the configured steps."""
@@ -254,17 +260,19 @@ class Engine:
         f"{self.expected('describe', 0) + sum(self.expected(m.label, self.default_steps) for m in self.ldms):.1f} s")
 
   def expected(self, stage: str, steps: int) -> float:
-    """Seconds the stage is expected to take (the last run's, scaled by steps; compile time
-    added for a step count not compiled yet)."""
+    """Seconds a stage ("describe" or an LDM's label) is expected to take: its last run at this
+    step count, else the configured count's scaled, plus the compile time when this LDM has not
+    run this step count yet."""
     if (stage, steps) in self.seconds:
       return self.seconds[(stage, steps)]
     base = self.seconds.get((stage, self.default_steps), 1.0)
     run = base * steps / max(self.default_steps, 1)
-    if steps not in self.compiled_steps:
-      run += self.seconds.get((stage, -1), 0.0) - base
+    if stage != "describe" and (stage, steps) not in self.compiled:
+      run += max(self.seconds.get((stage, -1), 0.0) - base, 0.0)
     return run
 
   def record(self, stage: str, steps: int, seconds: float, compiled: bool) -> None:
+    """A stage's time: compile + run (key steps -1) when it compiled, else its run time."""
     self.seconds[(stage, -1) if compiled else (stage, steps)] = seconds
 
 
