@@ -38,7 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lego_jax.demo", "run the whole pipeline on the embedded default config"),
     "evaluate": ("lego_jax.eval.evaluate", "score generated frames against ground truth"),
     "bench": ("lego_jax.bench.bench", "time a step (unet-train, ldm-train, vllm-train, vllm-decode, sample, data), optionally vs PyTorch"),
+    "serve": ("lego_jax.serve.app", "a local web page: describe and generate from your own frame (needs the serve extra)"),
 }
+# Commands that only read WORKDIR: it is neither made nor written (a missing one is their error).
+READ_ONLY = ("serve",)
 
 # The arguments config_flags reads its --config.* overrides from: set by run(), empty at import
 # (by default it reads sys.argv while the module is imported, where a mistyped key would raise a
@@ -209,9 +212,10 @@ def run(argv: list[str] | None = None) -> None:
     import jax
 
     try:
-      workdir.mkdir(parents=True, exist_ok=True)
-      if jax.process_index() == 0:
-        config_lib.save(cfg, workdir, f"config.{command}.json")
+      if command not in READ_ONLY:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+          config_lib.save(cfg, workdir, f"config.{command}.json")
       return module.main(cfg, workdir) or 0
     except _user_error_types() as e:
       msg = str(e).strip() or type(e).__name__

@@ -120,16 +120,22 @@ def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, 
   return vae.decode(z / scaling)
 
 
-def run_batch(models, batch: dict, text_ids: np.ndarray, empty_ids: np.ndarray, cfg, key):
+def run_batch(models, batch: dict, text_ids: np.ndarray, empty_ids: np.ndarray, cfg, key, *,
+              text_scale=None, image_scale=None, num_steps: int | None = None):
+  """The configured sampler on one batch; `text_scale`, `image_scale`, `num_steps` replace
+  cfg.sampler's. Scales given as arrays are traced: new values reuse the compiled program (and
+  always run the guided 3-way batch, even at (1, 1))."""
   unet, conditioner, clip_text, vae = models
   s, t = cfg.sampler, cfg.ldm_train
+  text_scale = s.text_guidance if text_scale is None else text_scale
+  image_scale = s.image_guidance if image_scale is None else image_scale
   return generate_latents(
       unet, conditioner, clip_text, vae, jnp.asarray(batch["input"]), jnp.asarray(text_ids),
       jnp.asarray(empty_ids), jnp.asarray(batch["h_img"]), jnp.asarray(batch["h_txt"]), key,
-      s.text_guidance, s.image_guidance, num_steps=s.num_steps, kind=s.kind,
+      text_scale, image_scale, num_steps=int(num_steps or s.num_steps), kind=s.kind,
       use_image=t.use_image_embedding, use_text=t.use_text_embedding,
       scaling=float(vae.config.scaling_factor),
-      guided=not sampler_lib.unguided(s.text_guidance, s.image_guidance))
+      guided=not sampler_lib.unguided(text_scale, image_scale))
 
 
 def safe_name(id_: str) -> str:

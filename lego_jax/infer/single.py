@@ -27,12 +27,36 @@ MIN_SIDE, MAX_SIDE = 16, 8192
 def check_frame(path: str | None) -> np.ndarray:
   if path and Path(path).suffix.lower() not in IMAGE_SUFFIXES:
     raise UserError(f"{path}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-  frame = describe_lib.read_frame(path)
+  return check_size(describe_lib.read_frame(path), path)
+
+
+def check_size(frame: np.ndarray, name: str) -> np.ndarray:
+  """`frame` (H, W, 3) when both sides are within MIN_SIDE..MAX_SIDE, else UserError."""
   h, w = frame.shape[:2]
   if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
-    raise UserError(f"{path}: {w}x{h} pixels is outside the supported {MIN_SIDE}..{MAX_SIDE} "
+    raise UserError(f"{name}: {w}x{h} pixels is outside the supported {MIN_SIDE}..{MAX_SIDE} "
                     "pixels per side")
   return frame
+
+
+def generate_frame(cfg, models, text_ids, frame: np.ndarray, described, action: str, key, *,
+                   text_scale=None, image_scale=None, num_steps: int | None = None) -> np.ndarray:
+  """One frame (H, W, 3) uint8, its VLLM output `described` and the action -> the LDM's frame
+  (S, S, 3) uint8 at the model's size S. `models`, `text_ids`: ldm.load_trained / ldm.TextIds of
+  the run the config describes (its text_source picks the description or the action); the
+  sampler settings default to cfg.sampler's (run_batch)."""
+  text = {"generated": described.description, "annotation": described.description,
+          "action": action}[cfg.ldm_train.text_source]
+  size = int(cfg.data.image_size)
+  batch = {
+      "input": images.to_unit_range(images.squash(frame, size))[None],
+      "h_img": described.h_img.astype(np.float32)[None],
+      "h_txt": _pad(described.h_txt.astype(np.float32), cfg.conditioner.text_len)[None],
+  }
+  decoded = generate_lib.run_batch(models, batch, text_ids.tokenize([text]), text_ids.empty(),
+                                   cfg, key, text_scale=text_scale, image_scale=image_scale,
+                                   num_steps=num_steps)
+  return generate_lib.to_uint8(np.asarray(decoded), cfg.sampler.output_norm)[0]
 
 
 def generate_one(cfg, workdir: Path, image: str | None, action: str | None,
@@ -50,19 +74,8 @@ def generate_one(cfg, workdir: Path, image: str | None, action: str | None,
   del model
 
   models = ldm.load_trained(cfg, workdir, use_ema=cfg.sampler.use_ema)
-  text_ids = ldm.TextIds(cfg, workdir)
-  text = {"generated": described.description, "annotation": described.description,
-          "action": action}[cfg.ldm_train.text_source]
-  size = int(cfg.data.image_size)
-  batch = {
-      "input": images.to_unit_range(images.squash(frame, size))[None],
-      "h_img": described.h_img.astype(np.float32)[None],
-      "h_txt": _pad(described.h_txt.astype(np.float32), cfg.conditioner.text_len)[None],
-  }
-  ids = text_ids.tokenize([text])
-  decoded = generate_lib.run_batch(models, batch, ids, text_ids.empty(), cfg,
-                                   jax.random.key(cfg.sampler.seed))
-  gen = generate_lib.to_uint8(np.asarray(decoded), cfg.sampler.output_norm)[0]
+  gen = generate_frame(cfg, models, ldm.TextIds(cfg, workdir), frame, described, action,
+                       jax.random.key(cfg.sampler.seed))
   h, w = frame.shape[:2]
   out_dir.mkdir(parents=True, exist_ok=True)
   name = Path(image).stem
