@@ -56,9 +56,11 @@ def exit_with_parent(poll_s: float = 1.0) -> None:
   import threading
   import time
 
-  if multiprocessing.parent_process() is None:
+  parent_process = multiprocessing.parent_process()
+  if parent_process is None:
     return
-  parent = os.getppid()
+  # The pid the parent had, not os.getppid() now: the parent may already be gone at this import.
+  parent = parent_process.pid
 
   def watch():
     while os.getppid() == parent:
