@@ -41,6 +41,8 @@ _TEXT = flags.DEFINE_string("text_features", None,
 _PART = flags.DEFINE_integer("import_part_size", 64, "import-features: records per written part "
                              "(memory: part_size x ~2.6 MB at full size)")
 
+CONFIG_SECTIONS = ("data", "conditioner")
+CLI_FLAGS = ("split",)
 STORED_DTYPES = (np.float16, np.float32)
 
 
