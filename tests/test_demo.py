@@ -104,7 +104,7 @@ def test_demo_report_and_images(demo_run):
   assert grid.shape[1] == 4 * 4 * 64
   cell = grid[22:22 + 256, 256:512]
   assert (cell[::4, ::4] == cell[3::4, 3::4]).all()
-  assert len(list((workdir / "generated" / "vae_roundtrip").glob("*.png"))) == 8
+  assert len(list((workdir / "generated" / "vae_roundtrip").rglob("*.png"))) == 8
   for run in ("lego", "action_label"):
     for kind in ("generated", "reference", "inputs"):
       assert len(list((workdir / "generated" / run / kind).rglob("*.png"))) == 8
