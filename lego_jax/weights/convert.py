@@ -83,15 +83,21 @@ def _from_pretrained(cfg, kind: str, source: str, vision_source: str | None,
   pretrained.py); `overrides` = {section: {field: value}} stated on the command line."""
   import importlib
 
-  over = lambda section: dict(overrides.get(section, {}))  # noqa: E731
-  if kind == "llava":
-    from lego_jax.models import llava
+  from lego_jax.models import clip_vision, llama, llava
 
-    extra = {k: v for k, v in over("llava").items() if k not in ("vision_hidden", "text_hidden")}
-    return {"llava": llava.from_pretrained(source, vision_source, vision=over("clip_vision"),
-                                           llama=over("llama"), **extra)}
+  def over(section: str, stated) -> dict:
+    # The section's fields the checkpoint does not state (dtype, remat, with_projection, ...),
+    # then the command line's flags, which must agree with what it does state.
+    unstated = {k: v for k, v in cfg[section].to_dict().items() if k not in stated}
+    return {**unstated, **overrides.get(section, {})}
+
+  if kind == "llava":
+    derived = ("vision_hidden", "text_hidden", "image_token_id", *llava.HF_CONFIG)
+    return {"llava": llava.from_pretrained(
+        source, vision_source, vision=over("clip_vision", (*clip_vision.HF_CONFIG, "select_layer")),
+        llama=over("llama", llama.HF_CONFIG), **over("llava", derived))}
   module = importlib.import_module(f"lego_jax.models.{kind}")
-  kw = over(SECTIONS[kind])
+  kw = over(SECTIONS[kind], module.HF_CONFIG)
   if kind == "unet":
     # LEGO's UNet reads 8 channels: an SD unet/ folder (4) is widened to the config's width.
     widen = kw.pop("in_channels", cfg.unet.in_channels)

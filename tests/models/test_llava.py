@@ -280,3 +280,20 @@ def test_projector_init_scale_scales_the_random_kernel_only():
   px = np.random.default_rng(0).normal(size=(2, 28, 28, 3)).astype(np.float32)
   ratio = (np.linalg.norm(small.image_features(px)) / np.linalg.norm(one.image_features(px)))
   assert abs(ratio - 0.02) < 1e-5  # the projector's bias starts at zero
+
+
+def test_convert_sizes_a_llava_directory_by_its_config(reference):
+  """`lego-jax convert --kind=llava --source=DIR`: the sizes are the directory's, not the tiny
+  config's; the config's other settings (projector_init_scale) are kept."""
+  from lego_jax import config as config_lib
+  from lego_jax.weights import convert
+
+  cfg = config_lib.load("tiny")
+  assert cfg.llama.hidden_size != TEXT["hidden_size"]
+  model = convert.convert(cfg, "llava", str(_PATHS["llava"]))["llava"]
+  want = our_config()
+  assert model.config == dataclasses.replace(
+      want, projector_init_scale=cfg.llava.projector_init_scale, vision=dataclasses.replace(
+          want.vision, position_init_std=cfg.clip_vision.position_init_std))
+  want = flat_params(llava_lib.load_llava(abstract(our_config()), reference[1]))
+  assert all(np.array_equal(v, want[k]) for k, v in flat_params(model).items())
