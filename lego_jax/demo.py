@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
@@ -297,6 +298,23 @@ def score(cfg, workdir: Path, runs: dict[str, Path], examples: list[dict]) -> di
           "by_combination": combination_split(examples, per_example)}
 
 
+_DESTINATION = re.compile(r"put it down (on the left side|in the middle|on the right side)")
+
+
+def stated_facts(examples: list[dict]) -> dict[str, float]:
+  """How often the VLLM's description states the ground-truth description's hand and (for a
+  pick-up that puts the object down elsewhere) destination: under the combination rules only the
+  descriptions carry them, so this is what LEGO's VLLM brings to a held-out combination."""
+  out: dict[str, float] = {}
+  for fact, read in (("hand", extract_stage.named_hand),
+                     ("destination", lambda t: (m := _DESTINATION.search(t)) and m.group(1))):
+    hits = [read(e["description"]) == read(e["reference_description"])
+            for e in examples if read(e["reference_description"])]
+    out[fact] = float(np.mean(hits)) if hits else float("nan")
+    out[f"{fact}_count"] = len(hits)
+  return out
+
+
 def combination_split(examples: list[dict], per_example: dict[str, dict]) -> dict:
   """The region scores again on the test frames whose verb-kind combination the LDM's training
   pairs showed ("seen") and on those they held out ("held_out"; cfg.data.synthetic.holdout),
@@ -308,8 +326,10 @@ def combination_split(examples: list[dict], per_example: dict[str, dict]) -> dic
   out = {}
   for group, want in (("seen", True), ("held_out", False)):
     select = [f == want for f in flags]
+    chosen = [e for e, c in zip(examples, select) if c]
     out[group] = {
         "num_test": int(sum(select)),
+        "vllm_states": stated_facts(chosen),
         "combinations": sorted({e["meta"]["combination"]
                                 for e, chosen in zip(examples, select) if chosen}),
         "methods": {m: action_region.summarize(per, select) for m, per in per_example.items()},

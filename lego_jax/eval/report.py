@@ -259,6 +259,14 @@ def _combination_table(split: dict, headline) -> str:
                 else '<td class="num">n/a</td>')
     u = f" ({unit})" if unit else ""
     rows.append(f"<tr><td>{_e(label)}{_e(u)} {'↑' if higher else '↓'}</td>{cells}</tr>")
+  facts = []
+  for g in groups:
+    st = split[g].get("vllm_states", {})
+    facts.append(f"{g.replace('_', '-')}: hand {_num(st.get('hand'))} of {st.get('hand_count', 0)}, "
+                 f"destination {_num(st.get('destination'))} of {st.get('destination_count', 0)}")
+  rows.append(f"<tr><td colspan='{1 + 3 * len(groups)}' class='small'>How often the VLLM's "
+              f"description states the ground truth's hand and destination — {_e('; '.join(facts))}"
+              "</td></tr>")
   held = ", ".join(split.get("held_out", {}).get("combinations", []))
   return ("<h3>Seen and held-out combinations</h3><p>The LDM's training pairs never showed the "
           f"held-out verb-kind combinations ({_e(held)}); the VLLM's instruction data covers "

@@ -28,9 +28,17 @@ def test_summarize_and_paired_differences_on_a_selection():
   assert all_ == action_region.summarize(per, [True] * 4)
 
 
-def _examples(flags):
-  return [{"meta": {} if f is None else {"combination": "stir bowl" if not f else "stir pan",
-                                          "combination_seen": f}} for f in flags]
+PICK = ("The {} hand reaches to the middle of the table and grasps the red pan by its rim, "
+        "lifting it off the table to put it down {} of the table.")
+
+
+def _examples(flags, said=None, truth=None):
+  said = said or [PICK.format("left", "on the left side")] * len(flags)
+  truth = truth or said
+  return [{"description": d, "reference_description": r,
+           "meta": {} if f is None else {"combination": "stir bowl" if not f else "stir pan",
+                                         "combination_seen": f}}
+          for f, d, r in zip(flags, said, truth)]
 
 
 def test_combination_split_groups_lego_vs_label_only():
@@ -49,6 +57,20 @@ def test_combination_split_groups_lego_vs_label_only():
   assert d["placement"] == pytest.approx(0.6) and d["placement_count"] == 3
   assert d["placement_se"] == pytest.approx(np.std([0.8, 0.6, 0.4], ddof=1) / math.sqrt(3))
   assert seen["lego_minus_action_label"]["placement"] == pytest.approx(-0.05)
+  assert held["vllm_states"] == {"hand": 1.0, "hand_count": 3, "destination": 1.0,
+                                 "destination_count": 3}
+  # The VLLM's stated hand and destination, against the ground truth's, per group.
+  said = [PICK.format("left", "in the middle"), "The right hand holds a spoon.",
+          PICK.format("right", "on the left side"), PICK.format("left", "on the left side"),
+          "The left hand stirs."]
+  truth = [PICK.format("left", "in the middle"), "The left hand holds a spoon.",
+           PICK.format("left", "on the left side"), PICK.format("left", "on the right side"),
+           "The left hand stirs."]
+  states = demo.combination_split(_examples(flags, said, truth), per)
+  assert states["held_out"]["vllm_states"] == pytest.approx(
+      {"hand": 2 / 3, "hand_count": 3, "destination": 0.0, "destination_count": 1})
+  assert states["seen"]["vllm_states"] == pytest.approx(
+      {"hand": 0.5, "hand_count": 2, "destination": 1.0, "destination_count": 2})
   # No mark (the plain world or a real release), or a partly marked set: no split.
   assert demo.combination_split(_examples([None] * 3), per) == {}
   assert demo.combination_split(_examples([True, None, False, True, True]), per) == {}
@@ -67,6 +89,7 @@ def test_report_shows_the_split_with_standard_errors(tmp_path):
   page = report.write_html(tmp_path / "report.html", data).read_text()
   assert "Seen and held-out combinations" in page and "stir bowl" in page
   assert "held-out combinations (2 frames)" in page
+  assert "held-out: hand 1.000 of 2, destination 1.000 of 2" in page
   d = split["held_out"]["lego_minus_action_label"]
   assert f"{d['placement']:+.3f}" in page and f"± {d['placement_se']:.3f}" in page
   # Without the mark the page has no such table.
