@@ -33,7 +33,9 @@ DATA_KEYS = frozenset({
     "max_bad_fraction", "image_size", "vllm_image_size", "hflip_prob", "num_workers",
     "synthetic", "tokenizer_dir", "clip_tokenizer_dir", "tokenizer_vocab_size", "instructions",
     "action_normalisation"})
-SYNTHETIC_KEYS = frozenset({"num_train", "num_val", "num_test", "seed", "frame_size", "objects"})
+SYNTHETIC_KEYS = frozenset({"num_train", "num_val", "num_test", "seed", "frame_size", "objects",
+                            # the held-out-combinations world (synthetic.Options; default off)
+                            "combination_rules", "holdout", "num_instruction"})
 SOURCES = ("synthetic", "lego_json")
 # Where the VLLM's training targets come from when a split has no LLaVA file: "gpt_curated"
 # requires the GPT-curated file for train (the paper's instruction tuning); "released_vllm_outputs"
@@ -86,12 +88,27 @@ def check_config(data) -> None:
     raise DataConfigError(f"cfg.data.max_bad_fraction={data.max_bad_fraction} is not in [0, 1]")
   if data.num_shards < 1:
     raise DataConfigError(f"cfg.data.num_shards={data.num_shards} must be at least 1")
+  if data.source == "synthetic":
+    synthetic_options(data.synthetic)
   if data.source == "synthetic" and not 16 <= data.synthetic.frame_size <= 1024:
     raise DataConfigError(f"cfg.data.synthetic.frame_size={data.synthetic.frame_size} is not "
                           "in [16, 1024]")
   if not data.tokenizer_dir and data.tokenizer_vocab_size < tokenizer.MIN_TRAINED_VOCAB:
     raise DataConfigError(f"cfg.data.tokenizer_vocab_size={data.tokenizer_vocab_size}: a trained "
                           f"tokenizer needs at least {tokenizer.MIN_TRAINED_VOCAB}")
+
+
+def synthetic_options(s) -> synthetic.Options:
+  """cfg.data.synthetic's held-out-combinations settings (absent keys: off)."""
+  holdout = s.get("holdout", ())
+  if isinstance(holdout, str):  # one combination given on the command line
+    holdout = tuple(h.strip() for h in holdout.split(",") if h.strip())
+  try:
+    return synthetic.Options(combination_rules=bool(s.get("combination_rules", False)),
+                             holdout=tuple(holdout),
+                             num_instruction=int(s.get("num_instruction", 0)))
+  except ValueError as e:
+    raise DataConfigError(f"cfg.data.synthetic: {e}") from None
 
 
 def _get(data, key: str, default=""):
@@ -119,7 +136,7 @@ def _release_inputs(data, workdir: Path) -> tuple[dict, dict, Path, str]:
     except ValueError as e:
       raise DataConfigError(f"cfg.data.synthetic.objects: {e}") from None
     files = synthetic.write_release(workdir / "raw", counts, s.seed, s.frame_size,
-                                    objects=objects)
+                                    objects=objects, options=synthetic_options(s))
     return (dict(files.annotations), dict(files.llava), files.frames_dir, str(files.metadata))
   annotations = {split: Path(_get(data, f"annotation_{split}"))
                  for split in records.SPLITS if _get(data, f"annotation_{split}")}

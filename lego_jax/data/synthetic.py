@@ -16,6 +16,23 @@ colours at 3 column locations, near or far), hands resting at the bottom edge. O
 Nothing but the image tells where the object is or which way its handle points, so a model must
 look at the frame to write the description or draw the target.
 
+The held-out-combinations world (`Options`; every option off by default, and then the files are
+byte for byte what they were before the options existed). It tests the paper's claim where the
+paper makes it: the VLLM brings knowledge (how an action is done, learned from instruction data)
+that the diffusion model's training pairs do not teach.
+  combination_rules  the effect depends on facts only the description states: each verb-kind
+                     combination ("stir bowl") has its own hand (RULES), and "pick up" carries
+                     the object to its combination's destination ("... lifting it off the table
+                     to put it down on the left side of the table"). The frame does not show
+                     them and no other combination implies them (the hands of one kind's verbs
+                     differ), so a model that never saw a combination's pairs can only guess.
+  holdout            combinations ("stir bowl", ...) kept out of the train and val pairs; the
+                     test split keeps them. Every record's meta then says its "combination" and
+                     whether it was "combination_seen" in training pairs.
+  num_instruction    extra scenes for the VLLM only (llava_train.json: frame, action,
+                     description, no target frame), cycling through EVERY combination, held-out
+                     ones included: clips synth_instruct_*.
+
 Written like the real release so the real converters run on it:
   frames/<clip>/<action>/<frame>.jpg (+ mask.png), lego_<split>.json
   {clip: {action: {image_0, image_1, action, llava_forecast_finetune}}}, llava_<split>.json
@@ -64,6 +81,17 @@ SKIN = ((224, 172, 138), (198, 140, 102), (160, 106, 72), (236, 190, 160))
 SLEEVES = ((70, 70, 78), (225, 225, 220), (40, 40, 44), (150, 150, 160), (118, 96, 74))
 NARRATED = {"pick up": "picks up", "cut": "cuts", "open": "opens", "stir": "stirs",
             "wipe": "wipes"}
+COMBINATIONS = tuple(f"{v} {k}" for k, verbs in VERBS.items() for v in verbs)  # "pick up cup"
+# combination -> (hand, where "pick up" puts the object down) under Options.combination_rules.
+# Written so that no other combination gives a combination's rule away: each kind's verbs use
+# different hands, and each verb's kinds are split between the hands and destinations.
+RULES: dict[str, tuple[str, str | None]] = {
+    "pick up cup": ("left", "right"), "pick up bowl": ("right", "left"),
+    "pick up knife": ("left", "middle"), "pick up carrot": ("right", "right"),
+    "pick up pan": ("left", "left"), "pick up sponge": ("right", "middle"),
+    "stir bowl": ("left", None), "stir pan": ("right", None), "cut carrot": ("left", None),
+    "wipe sponge": ("left", None), "open drawer": ("right", None),
+}
 
 
 @dataclasses.dataclass
@@ -104,6 +132,39 @@ class Action:
   target: int       # index into scene.objects
   hand: str         # "left" / "right"
   narrated: bool    # written as an Ego4D narration
+  destination: str | None = None  # "pick up" under combination rules: where it is put down
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The held-out-combinations world (module doc); the defaults are the plain world."""
+  combination_rules: bool = False
+  holdout: tuple[str, ...] = ()
+  num_instruction: int = 0
+
+  def __post_init__(self):
+    unknown = [c for c in self.holdout if c not in COMBINATIONS]
+    if unknown:
+      raise ValueError(f"holdout combination {unknown[0]!r} is not one of {COMBINATIONS}")
+    if len(set(self.holdout)) == len(COMBINATIONS):
+      raise ValueError("holdout lists every combination: no training pair would be left")
+    if self.num_instruction < 0:
+      raise ValueError(f"num_instruction={self.num_instruction} must be >= 0")
+
+  def stamp(self) -> dict:
+    """The settings that differ from the plain world (what write_release's stamp records)."""
+    out: dict = {}
+    if self.combination_rules:
+      out["combination_rules"] = True
+    if self.holdout:
+      out["holdout"] = sorted(self.holdout)
+    if self.num_instruction:
+      out["num_instruction"] = int(self.num_instruction)
+    return out
+
+
+def combination(verb: str, o: "Obj") -> str:
+  return f"{verb} {o.kind}"
 
 
 @dataclasses.dataclass
@@ -392,19 +453,34 @@ def choose_hand(o: Obj) -> str:
   return "right"
 
 
-def sample_actions(scene: Scene, rng: np.random.Generator, count: int) -> list[Action]:
-  """`count` actions on distinct objects. The verb is drawn first, uniformly over what the scene
-  affords, so "pick up" (which most kinds afford) does not crowd out the rarer verbs."""
+def make_action(verb: str, target: int, scene: Scene, narrated: bool,
+                options: Options = Options()) -> Action:
+  """The hand (and destination) of an action: read off the frame, or the combination's rule."""
+  o = scene.objects[target]
+  if options.combination_rules:
+    hand, destination = RULES[combination(verb, o)]
+    return Action(verb, target, hand, narrated, destination)
+  return Action(verb, target, choose_hand(o), narrated)
+
+
+def sample_actions(scene: Scene, rng: np.random.Generator, count: int,
+                   options: Options = Options(), banned: Sequence[str] = ()) -> list[Action]:
+  """Up to `count` actions on distinct objects, none of a `banned` combination (fewer when the
+  scene affords no more). The verb is drawn first, uniformly over what the scene affords, so
+  "pick up" (which most kinds afford) does not crowd out the rarer verbs."""
   out: list[Action] = []
   free = list(range(len(scene.objects)))
+  fits_verb = lambda v, i: (v in VERBS[scene.objects[i].kind]
+                            and combination(v, scene.objects[i]) not in banned)
   for _ in range(count):
-    verbs = sorted({v for i in free for v in VERBS[scene.objects[i].kind]})
+    verbs = sorted({v for i in free for v in VERBS[scene.objects[i].kind] if fits_verb(v, i)})
+    if not verbs:
+      break
     verb = verbs[int(rng.integers(len(verbs)))]
-    fits = [i for i in free if verb in VERBS[scene.objects[i].kind]]
+    fits = [i for i in free if fits_verb(verb, i)]
     t = fits[int(rng.integers(len(fits)))]
     free.remove(t)
-    out.append(Action(verb=verb, target=t, hand=choose_hand(scene.objects[t]),
-                      narrated=bool(rng.random() < 0.5)))
+    out.append(make_action(verb, t, scene, bool(rng.random() < 0.5), options))
   return out
 
 
@@ -422,11 +498,15 @@ def _wipe_direction(o: Obj, hand: str) -> int:
   return -1 if hand == "right" else 1
 
 
-def describe(verb: str, o: Obj, hand: str) -> str:
-  """The enriched description: everything in it is read off the input frame."""
-  where = {"left": "left side", "middle": "middle", "right": "right side"}[o.location]
-  on_where = {"left": "on the left side", "middle": "in the middle",
-              "right": "on the right side"}[o.location]
+SIDE_WORDS = {"left": "left side", "middle": "middle", "right": "right side"}
+ON_WORDS = {"left": "on the left side", "middle": "in the middle", "right": "on the right side"}
+
+
+def describe(verb: str, o: Obj, hand: str, destination: str | None = None) -> str:
+  """The enriched description: read off the input frame, except under combination rules the
+  hand and the destination, which only the description states."""
+  where = SIDE_WORDS[o.location]
+  on_where = ON_WORDS[o.location]
   thing = f"{o.colour} {o.kind}"
   hand_word = f"The {hand} hand"
   if verb == "pick up":
@@ -435,8 +515,10 @@ def describe(verb: str, o: Obj, hand: str) -> str:
            "pan": "by its handle" if toward else "by its rim",
            "knife": "by its handle", "bowl": "by its rim", "carrot": "around its middle",
            "sponge": "from above"}[o.kind]
-    return (f"{hand_word} reaches to the {where} of the table and grasps the {thing} {how}, "
-            "lifting it off the table.")
+    lift = "lifting it off the table"
+    if destination is not None:
+      lift += f" to put it down {ON_WORDS[destination]} of the table"
+    return f"{hand_word} reaches to the {where} of the table and grasps the {thing} {how}, {lift}."
   if verb == "cut":
     return (f"{hand_word} brings a knife down on the {thing} {on_where} of the table and cuts "
             "it into two pieces.")
@@ -485,7 +567,12 @@ def _render(scene: Scene, size: int, action: Action | None):
   target_box = hand_box = None
   grip = None
   extra: list[Callable[[], None]] = []
-  for i, o in enumerate(scene.objects):
+  order = list(range(len(scene.objects)))
+  if action is not None and action.destination is not None:
+    order.remove(action.target)  # carried over the table: in front of everything
+    order.append(action.target)
+  for i in order:
+    o = scene.objects[i]
     x, y, s, state = o.x, o.y, o.scale, "rest"
     is_target = action is not None and i == action.target
     if is_target and action.verb == "wipe":
@@ -495,6 +582,8 @@ def _render(scene: Scene, size: int, action: Action | None):
              fill=_shade(scene.table, 0.8), radius=0.06 * s, track=False)   # wet streak
       x += shift
     if is_target and action.verb == "pick up":
+      if action.destination is not None:  # carried to the near row of its destination column
+        x, y = COLUMN_X[LOCATIONS.index(action.destination)], ROW_Y[1]
       _shadow(c, scene.table, x, y, s * 0.8, strength=0.85)
       y -= 0.13
       s *= 1.1
@@ -557,9 +646,10 @@ def _pixels(box, size: int) -> list[int]:
 
 
 def render_example(scene: Scene, action: Action, size: int,
-                   frame: np.ndarray | None = None) -> Example:
+                   frame: np.ndarray | None = None, holdout: Sequence[str] | None = None) -> Example:
   """One action of a scene -> frames, texts, mask and metadata (`frame`: the input frame, if
-  already rendered for another action of the scene)."""
+  already rendered for another action of the scene; `holdout`: the combinations held out of
+  the training pairs, when the world holds some out, for the meta's seen / held-out mark)."""
   if frame is None:
     frame = _render(scene, size, None)[0]
   target, target_box, hand_box = _render(scene, size, action)
@@ -577,8 +667,14 @@ def render_example(scene: Scene, action: Action, size: int,
       "objects": [{"kind": x.kind, "colour": x.colour, "location": x.location,
                    "bbox": _pixels(b, size)} for x, b in zip(scene.objects, input_boxes)],
   }
+  if action.destination is not None:
+    meta["destination"] = action.destination
+  if holdout:
+    meta["combination"] = combination(action.verb, o)
+    meta["combination_seen"] = meta["combination"] not in holdout
   return Example(input=frame, target=target, mask=mask.astype(np.uint8) * 255, action=text,
-                 raw_action=raw, description=describe(action.verb, o, action.hand), meta=meta)
+                 raw_action=raw, description=describe(action.verb, o, action.hand,
+                                                      action.destination), meta=meta)
 
 
 def _input_boxes(scene: Scene) -> list[list[float]]:
@@ -603,22 +699,53 @@ def check_objects(objects) -> tuple[int, int]:
 
 
 def generate_split(split: str, num: int, seed: int, size: int,
-                   objects: tuple[int, int] = OBJECTS):
+                   objects: tuple[int, int] = OBJECTS, options: Options = Options()):
   """Yields (clip_id, action_id, Example) until `num` actions; 1-2 actions per scene, on
-  scenes of objects[0]..objects[1] objects."""
+  scenes of objects[0]..objects[1] objects. With options.holdout, the train and val splits
+  have none of its combinations, and the test split's scenes alternate between held-out and
+  seen combinations, so half its pairs are held out (a scene affording no allowed combination
+  is skipped)."""
   objects = check_objects(objects)
+  held_in = tuple(c for c in COMBINATIONS if c not in options.holdout)
   made, scene_index = 0, 0
   while made < num:
     rng = scene_rng(seed, split, scene_index)
     scene = sample_scene(rng, objects)
+    banned = (() if not options.holdout else options.holdout if split != "test"
+              else held_in if made % 2 == 0 else options.holdout)
     count = min(num - made, 2 if rng.random() < 0.35 else 1, len(scene.objects))
-    actions = sample_actions(scene, rng, count)
-    frame = _render(scene, size, None)[0]
+    actions = sample_actions(scene, rng, count, options, banned)
     clip = f"synth_{split}_{scene_index:05d}"
-    for k, action in enumerate(actions):
-      yield clip, str(k), render_example(scene, action, size, frame)
-    made += len(actions)
     scene_index += 1
+    if not actions:
+      continue
+    frame = _render(scene, size, None)[0]
+    for k, action in enumerate(actions):
+      yield clip, str(k), render_example(scene, action, size, frame, options.holdout)
+    made += len(actions)
+
+
+def generate_instructions(num: int, seed: int, size: int, objects: tuple[int, int] = OBJECTS,
+                          options: Options = Options()):
+  """Instruction-only examples (no target frame): yields (clip_id, frame, action text,
+  description, combination); example i is of COMBINATIONS[i % 11], on the first scene of
+  its own random stream that has an object of that kind."""
+  objects = check_objects(objects)
+  for index in range(num):
+    combo = COMBINATIONS[index % len(COMBINATIONS)]
+    verb, kind = combo.rsplit(" ", 1)
+    for attempt in range(10_000):
+      rng = np.random.default_rng([seed, len(SPLITS), index, attempt])
+      scene = sample_scene(rng, objects)
+      targets = [i for i, o in enumerate(scene.objects) if o.kind == kind]
+      if targets:
+        break
+    else:  # a drawer needs a far slot: always there, so only an impossible bug ends here
+      raise RuntimeError(f"no scene with a {kind} in 10000 draws")
+    action = make_action(verb, targets[0], scene, False, options)
+    o = scene.objects[action.target]
+    yield (f"synth_instruct_{index:05d}", _render(scene, size, None)[0], action_text(verb, o),
+           describe(verb, o, action.hand, action.destination), combo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -638,15 +765,17 @@ def release_files(root: str | Path, splits: Sequence[str]) -> ReleaseFiles:
                       {s: root / f"llava_{s}.json" for s in splits})
 
 
-def _settings(counts: dict[str, int], seed: int, size: int, objects: tuple[int, int]) -> dict:
+def _settings(counts: dict[str, int], seed: int, size: int, objects: tuple[int, int],
+              options: Options = Options()) -> dict:
   out = {"counts": counts, "seed": seed, "frame_size": size, "generator": 1}
   if tuple(objects) != OBJECTS:  # stamps written before the setting existed stay valid
     out["objects"] = list(objects)
-  return out
+  return {**out, **options.stamp()}
 
 
 def write_release(root: str | Path, counts: dict[str, int], seed: int, size: int,
-                  progress: bool = True, objects: tuple[int, int] = OBJECTS) -> ReleaseFiles:
+                  progress: bool = True, objects: tuple[int, int] = OBJECTS,
+                  options: Options = Options()) -> ReleaseFiles:
   """Writes the synthetic dataset in the release's formats under `root` (see module doc).
 
   Written into a sibling temporary directory that is renamed into place at the end: a run that
@@ -657,7 +786,7 @@ def write_release(root: str | Path, counts: dict[str, int], seed: int, size: int
     raise ValueError(f"synthetic frame_size={size} must be in [16, 1024]")
   objects = check_objects(objects)
   splits = [s for s in SPLITS if counts.get(s, 0) > 0]
-  settings = _settings({s: counts[s] for s in splits}, seed, size, objects)
+  settings = _settings({s: counts[s] for s in splits}, seed, size, objects, options)
   files = release_files(root, splits)
   stamp = root / "synthetic.json"
   if stamp.exists():
@@ -670,12 +799,14 @@ def write_release(root: str | Path, counts: dict[str, int], seed: int, size: int
   shutil.rmtree(tmp, ignore_errors=True)
   (tmp / "frames").mkdir(parents=True)
   metadata: dict = {}
-  total = sum(counts[s] for s in splits)
+  instructions = options.num_instruction if "train" in splits else 0
+  total = sum(counts[s] for s in splits) + instructions
   with tqdm(total=total, desc="synthetic scenes", unit="ex", disable=not progress) as bar:
     for split in splits:
       annotation: dict = {}
       llava: list = []
-      for clip, action_id, ex in generate_split(split, counts[split], seed, size, objects):
+      for clip, action_id, ex in generate_split(split, counts[split], seed, size, objects,
+                                                options):
         d = tmp / "frames" / clip / action_id
         d.mkdir(parents=True, exist_ok=True)
         frame_in = 100 + 37 * int(action_id) + (hash_int(clip) % 5000)
@@ -696,6 +827,16 @@ def write_release(root: str | Path, counts: dict[str, int], seed: int, size: int
                                                "actions": {}})
         clip_meta["actions"][action_id] = {"mask": rel_mask, "meta": ex.meta}
         bar.update(1)
+      if split == "train":  # the VLLM's extra scenes: frame, action and description only
+        for clip, frame, text, description, combo in generate_instructions(
+            instructions, seed, size, objects, options):
+          rel = f"{clip}/0/{100 + hash_int(clip) % 5000:06d}.jpg"
+          (tmp / "frames" / rel).parent.mkdir(parents=True, exist_ok=True)
+          (tmp / "frames" / rel).write_bytes(images.encode_jpeg(Image.fromarray(frame)))
+          llava.append({"id": f"{clip}/0", "image": rel, "combination": combo, "conversations": [
+              {"from": "human", "value": human_turn(text)},
+              {"from": "gpt", "value": description}]})
+          bar.update(1)
       _write_json(tmp / files.annotations[split].name, annotation)
       _write_json(tmp / files.llava[split].name, llava)
   _write_json(tmp / files.metadata.name, metadata)

@@ -164,13 +164,40 @@ def score_set(generated: Sequence[np.ndarray], references: Sequence[np.ndarray],
   if lpips_fn is not None:
     per["region_lpips"] = [float(v) for v in np.asarray(
         lpips_fn(region_crops(generated, masks), region_crops(references, masks)))]
+  return summarize(per), per
+
+
+def _capped(values: Sequence[float]) -> np.ndarray:
+  # A region identical to the ground truth has PSNR +inf: the set mean caps it at 100 dB.
+  v = np.asarray(values, np.float64)
+  return np.where(np.isposinf(v), 100.0, v)
+
+
+def _mean_se(v: np.ndarray, k: str) -> dict[str, float]:
+  ok = v[~np.isnan(v)]
+  return {k: float(ok.mean()) if len(ok) else float("nan"), f"{k}_count": int(len(ok)),
+          f"{k}_se": float(ok.std(ddof=1) / math.sqrt(len(ok))) if len(ok) > 1 else float("nan")}
+
+
+def summarize(per: Mapping[str, Sequence[float]],
+              select: Sequence[bool] | None = None) -> dict[str, float]:
+  """score_set's summary of per-example columns, over the examples `select` marks (all when
+  None): per metric its mean, `_count` and `_se`."""
   summary: dict[str, float] = {}
   for k, values in per.items():
-    v = np.asarray(values, np.float64)
-    # A region identical to the ground truth has PSNR +inf: the set mean caps it at 100 dB.
-    v = np.where(np.isposinf(v), 100.0, v)
-    ok = v[~np.isnan(v)]
-    summary[k] = float(ok.mean()) if len(ok) else float("nan")
-    summary[f"{k}_count"] = int(len(ok))
-    summary[f"{k}_se"] = float(ok.std(ddof=1) / math.sqrt(len(ok))) if len(ok) > 1 else float("nan")
-  return summary, per
+    v = _capped(values)
+    summary.update(_mean_se(v if select is None else v[np.asarray(select, bool)], k))
+  return summary
+
+
+def paired_differences(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]],
+                       select: Sequence[bool] | None = None) -> dict[str, float]:
+  """Method a minus method b on the same examples: per metric both have, the mean of the
+  per-example differences where both are defined, its `_count` and `_se` (the standard error of
+  a paired difference: smaller than either method's own when their errors go together)."""
+  out: dict[str, float] = {}
+  for k in a:
+    if k in b:
+      d = _capped(a[k]) - _capped(b[k])
+      out.update(_mean_se(d if select is None else d[np.asarray(select, bool)], k))
+  return out

@@ -1,0 +1,174 @@
+"""The held-out-combinations world (synthetic.Options): off by default without changing a byte;
+on, the LDM's training pairs lack the held-out combinations, the VLLM's instruction data covers
+every combination, and the descriptions state the hand and destination the targets show."""
+
+import collections
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL
+import pytest
+
+from data_prep import llava_json
+from lego_jax import config as config_lib
+from lego_jax.data import prepare, synthetic
+from lego_jax.data.synthetic import Obj, Options, Scene
+from lego_jax.eval import action_region
+
+SIZE = 64
+HOLDOUT = ("stir bowl", "pick up pan", "pick up carrot")
+# sha256 of the files written by the generator at commit cb44f77 (before the options existed),
+# for the embedded default's objects (1, 1) and the generator's default (2, 4). The JSON files
+# (texts, metadata, bboxes) are pure Python and numpy; the JPEG and PNG bytes depend on
+# Pillow's drawing and codecs as well, so those are compared on the Pillow they were made with.
+BEFORE = {
+    "tiny": ("98e7c4921eeef0237cc3fb73f1db285a1b32af1e4663f4b9a9546178ada25d5b",
+             "237f5115861d17e90f3f6537e8565b8882f2e9f54c85b06d85e68fb737c82011"),
+    "default": ("69b132208d9d686f778196e193315c781a820607c9f0e1686a33ee94cf2f695e",
+                "37a60594099994760e6661733e4d1ff4a4e79e04e2c2ddcfe6a6b19e08d248a8"),
+}
+BEFORE_PILLOW = "13.0.0"
+
+
+def _digest(root: Path, suffix: str = "") -> str:
+  h = hashlib.sha256()
+  for p in sorted(root.rglob(f"*{suffix}")):
+    if p.is_file():
+      h.update(str(p.relative_to(root)).encode())
+      h.update(p.read_bytes())
+  return h.hexdigest()
+
+
+@pytest.mark.parametrize("name,counts,objects", [
+    ("tiny", {"train": 10, "val": 2, "test": 4}, (1, 1)),
+    ("default", {"train": 8, "test": 3}, (2, 4))])
+def test_default_settings_write_the_same_bytes_as_before(tmp_path, name, counts, objects):
+  files = synthetic.write_release(tmp_path / name, counts, seed=0, size=32, progress=False,
+                                  objects=objects, options=Options())
+  assert _digest(files.root, ".json") == BEFORE[name][0]
+  if PIL.__version__ == BEFORE_PILLOW:
+    assert _digest(files.root) == BEFORE[name][1]
+
+
+def test_the_paper_and_tiny_configs_keep_the_plain_world():
+  for path in ("configs/tiny.py", "configs/lego_ego4d.py", "configs/lego_epickitchens.py"):
+    assert prepare.synthetic_options(config_lib.load(path).data.synthetic) == Options()
+  on = prepare.synthetic_options(config_lib.load("configs/tiny_heldout.py").data.synthetic)
+  assert on.combination_rules and set(on.holdout) == set(HOLDOUT) and on.num_instruction > 0
+
+
+def test_bad_options_are_named():
+  cfg = config_lib.load("configs/tiny_heldout.py")
+  cfg.data.synthetic.holdout = ("stir cup",)
+  with pytest.raises(prepare.DataConfigError, match="'stir cup'"):
+    prepare.check_config(cfg.data)
+  with pytest.raises(ValueError, match="every combination"):
+    Options(holdout=synthetic.COMBINATIONS)
+
+
+def test_no_other_combination_gives_a_rule_away():
+  by_kind, by_verb = collections.defaultdict(set), collections.defaultdict(list)
+  for combo, (hand, destination) in synthetic.RULES.items():
+    verb, kind = combo.rsplit(" ", 1)
+    by_kind[kind].add(hand)
+    by_verb[verb].append((hand, destination))
+    assert (destination is not None) == (verb == "pick up")
+  assert set(synthetic.RULES) == set(synthetic.COMBINATIONS)
+  for kind, verbs in synthetic.VERBS.items():  # each kind's verbs use different hands
+    assert len(by_kind[kind]) == min(len(verbs), 2), kind
+  for verb, rules in by_verb.items():  # no verb has one hand or one destination for all kinds
+    if len(rules) > 1:
+      assert len({h for h, _ in rules}) == 2, verb
+  assert len({d for _, d in by_verb["pick up"]}) == 3
+
+
+def test_training_pairs_hold_out_what_the_instructions_cover(tmp_path):
+  options = Options(combination_rules=True, holdout=HOLDOUT, num_instruction=22)
+  counts = {"train": 24, "val": 4, "test": 16}
+  files = synthetic.write_release(tmp_path / "raw", counts, seed=3, size=32, progress=False,
+                                  objects=(1, 1), options=options)
+  meta = json.loads(files.metadata.read_text())
+  seen = collections.defaultdict(list)
+  for clip, m in meta.items():
+    for a in m["actions"].values():
+      seen[clip.split("_")[1]].append((a["meta"]["combination"], a["meta"]["combination_seen"]))
+  for split in ("train", "val"):
+    assert len(seen[split]) == counts[split]
+    assert all(flag and combo not in HOLDOUT for combo, flag in seen[split])
+  test = seen["test"]
+  assert len(test) == counts["test"]
+  assert all(flag == (combo not in HOLDOUT) for combo, flag in test)
+  held = [c for c, flag in test if not flag]
+  assert 0.4 <= len(held) / len(test) <= 0.6  # test scenes alternate held-out and seen
+  # Instruction data: every training pair's conversation, then 22 frames cycling through all 11
+  # combinations, held-out ones included, whose frames the LLaVA converter reads.
+  llava = json.loads(files.llava["train"].read_text())
+  extra = [r for r in llava if r["id"].startswith("synth_instruct_")]
+  assert len(llava) == counts["train"] + 22 and len(extra) == 22
+  assert collections.Counter(r["combination"] for r in extra) == {
+      c: 2 for c in synthetic.COMBINATIONS}
+  for i, r in enumerate(extra[:11]):
+    rec = llava_json.load_instruct(llava_json.InstructEntry(i, r), files.frames_dir)
+    assert rec["image_jpeg"][:2] == b"\xff\xd8"
+    verb, kind = r["combination"].rsplit(" ", 1)
+    hand, destination = synthetic.RULES[r["combination"]]
+    assert f"The {hand} hand" in rec["answer"] and kind in rec["answer"]
+    if destination is None:
+      assert "put it down" not in rec["answer"]
+    else:
+      assert f"put it down {synthetic.ON_WORDS[destination]}" in rec["answer"]
+  stamp = json.loads((files.root / "synthetic.json").read_text())
+  assert stamp["holdout"] == sorted(HOLDOUT) and stamp["num_instruction"] == 22
+  with pytest.raises(FileExistsError):  # the same files under other options are refused
+    synthetic.write_release(files.root, counts, seed=3, size=32, progress=False, objects=(1, 1))
+
+
+def _scene(obj: Obj) -> Scene:
+  return Scene(objects=[obj], table=(150, 104, 66), wall=(214, 218, 212), skin=(224, 172, 138),
+               sleeve=(70, 70, 78), resting=(False, False), brightness=1.0, noise_seed=1)
+
+
+def test_targets_put_the_object_and_the_hand_where_the_description_says():
+  options = Options(combination_rules=True)
+  plain = {}
+  for combo in synthetic.COMBINATIONS:
+    verb, kind = combo.rsplit(" ", 1)
+    hand, destination = synthetic.RULES[combo]
+    for column in range(3):
+      row = 0 if kind == "drawer" else 1
+      colour = "orange" if kind == "carrot" else "blue"
+      obj = Obj(kind, colour, column, row, x=synthetic.COLUMN_X[column],
+                y=synthetic.ROW_Y[row], scale=0.24 * synthetic.ROW_SCALE[row], facing=1)
+      scene = _scene(obj)
+      action = synthetic.make_action(verb, 0, scene, False, options)
+      ex = synthetic.render_example(scene, action, SIZE)
+      assert action.hand == hand and action.destination == destination
+      assert ex.description.startswith(f"The {hand} hand") and ex.meta["hand"] == hand
+      sleeve = action_region.colour_match(ex.target, scene.sleeve, 30.0)
+      bottom = sleeve[-SIZE // 6:]  # the arm enters the frame on the acting hand's side
+      left, right = bottom[:, :SIZE // 2].sum(), bottom[:, SIZE // 2:].sum()
+      assert (left > right) == (hand == "left"), (combo, column)
+      if destination is None:
+        assert "put it down" not in ex.description and "destination" not in ex.meta
+        continue
+      assert f"put it down {synthetic.ON_WORDS[destination]} of the table" in ex.description
+      assert ex.meta["destination"] == destination
+      # The object's pixels are at the destination column in the target, wherever it stood.
+      x0, y0, x1, y1 = ex.meta["bbox_target"]
+      want = synthetic.COLUMN_X[synthetic.LOCATIONS.index(destination)] * SIZE
+      assert abs((x0 + x1) / 2 - want) < 0.1 * SIZE, (combo, column)
+      # (A knife's handle is in the hand: its blade's colour instead, on the table.)
+      rgb = (200, 204, 212) if kind == "knife" else obj.rgb
+      on_table = action_region.colour_match(ex.target, rgb, 30.0)
+      on_table[:int(synthetic.HORIZON * SIZE) + 2] = False
+      ys, xs = np.nonzero(on_table)
+      assert len(xs) >= 3 and abs(xs.mean() - want) < 0.12 * SIZE, (combo, column)
+      plain[combo, column] = synthetic.render_example(
+          scene, synthetic.make_action(verb, 0, scene, False), SIZE)
+  # Without the rules the same pick-up lifts the object where it stood.
+  for (combo, column), ex in plain.items():
+    assert "put it down" not in ex.description
+    x0, _, x1, _ = ex.meta["bbox_target"]
+    assert abs((x0 + x1) / 2 - synthetic.COLUMN_X[column] * SIZE) < 0.1 * SIZE
