@@ -15,14 +15,19 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.data = dict(
       source="lego_json",             # "synthetic" or "lego_json" (the release's annotation format)
       dataset="ego4d",                # ego4d: "#C C cuts ..." narrations are normalised
+      action_normalisation="release",  # the release's rule (first word lemmatised, rest verbatim);
+                                      #   "project": also verbs after "and", "#unsure" dropped
       annotation_train="",            # path to the LEGO train annotation JSON
       annotation_val="",              # optional held-out split (the release has none)
       annotation_test="",             # path to the LEGO test (official val) annotation JSON
       frames_dir="",                  # directory of the release's JPEG frames
       metadata="",                    # optional metadata JSON (height/width per clip)
-      llava_train="",                 # optional LLaVA conversation JSONs; when empty, the
-      llava_val="",                   #   instruction records are derived from the annotation
-      llava_test="",                  #   JSON's llava_forecast_finetune descriptions
+      llava_train="",                 # LLaVA conversation JSONs: train is the GPT-curated
+      llava_val="",                   #   ego4d_for_tuning_forecasting.json (the release's
+      llava_test="",                  #   scripts/download_gpt_curated_data.sh); required unless
+      instructions="gpt_curated",     #   "released_vllm_outputs": targets built from the
+                                      #   annotation's llava_forecast_finetune (the released
+                                      #   VLLM's outputs; held-out splits always are)
       records_dir="",                 # ArrayRecord output; default WORKDIR/records
       num_shards=64,
       max_bad_fraction=0.01,          # conversion fails if more records than this are broken
@@ -68,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.vllm_train = dict(
       batch_size=128, grad_accum=8, epochs=3, num_steps=-1, lr=2e-5, weight_decay=0.0,
       warmup_ratio=0.03, schedule="constant",  # the release's DeepSpeed config: warmup then constant
+      warmup_shape="log",             # DeepSpeed WarmupLR's default (log(k) / log(W)); "linear"
       max_length=2048, frozen=r"^vision/.*", remat=True, skip_nonfinite=False, log_every=10,
       ckpt_every=500,
       compute_dtype="bfloat16",       # bf16 compute, fp32 master weights and optimizer state
@@ -81,18 +87,26 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.ldm_train = dict(
       batch_size=1024, grad_accum=4, num_steps=20000, lr=1e-4, weight_decay=0.01,
       b1=0.9, b2=0.999, eps=1e-8, ema_decay=0.9999, train_projections=True,
+      ema_scope="unet",               # the release's LitEma(model): UNet only ("trained": all)
       use_image_embedding=True, use_text_embedding=True,
       text_source="generated",        # CLIP text of: "generated" R, "annotation", or "action"
       drop_text_prob=0.05, drop_both_prob=0.05, drop_image_prob=0.05, remat=True,
       cache_frozen=False, scale_by_std=False, init="sd15", init_checkpoint="", init_use_ema=True,
       skip_nonfinite=False, log_every=50, ckpt_every=1000,
       sample_every=1000, num_timesteps=1000, beta_start=0.00085, beta_end=0.012)
+  # postprocess="release": bicubic resize of the float image, min-max, truncation (metrics/
+  # inference.py); "project": min-max, rounding, PIL bicubic. image_format="release": each frame
+  # under image_1's name (.jpg: JPEG at PIL's default quality 75, as the release saved them);
+  # "png": lossless. Output size: height data.image_size, width round(W / H * height).
   cfg.sampler = dict(kind="euler_ancestral", num_steps=100, text_guidance=7.5, image_guidance=1.5,
-                     seed=0, use_ema=True, output_norm="minmax")
+                     seed=0, use_ema=True, output_norm="minmax", postprocess="release",
+                     image_format="release")
   # blip_b / blip_l also need --edit_file (the annotation JSON with the enriched descriptions).
+  # lpips_release_range=True: LPIPS on [0, 1] inputs, as the release computed the paper's column
+  # (False: the lpips package's [-1, 1]; the table marks such rows).
   cfg.eval = dict(metrics=("psnr", "lpips", "fid", "clip", "egovlp", "egovlp_plus", "blip_b",
                            "blip_l"),
-                  lpips_net="alex", lpips_release_range=False, egovlp_frames=4, weights_dir="")
+                  lpips_net="alex", lpips_release_range=True, egovlp_frames=4, weights_dir="")
   cfg.mesh = dict(shape=(-1, 1, 1))   # (data, fsdp, tensor); -1 takes the remaining devices
   cfg.checkpoint = dict(keep=3, async_save=True)
   return cfg

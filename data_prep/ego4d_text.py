@@ -6,6 +6,11 @@ stripped and the verb lemmatised. Lemmatisation is offline and deterministic: an
 table first, then English suffix rules. Only the leading verb and verbs coordinated with "and"
 ("picks up the lid and puts it ...") are touched; nouns such as "glasses" never are.
 EPIC-KITCHENS labels are already imperative and are used verbatim.
+
+dataset "ego4d_release" is the release's narrower rule (vllm/llava/eval/run_llava_in_loop.py):
+drop two characters and strip, twice ("#C C "), lower-case and lemmatise the first word only,
+keep the rest verbatim ("#unsure", later verbs, punctuation). The release lemmatises with NLTK's
+WordNet (a corpus download); here the same offline lemmatiser stands in for it (docs/fidelity.md).
 """
 
 from __future__ import annotations
@@ -80,10 +85,21 @@ def normalise_narration(text: str) -> str:
   return " ".join(words)
 
 
+def normalise_narration_release(text: str) -> str:
+  """The release's rule: '#C C picks up a knife and cuts' -> 'pick up a knife and cuts'."""
+  action = text[2:].strip()    # "#C"
+  action = action[2:].strip()  # "C"
+  verb, _, remain = action.partition(" ")
+  verb = lemmatise_verb(verb.lower()) if verb else ""
+  return f"{verb} {remain}" if remain else verb
+
+
 def normalise_action(text: str, dataset: str) -> str:
   """The action prompt of one annotation: Ego4D narrations normalised, other labels verbatim."""
   if dataset == "ego4d":
     return normalise_narration(text)
+  if dataset == "ego4d_release":
+    return normalise_narration_release(text)
   if dataset in ("epickitchens", "verbatim"):
     return text.strip()
   raise ValueError(f"unknown dataset {dataset!r} (expected 'ego4d' or 'epickitchens')")

@@ -8,6 +8,12 @@ image_0 is the input frame, image_1 the action frame; paths are relative to the 
 The optional metadata JSON is keyed by clip_id and gives the original "height"/"width". The
 synthetic generator adds, per clip, "actions": {action_id: {"mask": <png path>, "meta": {...}}};
 real metadata files have no such entry, and their records get an empty mask and meta "{}".
+
+A key given twice in one JSON object is kept, every copy (`Repeated`), instead of json's silent
+last-one-wins: a repeated clip id contributes the actions of all its copies, a repeated action id
+becomes one entry per copy (the first written, the others counted as bad "duplicate id" by the
+writer), a repeated field of a record makes the record bad. Text that cannot be stored as UTF-8
+(a lone surrogate from a "\\ud800" escape) makes its record bad, named.
 """
 
 from __future__ import annotations
@@ -32,12 +38,55 @@ class ConversionError(ValueError):
   """The input as a whole cannot be converted (unreadable file, empty split, too many bad)."""
 
 
+class Repeated(list):
+  """The values of a key that one JSON object gives more than once, in file order."""
+
+
+def _keep_repeated(pairs: list[tuple[str, Any]]) -> dict:
+  out: dict = {}
+  for key, value in pairs:
+    if key not in out:
+      out[key] = value
+    elif isinstance(out[key], Repeated):
+      out[key].append(value)
+    else:
+      out[key] = Repeated([out[key], value])
+  return out
+
+
+def copies(value: Any) -> list:
+  """Every value given for a key (one, unless the key was repeated)."""
+  return list(value) if isinstance(value, Repeated) else [value]
+
+
+def repeated_fields(rid: str, fields: dict) -> None:
+  """RecordError if the record gives a field twice (which one is meant is unknown)."""
+  twice = sorted(k for k, v in fields.items() if isinstance(v, Repeated))
+  if twice:
+    raise RecordError(f"{rid}: field(s) {twice} given more than once")
+
+
+def shown(value: str) -> str:
+  """`value` printable and storable whatever it holds (surrogates as \\udXXX escapes)."""
+  return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def text(rid: str, field: str, value: str) -> str:
+  """`value` if it can be stored (UTF-8), else RecordError naming the record."""
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise RecordError(f"{rid}: field {field!r} is not valid Unicode text ({e.reason} at "
+                      f"position {e.start}: {value[max(0, e.start - 20):e.start]!r})") from None
+  return value
+
+
 def read_json(path: str | Path, what: str) -> Any:
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{what} not found: {path}")
   try:
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_keep_repeated)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConversionError(f"{what} {path} is not valid JSON: {e}") from None
 
@@ -61,11 +110,13 @@ def pair_entries(annotation: Any, source: str) -> list[PairEntry]:
     raise ConversionError(f"{source}: expected a JSON object {{clip_id: {{action_id: {{...}}}}}}, "
                           f"got {type(annotation).__name__}")
   out = []
-  for clip_id, actions in annotation.items():
-    if not isinstance(actions, dict):
-      out.append(PairEntry(str(clip_id), "?", actions))
-      continue
-    out.extend(PairEntry(str(clip_id), str(a), fields) for a, fields in actions.items())
+  for clip_id, clip_copies in annotation.items():
+    for actions in copies(clip_copies):
+      if not isinstance(actions, dict):
+        out.append(PairEntry(str(clip_id), "?", actions))
+        continue
+      out.extend(PairEntry(str(clip_id), str(a), fields)
+                 for a, values in actions.items() for fields in copies(values))
   return out
 
 
@@ -77,7 +128,7 @@ def read_file(frames_dir: Path, rel: Any, record_id: str, field: str) -> bytes:
     return path.read_bytes()
   except FileNotFoundError:
     raise RecordError(f"{record_id}: {field} file missing: {path}") from None
-  except OSError as e:
+  except (OSError, UnicodeEncodeError) as e:
     raise RecordError(f"{record_id}: {field} file unreadable: {path} ({e})") from None
 
 
@@ -107,16 +158,21 @@ def load_pair(entry: PairEntry, frames_dir: Path, metadata: dict, dataset: str) 
   """Reads and validates one annotation record -> a pair record (raises RecordError)."""
   rid, fields = entry.id, entry.fields
   if not isinstance(fields, dict):
-    raise RecordError(f"{rid}: expected an object with {REQUIRED}, got {type(fields).__name__}")
+    raise RecordError(f"{shown(rid)}: expected an object with {REQUIRED}, got "
+                      f"{type(fields).__name__}")
+  text(shown(rid), "id", rid)
+  repeated_fields(rid, fields)
   missing = [k for k in REQUIRED if k not in fields]
   if missing:
     raise RecordError(f"{rid}: missing field(s) {missing}")
   raw_action = fields["action"]
   if not isinstance(raw_action, str) or not raw_action.strip():
     raise RecordError(f"{rid}: field 'action' is empty or not a string: {raw_action!r}")
+  raw_action = text(rid, "action", raw_action)
   description = fields.get(DESCRIPTION_KEY) or ""
   if not isinstance(description, str):
     raise RecordError(f"{rid}: field {DESCRIPTION_KEY!r} is not a string")
+  description = text(rid, DESCRIPTION_KEY, description)
   action = normalise_action(raw_action, dataset)
   if not action:
     raise RecordError(f"{rid}: action {raw_action!r} is empty after normalisation")

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.ego4d_text import normalise_action
-from data_prep.lego_json import ConversionError, PairEntry, RecordError, read_image
+from data_prep.lego_json import (ConversionError, PairEntry, Repeated, RecordError, read_image,
+                                 repeated_fields, shown, text)
 from lego_jax.data.prompts import IMAGE_PLACEHOLDER, human_turn
 
 
@@ -27,6 +28,8 @@ class InstructEntry:
   @property
   def id(self) -> str:
     if isinstance(self.fields, dict) and "id" in self.fields:
+      if isinstance(self.fields["id"], Repeated):
+        return f"#{self.index}"
       return str(self.fields["id"])
     return f"#{self.index}"
 
@@ -42,7 +45,9 @@ def load_instruct(entry: InstructEntry, frames_dir: Path) -> dict:
   """Reads and validates one LLaVA record -> an instruction record (raises RecordError)."""
   rid, fields = entry.id, entry.fields
   if not isinstance(fields, dict):
-    raise RecordError(f"record {rid}: expected an object, got {type(fields).__name__}")
+    raise RecordError(f"record {shown(rid)}: expected an object, got {type(fields).__name__}")
+  repeated_fields(f"record {shown(rid)}", fields)
+  text(f"record {shown(rid)}", "id", rid)
   missing = [k for k in ("id", "image", "conversations") if k not in fields]
   if missing:
     raise RecordError(f"record {rid}: missing field(s) {missing}")
@@ -51,8 +56,9 @@ def load_instruct(entry: InstructEntry, frames_dir: Path) -> dict:
       or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns)
       or [t.get("from") for t in turns] != ["human", "gpt"]):
     raise RecordError(f"record {rid}: 'conversations' must be one human turn then one gpt turn, "
-                      "each with a string 'value'")
-  prompt, answer = turns[0]["value"], turns[1]["value"]
+                      "each with a string 'value' (each field once)")
+  prompt = text(f"record {rid}", "conversations[0].value", turns[0]["value"])
+  answer = text(f"record {rid}", "conversations[1].value", turns[1]["value"])
   if IMAGE_PLACEHOLDER not in prompt:
     raise RecordError(f"record {rid}: human turn has no {IMAGE_PLACEHOLDER} placeholder")
   if not answer.strip():
@@ -70,7 +76,8 @@ def from_annotation(entries: list[PairEntry], dataset: str) -> list[dict]:
   out = []
   for e in entries:
     f = e.fields
-    if not isinstance(f, dict) or not isinstance(f.get("action"), str) or "image_0" not in f:
+    if (not isinstance(f, dict) or not isinstance(f.get("action"), str) or "image_0" not in f
+        or any(isinstance(v, Repeated) for v in f.values())):
       out.append({"id": e.id})  # fails validation in load_instruct
       continue
     description = f.get("llava_forecast_finetune") or ""

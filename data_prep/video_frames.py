@@ -6,13 +6,15 @@ each wanted frame and decodes forward only to it; wanted frames closer together 
 reached by decoding on instead of seeking again.
 
 Frame numbering. Frame i is the i-th frame of the video stream in display order (0-based), i.e.
-the frame whose presentation time is `start + i / fps`, with `start` the stream's first
-timestamp and `fps` its average frame rate: index = round((pts - start) * time_base * fps),
-computed in exact fractions. That is the numbering of `ffmpeg -i v.mp4 %d.jpg` (minus one) and of
-the Ego4D and EPIC-KITCHENS annotations, whose videos are constant frame rate. A time t (seconds
-from the stream start) is the frame index round(t * fps). If a video skips a frame (variable rate,
-damage), the first frame at or after the wanted index is taken when it is at most
-`frame_tolerance` frames later; such frames are counted as inexact.
+the frame whose presentation time is `start + i / fps`, with `start` the timestamp of the first
+frame the decoder gives and `fps` the stream's average frame rate:
+index = round((pts - start) * time_base * fps), computed in exact fractions. That is the
+numbering of `ffmpeg -i v.mp4 %d.jpg` (minus one) and of the Ego4D and EPIC-KITCHENS annotations,
+whose videos are constant frame rate. `start` is not the container's start_time: MPEG-4 part 2
+with B-frames in AVI stamps its first frame 1 while start_time says 0, which would make every
+frame one late. A time t (seconds from the first frame) is the frame index round(t * fps). If a
+video skips a frame (variable rate, damage), the first frame at or after the wanted index is
+taken when it is at most `frame_tolerance` frames later; such frames are counted as inexact.
 
 `PairSpec` / `Position` describe one wanted (input, target) pair independently of the dataset,
 so the Ego4D and EPIC converters only differ in how they read annotations.
@@ -36,11 +38,12 @@ from PIL import Image
 class Position:
   """A frame of a video as an annotation gives it: a frame index or a time, plus an offset.
 
-  Exactly one of `frame` (0-based index) and `sec` (seconds from the stream start) is set; the
-  index is only known once the video's frame rate is, so it is resolved in the worker.
+  Exactly one of `frame` (0-based index) and `sec` (seconds from the first frame; a Fraction
+  where the annotation is exact, e.g. EPIC frame numbers at a fixed rate) is set; the index is
+  only known once the video's frame rate is, so it is resolved in the worker.
   """
   frame: int | None = None
-  sec: float | None = None
+  sec: float | Fraction | None = None
   offset_sec: float = 0.0
 
   def __post_init__(self):
@@ -152,7 +155,7 @@ class VideoReader:
       raise VideoOpenError(f"{path}: stream has no frame rate / time base")
     self.fps = Fraction(rate)
     self._time_base = Fraction(self._stream.time_base)
-    self._start = self._stream.start_time or 0
+    self._start = self._first_pts(path)
     self.width = ctx.width
     self.height = ctx.height
     self.num_frames = self._stream.frames or None   # container's count; may be absent or wrong
@@ -170,6 +173,21 @@ class VideoReader:
 
   def close(self):
     self._container.close()
+
+  def _first_pts(self, path) -> int:
+    """The timestamp of the first frame the decoder gives: frame 0 (see the module doc)."""
+    start = self._stream.start_time
+    try:
+      for frame in self._container.decode(self._stream):
+        if frame.pts is not None:
+          # A frame before the stream's start is pre-roll an edit list hides (when the decoder
+          # does not drop it itself): frame 0 is then still the one at the start.
+          return frame.pts if start is None else max(start, frame.pts)
+    except av.error.FFmpegError as e:
+      self._container.close()
+      raise VideoOpenError(f"{path}: its first frame does not decode: {e}") from e
+    self._container.close()
+    raise VideoOpenError(f"{path}: no decodable frame")
 
   def __enter__(self):
     return self

@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
-WORK_FORMAT = 1  # bump when the per-video work files change meaning: old ones are redone
+WORK_FORMAT = 2  # bump when the per-video work files change meaning: old ones are redone
+# 2: frame 0 is the first decoded frame (was the stream start_time: AVI + B-frames one late).
 OUTCOMES = ("written", "video_missing", "video_unreadable", "frame_before_start",
             "frame_past_end", "frame_not_found", "decode_error", "near_duplicate", "unrelated",
             "worker_error")
@@ -577,11 +578,17 @@ def read_ids(path: str | Path) -> set[str]:
 def read_descriptions(path: str | Path | None) -> dict:
   if not path:
     return {}
+  def no_repeats(pairs):
+    twice = sorted(k for k, n in collections.Counter(k for k, _ in pairs).items() if n > 1)
+    if twice:   # json would keep the last silently; which description is meant is unknown
+      raise UsageError(f"--descriptions {path}: key(s) {twice[:5]} given twice in one object")
+    return dict(pairs)
+
   try:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=no_repeats)
   except FileNotFoundError:
     raise UsageError(f"--descriptions file not found: {path}") from None
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UsageError(f"--descriptions {path} is not valid JSON: {e}") from None
   if not isinstance(data, dict):
     raise UsageError(f"--descriptions {path}: expected {{clip_id: {{action_id: {{...}}}}}}")
@@ -682,7 +689,9 @@ def _define_flags():
   flags.DEFINE_string("ego4d_input", "pre_frame", "critical frame used as input")
   flags.DEFINE_string("ego4d_target", "pnr_frame", "critical frame used as target")
   flags.DEFINE_enum("epic_positions", "frames", ["frames", "timestamps"],
-                    "EPIC start/stop from start_frame/stop_frame or the timestamps")
+                    "EPIC start/stop from start_frame/stop_frame (numbered at 60 fps for "
+                    "PXX_YY videos, 50 for PXX_1YY, whatever the video's rate) or the "
+                    "timestamps")
   flags.DEFINE_float("epic_input_offset_sec", 0.0, "EPIC input this long before the start")
   flags.DEFINE_float("epic_target_fraction", 0.5, "EPIC target this far into the segment")
   for name in ("source", "annotations", "videos_dir", "out"):

@@ -109,3 +109,21 @@ def save(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
   tmp.write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
   os.replace(tmp, out)
   return out
+
+
+def differences(base: ml_collections.ConfigDict,
+                derived: ml_collections.ConfigDict) -> dict[tuple[str, ...], object]:
+  """The leaves `derived` sets differently from `base` (or adds), by key path: what a config file
+  built on another one changes, so the change can be applied to a third config."""
+  out = {}
+
+  def walk(a, b, path):
+    for key in b.keys():
+      if isinstance(b[key], ml_collections.ConfigDict) and key in a and isinstance(
+          a[key], ml_collections.ConfigDict):
+        walk(a[key], b[key], path + (key,))
+      elif key not in a or a[key] != b[key]:
+        out[path + (key,)] = b[key]
+
+  walk(base, derived, ())
+  return out

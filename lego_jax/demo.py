@@ -7,7 +7,8 @@ prepare-data (synthetic scenes -> ArrayRecord, tokenizer) -> train-vae -> train-
 (descriptions R, H_i, H_t) -> train-ldm (LEGO: text R + H_i + H_t) -> train-ldm again as the
 action-label-only baseline (configs/ablations/ip2p_action.py semantics: text_source="action", no
 VLLM embeddings; in WORKDIR/baseline_action_label) -> generate both on the held-out test split ->
-score both and the "copy the input frame" baseline -> WORKDIR/report.html, WORKDIR/metrics.json,
+score both, the "copy the input frame" baseline and the ground truth passed through the trained
+VAE (what any generated frame can reach at best) -> WORKDIR/report.html, WORKDIR/metrics.json,
 WORKDIR/report/*.png (example grid, loss curves).
 
 Scores (lego_jax/eval/action_region.py): whole-frame PSNR (where copying the input is strong),
@@ -37,6 +38,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from lego_jax import config as config_lib
 from lego_jax.data import pipeline, records
 from lego_jax.data import prepare as prepare_stage
 from lego_jax.eval import action_region
@@ -48,6 +50,12 @@ from lego_jax.train import ldm as ldm_stage
 from lego_jax.train import vae as vae_stage
 from lego_jax.train import vllm as vllm_stage
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "vae", "vae_train", "clip_vision", "llama", "llava", "vllm_train",
+                   "vllm_generate", "unet", "clip_text", "conditioner", "ldm_train", "sampler",
+                   "eval", "demo", "mesh", "checkpoint")
+
+
 DEFAULTS = {"scale": 1.0, "num_test": 0, "grid_rows": 8}
 BASELINE_DIR = "baseline_action_label"
 # method -> how the report names it
@@ -55,10 +63,12 @@ METHODS = {
     "lego": "LEGO (VLLM description + H_i + H_t)",
     "action_label": "action label only (InstructPix2Pix fine-tuned)",
     "copy_input": "copy the input frame",
+    "vae_roundtrip": "ground truth through the VAE (the ceiling)",
 }
 # metric -> (label, higher is better, unit)
 HEADLINE = {
     "region_psnr": ("PSNR in the action region", True, "dB"),
+    "outside_psnr": ("PSNR outside the action region (scene kept)", True, "dB"),
     "placement": ("placement IoU (new hand + object pixels)", True, ""),
     "hand_iou": ("hand IoU", True, ""),
     "hand_hit": ("hand centroid within 1/8 frame", True, ""),
@@ -104,13 +114,20 @@ def scaled_config(cfg, scale: float):
 
 
 def baseline_config(cfg, workdir: Path):
-  """The action-label-only LDM (configs/ablations/ip2p_action.py) on the demo's own records,
-  tokenizer and VAE."""
+  """The action-label-only LDM on the demo's own records, tokenizer and VAE: the switches
+  configs/ablations/ip2p_action.py changes on its base config, applied to the demo's config (so
+  the demo's baseline is that file's, with the demo's sizes and overrides)."""
+  base = config_lib.CONFIG_DIR / "lego_ego4d.py"
+  ablation = config_lib.CONFIG_DIR / "ablations" / "ip2p_action.py"
   b = cfg.copy_and_resolve_references()
+  for path, value in config_lib.differences(config_lib.load(base),
+                                            config_lib.load(ablation)).items():
+    if path != ("name",):
+      section = b
+      for key in path[:-1]:
+        section = section[key]
+      section[path[-1]] = value
   b.name = f"{cfg.name}/ip2p_action"
-  b.ldm_train.text_source = "action"
-  b.ldm_train.use_image_embedding = False
-  b.ldm_train.use_text_embedding = False
   b.data.records_dir = str(pipeline.records_dir_of(cfg.data, workdir).absolute())
   if not b.data.tokenizer_dir:
     b.data.tokenizer_dir = str((Path(workdir) / "tokenizer").absolute())
@@ -179,6 +196,26 @@ def _generate(cfg, workdir: Path, out: Path, limit: int) -> dict:
                                        batch_size=min(16, limit) if limit else 16)
 
 
+def vae_roundtrip(cfg, workdir: Path, reference_dir: Path, out: Path, files: list[str],
+                  batch_size: int = 16) -> Path:
+  """The ground-truth frames encoded (posterior mode) and decoded by the trained VAE, as PNGs in
+  `out`: every generated frame is decoded by that VAE, so these score the ceiling."""
+  import jax
+
+  model = vae_stage.load_trained(cfg, workdir)
+  roundtrip = jax.jit(lambda m, x: m(x))
+  out.mkdir(parents=True, exist_ok=True)
+  for i in range(0, len(files), batch_size):
+    names = files[i:i + batch_size]
+    x = np.stack([_read_png(reference_dir / f) for f in names]).astype(np.float32) / 127.5 - 1
+    y = np.asarray(roundtrip(model, x))
+    frames = np.clip((y + 1) * 127.5, 0, 255).round().astype(np.uint8)
+    for f, frame in zip(names, frames):
+      (out / f).parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(frame).save(out / f)
+  return out
+
+
 # ---------------------------------------------------------------------------------- scoring
 
 def _read_png(path: Path) -> np.ndarray:
@@ -233,6 +270,8 @@ def score(cfg, workdir: Path, runs: dict[str, Path], examples: list[dict]) -> di
   reference_dir = runs["lego"] / "reference"
   dirs = {"lego": runs["lego"] / "generated", "action_label": runs["action_label"] / "generated",
           "copy_input": runs["lego"] / "inputs"}
+  if "vae_roundtrip" in runs:
+    dirs["vae_roundtrip"] = runs["vae_roundtrip"]
   refs = [_read_png(reference_dir / e["file"]) for e in examples]
   inputs = [_read_png(runs["lego"] / "inputs" / e["file"]) for e in examples]
   masks = []
@@ -324,6 +363,10 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
   stages.run("generate (action label only)", _generate, base_cfg, baseline_dir,
              runs["action_label"], limit)
   examples = load_examples(cfg, workdir, runs["lego"] / "generated.json")
+  runs["vae_roundtrip"] = stages.run(
+      "VAE round trip of the ground truth", vae_roundtrip, cfg, workdir,
+      runs["lego"] / "reference", workdir / "generated" / "vae_roundtrip",
+      [e["file"] for e in examples])
   scores = stages.run("evaluate", score, cfg, workdir, runs, examples)
 
   metrics = {
@@ -422,7 +465,8 @@ def write_plots(workdir: Path, baseline_dir: Path, runs: dict[str, Path], exampl
       [[runs["lego"] / "inputs" / e["file"], runs["lego"] / "generated" / e["file"],
         runs["action_label"] / "generated" / e["file"], runs["lego"] / "reference" / e["file"]]
        for e in shown],
-      [e["action"] for e in shown], ["input", "LEGO", "label only", "ground truth"], grid)
+      [f"{e['action']}  |  LEGO's VLLM: {e['description']}" for e in shown],
+      ["input", "LEGO", "label only", "ground truth"], grid, upscale=4)
   plots["examples"] = str(grid.relative_to(workdir))
   return plots
 
@@ -454,7 +498,7 @@ def report_data(cfg, workdir: Path, runs: dict[str, Path], examples: list[dict],
 
 def print_summary(metrics: dict, workdir: Path) -> None:
   m = metrics["methods"]
-  keys = [k for k in ("region_psnr", "placement", "hand_hit", "frame_psnr", "region_lpips",
+  keys = [k for k in ("region_psnr", "outside_psnr", "placement", "hand_hit", "frame_psnr", "region_lpips",
                       "frame_lpips") if all(k in m[x] for x in m)]
   print(f"\nheld-out test frames: {metrics['num_test']}")
   print(f"{'method':<14}" + "".join(f"{k:>14}" for k in keys))

@@ -40,6 +40,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lego_jax.config import ConfigError
 from lego_jax.parallel import sharding
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "mesh", "vae", "vae_train", "clip_vision", "llama", "llava",
+                   "vllm_train", "unet", "clip_text", "conditioner", "ldm_train")
+
+
 FAKE_DEVICES = 16
 HEADROOM = 0.9  # of HBM usable by the step (runtime, fragmentation; GPUs: set
 #                 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9, JAX's default preallocation is 0.75)

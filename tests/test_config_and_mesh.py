@@ -24,6 +24,13 @@ def test_full_configs_hold_the_paper_settings():
   assert cfg.unet.in_channels == 8 and cfg.vae.scaling_factor == 0.18215
   assert (cfg.sampler.text_guidance, cfg.sampler.image_guidance, cfg.sampler.num_steps) == (7.5, 1.5, 100)
   assert config_lib.load("lego_epickitchens").eval.egovlp_frames == 16
+  # Comparable with the release by default (docs/fidelity.md lists each switch).
+  for name in ("lego_ego4d", "lego_epickitchens"):
+    c = config_lib.load(name)
+    assert (c.sampler.postprocess, c.sampler.image_format, c.eval.lpips_release_range,
+            c.ldm_train.ema_scope, c.vllm_train.warmup_shape, c.data.action_normalisation,
+            c.data.instructions) == ("release", "release", True, "unet", "log", "release",
+                                     "gpt_curated")
 
 
 def test_rule_table_and_mesh():
@@ -52,3 +59,21 @@ def test_ablation_configs_switch_only_the_conditioning():
     assert (t.text_source, t.use_image_embedding, t.use_text_embedding) == (src, img, txt)
     assert cfg.unet == full.unet and cfg.ldm_train.lr == full.ldm_train.lr
   assert config_lib.load("configs/ablations/ip2p_action.py").unet.block_out_channels[0] == 320
+
+
+def test_differences_and_the_demo_baseline_come_from_the_ablation_file(tmp_path):
+  from lego_jax import demo
+
+  tiny = config_lib.load("tiny")
+  ablation = config_lib.load("configs/ablations/ip2p_action.py:tiny")
+  assert config_lib.differences(tiny, ablation) == {
+      ("name",): "tiny/ip2p_action", ("ldm_train", "text_source"): "action",
+      ("ldm_train", "use_image_embedding"): False, ("ldm_train", "use_text_embedding"): False}
+  # The demo's baseline: the same switches on the demo's config (with its overrides kept), and
+  # its own records / tokenizer paths.
+  cfg = config_lib.load("tiny", ["ldm_train.num_steps=7"])
+  base = demo.baseline_config(cfg, tmp_path)
+  diff = config_lib.differences(cfg, base)
+  assert {k: v for k, v in diff.items() if k[0] != "data"} == config_lib.differences(tiny, ablation)
+  assert base.ldm_train.num_steps == 7
+  assert diff[("data", "records_dir")] == str((tmp_path / "records").absolute())

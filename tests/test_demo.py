@@ -33,10 +33,10 @@ SMOKE = [
     "--config.vllm_generate.max_new_tokens=8",
     "--config.checkpoint.async_save=false",
 ]
-SCORES = ("frame_psnr", "region_psnr", "placement", "hand_iou", "hand_hit", "hand_error")
+SCORES = ("frame_psnr", "region_psnr", "outside_psnr", "placement", "hand_iou", "hand_hit", "hand_error")
 STAGES = ("prepare-data", "train-vae", "train-vllm", "extract", "train-ldm (LEGO)",
           "train-ldm (action label only)", "generate (LEGO)", "generate (action label only)",
-          "evaluate", "report")
+          "VAE round trip of the ground truth", "evaluate", "report")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,14 @@ def test_demo_writes_every_score_for_the_model_and_both_baselines(demo_run):
   assert set(metrics["timings"]) == set(STAGES)
   assert set(metrics["descriptions"]) == {"train", "val", "test"}
   assert metrics["vae_check"]["val_psnr_db"] > 0
+  # The ceiling: the ground truth through the trained VAE, scored like the methods, with
+  # standard errors beside every mean.
+  ceiling = metrics["methods"]["vae_roundtrip"]
+  for key in ("frame_psnr", "region_psnr", "outside_psnr"):
+    assert isinstance(ceiling[key], float) and math.isfinite(ceiling[key]), key
+  for method in ("lego", "action_label", "vae_roundtrip"):
+    se = metrics["methods"][method]["outside_psnr_se"]
+    assert isinstance(se, float) and 0 <= se < 20
 
 
 def test_demo_report_and_images(demo_run):
@@ -91,9 +99,15 @@ def test_demo_report_and_images(demo_run):
   for png in ("report/loss_vae.png", "report/loss_vllm.png", "report/loss_ldm.png",
               "report/examples.png"):
     assert Image.open(workdir / png).size[0] > 100
+  # 4 columns of 64-px frames at 4x, nearest: every frame pixel a 4x4 block.
+  grid = np.asarray(Image.open(workdir / "report/examples.png").convert("RGB"))
+  assert grid.shape[1] == 4 * 4 * 64
+  cell = grid[22:22 + 256, 256:512]
+  assert (cell[::4, ::4] == cell[3::4, 3::4]).all()
+  assert len(list((workdir / "generated" / "vae_roundtrip").glob("*.png"))) == 8
   for run in ("lego", "action_label"):
     for kind in ("generated", "reference", "inputs"):
-      assert len(list((workdir / "generated" / run / kind).glob("*.png"))) == 8
+      assert len(list((workdir / "generated" / run / kind).rglob("*.png"))) == 8
   assert (workdir / "baseline_action_label" / "checkpoints" / "ldm").is_dir()
   assert "LEGO vs copy the input frame" in page and "Skipped" in page
   for stage in STAGES:

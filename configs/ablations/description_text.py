@@ -6,16 +6,13 @@ base config itself). The base is chosen after a colon, default lego_ego4d:
   --config=configs/ablations/description_text.py:tiny       # on top of the embedded default
 """
 
-import importlib.util
 import pathlib
+
+from lego_jax import config
 
 
 def get_config(base: str = "lego_ego4d"):
-  path = pathlib.Path(__file__).resolve().parent.parent / f"{base or 'lego_ego4d'}.py"
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = config.load(pathlib.Path(__file__).resolve().parent.parent / f"{base or 'lego_ego4d'}.py")
   cfg.name = f"{cfg.name}/description_text"
   cfg.ldm_train.text_source = "generated"
   cfg.ldm_train.use_image_embedding = False

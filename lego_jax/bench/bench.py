@@ -80,6 +80,12 @@ from flax import nnx
 from lego_jax.bench import flops as flops_lib
 from lego_jax.parallel import sharding
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "mesh", "vae", "unet", "clip_text", "clip_vision", "conditioner",
+                   "llama", "llava", "ldm_train", "vllm_train", "vllm_generate", "sampler")
+CLI_FLAGS = ("out",)
+
+
 WHATS = ("unet-train", "ldm-train", "vllm-train", "vllm-decode", "sample", "data")
 
 _WHAT = flags.DEFINE_enum("what", None, WHATS, "bench: the word after `bench`, or this flag")

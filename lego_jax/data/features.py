@@ -28,6 +28,8 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
+from lego_jax.data import records
+
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
@@ -115,6 +117,7 @@ def open_source(features_dir: str | Path, split: str) -> grain.sources.ArrayReco
         f"({len(done_parts(features_dir, split))}/{info['num_parts']} parts): re-run "
         "`lego-jax extract` to finish them")
   paths = [str(part_path(features_dir, split, k)) for k in range(info["num_parts"])]
+  records.check_files(paths, redo="delete it and re-run `lego-jax extract` to write it again")
   return grain.sources.ArrayRecordDataSource(paths)
 
 

@@ -34,6 +34,28 @@ def open_image(data: bytes) -> Image.Image:
   return img
 
 
+# What libjpeg-turbo decodes a JPEG of each PIL mode into for the corruption check.
+_JPEG_CHECK_COLORSPACE = {"L": "GRAY", "CMYK": "CMYK"}
+
+
+def check_jpeg(data: bytes, mode: str) -> None:
+  """ImageError if libjpeg reports the JPEG's data as corrupt.
+
+  PIL decodes a JPEG with damaged entropy-coded data (a flipped bit, spliced bytes) into a
+  garbage image without a word: libjpeg's warnings ("Corrupt JPEG data: bad Huffman code",
+  "premature end of data segment") are dropped. simplejpeg's strict decode turns them into
+  errors. Of single-bit flips in a 256x256 frame it reports 93% of those that change the image
+  by more than 10 grey levels on average, 54% of those between 1 and 10, 1% of those below 1
+  (docs/data-faults.md): damage that decodes without a warning cannot be told from content.
+  """
+  import simplejpeg
+
+  try:
+    simplejpeg.decode_jpeg(data, colorspace=_JPEG_CHECK_COLORSPACE.get(mode, "RGB"), strict=True)
+  except ValueError as e:
+    raise ImageError(f"corrupt JPEG data (the decoder says: {e})") from None
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
   """Any PIL mode -> 8-bit RGB.
 
@@ -82,6 +104,8 @@ def normalise_jpeg(data: bytes) -> tuple[bytes, int, int]:
   other format or mode is converted to RGB and encoded as JPEG.
   """
   img = open_image(data)
+  if img.format == "JPEG":
+    check_jpeg(data, img.mode)
   if img.format == "JPEG" and img.mode == "RGB":
     return data, img.height, img.width
   rgb = to_rgb(img)

@@ -44,6 +44,33 @@ from PIL import Image
 from lego_jax.data import images, records
 
 
+def exit_with_parent(poll_s: float = 1.0) -> None:
+  """In a Grain worker process: exit as soon as the training process that started it is gone.
+
+  Grain's workers are spawned children that unpickle this module's transforms, so this runs in
+  each of them at import. A parent ended by kill -9 cannot stop them; without this they (and the
+  multiprocessing resource tracker, which waits for them) stayed alive for minutes, holding their
+  memory. A dead parent shows as a changed parent pid (the orphan is re-parented)."""
+  import multiprocessing
+  import os
+  import threading
+  import time
+
+  if multiprocessing.parent_process() is None:
+    return
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(poll_s)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="lego-jax-exit-with-parent", daemon=True).start()
+
+
+exit_with_parent()
+
+
 def ensure_flags_parsed() -> None:
   """Grain reads absl flags; outside an absl app (tests, notebooks) mark them parsed."""
   from absl import flags

@@ -23,17 +23,41 @@ from lego_jax.data import prompts, records, synthetic, tokenizer
 from lego_jax.data.pipeline import records_dir_of
 
 # Every key cfg.data may have; anything else is a typo that would silently do nothing.
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data",)
+
+
 DATA_KEYS = frozenset({
     "source", "dataset", "annotation_train", "annotation_val", "annotation_test", "frames_dir",
     "metadata", "llava_train", "llava_val", "llava_test", "records_dir", "num_shards",
     "max_bad_fraction", "image_size", "vllm_image_size", "hflip_prob", "num_workers",
-    "synthetic", "tokenizer_dir", "clip_tokenizer_dir", "tokenizer_vocab_size"})
+    "synthetic", "tokenizer_dir", "clip_tokenizer_dir", "tokenizer_vocab_size", "instructions",
+    "action_normalisation"})
 SYNTHETIC_KEYS = frozenset({"num_train", "num_val", "num_test", "seed", "frame_size", "objects"})
 SOURCES = ("synthetic", "lego_json")
+# Where the VLLM's training targets come from when a split has no LLaVA file: "gpt_curated"
+# requires the GPT-curated file for train (the paper's instruction tuning); "released_vllm_outputs"
+# builds them from the annotation's llava_forecast_finetune, the RELEASED VLLM's own descriptions
+# (training on them distils that VLLM; the choice is recorded in the records and printed).
+INSTRUCTIONS = ("gpt_curated", "released_vllm_outputs")
+GPT_CURATED = {"ego4d": "ego4d_for_tuning_forecasting.json",
+               "epickitchens": "epickitchen_for_tuning_forecasting.json"}
 
 
 class DataConfigError(ValueError):
   pass
+
+
+NORMALISATIONS = ("release", "project")
+
+
+def text_rule(data) -> str:
+  """The `dataset` argument of data_prep.ego4d_text.normalise_action for this config: Ego4D
+  narrations by the release's rule ("ego4d_release", action_normalisation="release") or the
+  project's broader one ("ego4d"); other datasets as they are."""
+  if data.dataset == "ego4d" and _get(data, "action_normalisation", "project") == "release":
+    return "ego4d_release"
+  return data.dataset
 
 
 def check_config(data) -> None:
@@ -52,6 +76,12 @@ def check_config(data) -> None:
   if data.dataset not in ("ego4d", "epickitchens"):
     raise DataConfigError(f"cfg.data.dataset={data.dataset!r}: expected 'ego4d' or "
                           "'epickitchens'")
+  if _get(data, "action_normalisation", "project") not in NORMALISATIONS:
+    raise DataConfigError(f"cfg.data.action_normalisation={data.action_normalisation!r}: "
+                          f"expected one of {NORMALISATIONS}")
+  if _get(data, "instructions", "gpt_curated") not in INSTRUCTIONS:
+    raise DataConfigError(f"cfg.data.instructions={data.instructions!r}: expected one of "
+                          f"{INSTRUCTIONS}")
   if not 0.0 <= data.max_bad_fraction <= 1.0:
     raise DataConfigError(f"cfg.data.max_bad_fraction={data.max_bad_fraction} is not in [0, 1]")
   if data.num_shards < 1:
@@ -105,6 +135,15 @@ def _release_inputs(data, workdir: Path) -> tuple[dict, dict, Path, str]:
     raise FileNotFoundError(f"frames directory not found: {frames_dir}")
   llava = {split: (Path(_get(data, f"llava_{split}")) if _get(data, f"llava_{split}") else None)
            for split in annotations}
+  if ("train" in annotations and llava.get("train") is None
+      and _get(data, "instructions", "gpt_curated") == "gpt_curated"):
+    raise DataConfigError(
+        "cfg.data.llava_train is empty: the paper instruction-tunes the VLLM on the GPT-curated "
+        f"file {GPT_CURATED.get(data.dataset, GPT_CURATED['ego4d'])} (the release's "
+        "scripts/download_gpt_curated_data.sh downloads it); set --config.data.llava_train=PATH, "
+        "or --config.data.instructions=released_vllm_outputs to train on the annotation's "
+        "llava_forecast_finetune (the released VLLM's own outputs: distillation, not the paper's "
+        "instruction tuning)")
   return annotations, llava, frames_dir, data.metadata
 
 
@@ -117,7 +156,7 @@ def _fingerprint(data, kind: str, sources: dict[str, Path], frames_dir: Path,
   if frames.is_relative_to(workdir.resolve()):
     frames = frames.relative_to(workdir.resolve())
   return {
-      "kind": kind, "dataset": data.dataset, "frames_dir": str(frames),
+      "kind": kind, "dataset": text_rule(data), "frames_dir": str(frames),
       "metadata": _file_digest(Path(metadata)) if metadata else "",
       "sources": {s: _file_digest(p) for s, p in sorted(sources.items())},
       "num_shards": int(data.num_shards), "max_bad_fraction": float(data.max_bad_fraction),
@@ -132,16 +171,17 @@ def convert_release(data, workdir: Path) -> dict[str, tfds_builder.ConvertResult
   workers = max(1, int(data.num_workers))
 
   pair_splits, instruct_splits = {}, {}
+  rule = text_rule(data)
   for split, path in annotations.items():
     entries = lego_json.pair_entries(lego_json.read_json(path, f"{split} annotation JSON"),
                                      str(path))
     pair_splits[split] = tfds_builder.SplitInput(
-        entries, lambda e: lego_json.load_pair(e, frames_dir, metadata, data.dataset), str(path))
+        entries, lambda e: lego_json.load_pair(e, frames_dir, metadata, rule), str(path))
     if llava.get(split):
       conv = lego_json.read_json(llava[split], f"{split} LLaVA JSON")
       source = str(llava[split])
     else:
-      conv, source = llava_json.from_annotation(entries, data.dataset), f"{path} (derived)"
+      conv, source = llava_json.from_annotation(entries, rule), f"{path} (derived)"
     instruct_splits[split] = tfds_builder.SplitInput(
         llava_json.instruct_entries(conv, source),
         lambda e: llava_json.load_instruct(e, frames_dir), source)
@@ -213,8 +253,12 @@ def prepare(cfg, workdir: str | Path) -> dict:
   records_dir = records_dir_of(data, workdir)
   results = convert_release(data, workdir)
   tok_path = prepare_tokenizer(data, workdir, records_dir)
+  derived = records.build_metadata(records_dir, records.INSTRUCT).get("fingerprint", {}).get(
+      "derived", [])
   summary = {
       "records_dir": str(records_dir), "tokenizer": str(tok_path),
+      "instructions": _get(data, "instructions", "gpt_curated"),
+      "targets_from_released_vllm": derived,
       "tokenizer_trained": not data.tokenizer_dir,
       **{kind: {"path": str(r.path), "skipped": r.skipped, "num_records": r.num_records,
                 "num_bad": r.num_bad, "bad": r.bad} for kind, r in results.items()},
@@ -234,6 +278,10 @@ def _print_summary(summary: dict) -> None:
     for split, msgs in s["bad"].items():
       for m in msgs[:5]:
         print(f"    bad ({split}): {m}")
+  if summary.get("targets_from_released_vllm"):
+    print(f"instruct  targets of {', '.join(summary['targets_from_released_vllm'])}: the "
+          "annotation's llava_forecast_finetune, the released VLLM's outputs (no LLaVA file; "
+          f"cfg.data.instructions={summary['instructions']})")
   how = ("trained on the records' text" if summary["tokenizer_trained"]
          else "from cfg.data.tokenizer_dir")
   print(f"tokenizer {summary['tokenizer']} ({how})")

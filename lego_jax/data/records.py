@@ -43,6 +43,32 @@ INSTRUCT_STRINGS = ("id", "prompt", "answer")
 INSTRUCT_BYTES = ("image_jpeg",)
 
 
+class RecordFileError(Exception):
+  """A record file that is damaged (truncated, overwritten): reported as one line, exit code 1."""
+
+
+def check_files(paths, num_records=None, *, redo: str) -> None:
+  """Opens each ArrayRecord file's footer and index (cheap: no record is read) so that a
+  truncated or damaged file is named when a reader opens it, not as a Riegeli traceback minutes
+  into a run. `num_records`: the count each file should hold; `redo` says how to rewrite it."""
+  from array_record.python.array_record_module import ArrayRecordReader
+
+  for i, path in enumerate(paths):
+    path = str(path)
+    try:
+      reader = ArrayRecordReader(path, "readahead_buffer_size:0")
+      try:
+        got = reader.num_records()
+      finally:
+        reader.close()
+    except (RuntimeError, OSError, ValueError) as e:
+      reason = str(e).split(";")[0] if str(e) else type(e).__name__
+      raise RecordFileError(f"{path}: damaged ArrayRecord file ({reason}): {redo}") from None
+    if num_records is not None and got != num_records[i]:
+      raise RecordFileError(f"{path}: holds {got} records where {num_records[i]} were written "
+                            f"(truncated or replaced): {redo}")
+
+
 def features(kind: str):
   """The tfds FeaturesDict of a record kind. Bytes are stored as-is (object Tensors): no
   tensorflow is needed to encode or decode them."""
@@ -94,6 +120,10 @@ def open_split(records_dir: str | Path, split: str, kind: str = PAIRS):
   if split not in builder.info.splits:
     raise FileNotFoundError(f"split {split!r} not in {dataset_dir(records_dir, kind)} "
                             f"(has {sorted(builder.info.splits)})")
+  info = builder.info.splits[split]
+  check_files(info.filepaths, info.shard_lengths,
+              redo=f"delete {dataset_dir(records_dir, kind)} and run `lego-jax prepare-data` "
+              "(or data_prep) again")
   return builder.as_data_source(split=split)
 
 

@@ -16,6 +16,11 @@ from PIL import Image, ImageDraw, ImageFont
 from lego_jax.data import records
 from lego_jax.data.pipeline import records_dir_of
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data",)
+CLI_FLAGS = ("split", "out")
+
+
 _NUM = flags.DEFINE_integer("num", 16, "show-data: how many examples")
 
 CELL = 168          # image height in the sheet

@@ -5,6 +5,7 @@ scores use what the synthetic generator knows about every held-out example (its 
 the scene metadata: skin colour of the hands, colour of the target object) to ask instead:
 
   region PSNR    PSNR over the mask's pixels only (the pixels the action changes);
+  outside PSNR   PSNR over every other pixel (where nothing changes: is the scene kept?);
   region LPIPS   LPIPS of the crops around the mask (needs the LPIPS weights, see eval/lpips.py);
   placement      is the hand (and the acted-on object) drawn where the ground truth has it?
                  "New" hand pixels of a frame are pixels that are skin-coloured and differ from
@@ -140,7 +141,7 @@ def placement_scores(generated: np.ndarray, reference: np.ndarray, input_frame: 
   return out
 
 
-PER_EXAMPLE = ("region_psnr", "hand_iou", "hand_hit", "hand_error", "object_iou", "placement")
+PER_EXAMPLE = ("region_psnr", "outside_psnr", "hand_iou", "hand_hit", "hand_error", "object_iou", "placement")
 
 
 def score_set(generated: Sequence[np.ndarray], references: Sequence[np.ndarray],
@@ -152,10 +153,12 @@ def score_set(generated: Sequence[np.ndarray], references: Sequence[np.ndarray],
   adds region_lpips over the mask crops.
 
   Returns (summary, per-example columns): summary[k] is the mean of the examples where k is
-  defined, summary[k + "_count"] how many those were."""
+  defined, summary[k + "_count"] how many those were, summary[k + "_se"] the standard error of
+  that mean (sample standard deviation / sqrt(count); NaN below two examples)."""
   per: dict[str, list[float]] = {k: [] for k in PER_EXAMPLE}
   for g, r, i, m, meta in zip(generated, references, inputs, masks, metas):
     per["region_psnr"].append(region_psnr(g, r, m))
+    per["outside_psnr"].append(region_psnr(g, r, ~m.astype(bool)))
     for k, v in placement_scores(g, r, i, meta, cfg).items():
       per[k].append(v)
   if lpips_fn is not None:
@@ -169,4 +172,5 @@ def score_set(generated: Sequence[np.ndarray], references: Sequence[np.ndarray],
     ok = v[~np.isnan(v)]
     summary[k] = float(ok.mean()) if len(ok) else float("nan")
     summary[f"{k}_count"] = int(len(ok))
+    summary[f"{k}_se"] = float(ok.std(ddof=1) / math.sqrt(len(ok))) if len(ok) > 1 else float("nan")
   return summary, per

@@ -4,11 +4,17 @@
                       [--runs=name1=dir1,name2=dir2] [--config.eval.weights_dir=W]
                       [--edit_file=annotations.json [--llava_key=llava_forecast_finetune]]
 
-Images pair by relative path (suffix ignored). Writes, under WORKDIR/eval/:
+Images pair by relative path (suffix ignored): `lego-jax generate`'s generated/ pairs with its own
+reference/ and inputs/ and with the release's ground-truth folders as they are (val_gt_for_metric/
+for --reference; for --inputs the release's val/, whose <clip>/<action>/ folders hold the input
+beside the action frame: a pair without an input of its own path takes the folder's first file in
+name order, as the release's EgoVLP+ does). Writes, under WORKDIR/eval/:
   <name>/metrics.json    set-level metrics (PSNR, LPIPS x3, FID, CLIP, EgoVLP, EgoVLP+), skips
   <name>/per_image.csv   one row per pair
   results.md/.html       the paper-style table: every run under WORKDIR/eval, the --runs, and the
-                         paper's Ego4D rows for comparison
+                         paper's Ego4D rows for comparison; LPIPS there is cfg.eval.lpips_net's
+                         on [0, 1] inputs as the release computed it (lpips_release_range=True,
+                         the paper configs), a [-1, 1] value is marked †
 Metrics whose weights are missing are skipped with the reason (PSNR needs none). With --runs
 only (no --generated), just the table is written.
 
@@ -37,6 +43,10 @@ from absl import flags
 
 from lego_jax.eval import images as im
 from lego_jax.eval import table as table_lib
+
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "eval")
+
 
 def _flag(kind: str, name: str, default, help_text: str):
   """Defines --name unless another module of the same process already did (tests import several

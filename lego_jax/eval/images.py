@@ -65,6 +65,30 @@ class Pair:
   input: Path | None = None  # the input frame (EgoVLP+), when an inputs directory is given
 
 
+def release_inputs(inputs: dict[str, Path], reference: dict[str, Path]) -> dict[str, Path]:
+  """Each reference key's input frame: the input of the same relative path when there is one
+  (what `lego-jax generate` writes), else the release's rule (all_metrics_in_one.py, EgoVLP+):
+  the first file, in sorted name order, of the input directory's <clip>/<action>/ folder that is
+  not the action frame itself, so the release's `val/` folders (input and action frame side by
+  side) serve as they are."""
+  folders: dict[str, list[str]] = {}
+  for k in sorted(inputs):
+    parent, _, _ = k.rpartition("/")
+    folders.setdefault(parent, []).append(k)
+  out = {}
+  for k in reference:
+    if k in inputs:
+      out[k] = inputs[k]
+      continue
+    if k.count("/") < 2:  # the rule is for <clip>/<action>/<frame> keys only
+      continue
+    parent, _, _ = k.rpartition("/")
+    others = sorted((inputs[c] for c in folders.get(parent, []) if c != k), key=lambda p: p.name)
+    if others:
+      out[k] = others[0]
+  return out
+
+
 def match_sets(generated: str | os.PathLike, reference: str | os.PathLike,
                inputs: str | os.PathLike | None = None, allow_missing: bool = False,
                limit: int = 20) -> list[Pair]:
@@ -75,7 +99,7 @@ def match_sets(generated: str | os.PathLike, reference: str | os.PathLike,
   kind), unless `allow_missing`, which keeps the intersection.
   """
   gen, ref = list_images(generated), list_images(reference)
-  inp = list_images(inputs) if inputs else None
+  inp = release_inputs(list_images(inputs), ref) if inputs else None
   missing = sorted(k for k in ref if k not in gen)
   extra = sorted(k for k in gen if k not in ref)
   no_input = sorted(k for k in ref if k in gen and inp is not None and k not in inp)

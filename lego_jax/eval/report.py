@@ -121,14 +121,24 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
 
 
 def example_grid_png(rows: Sequence[Sequence[Path]], captions: Sequence[str],
-                     headers: Sequence[str], path: str | Path, cell: int = 128) -> Path:
+                     headers: Sequence[str], path: str | Path, cell: int = 128,
+                     upscale: int | None = None) -> Path:
   """Rows of image files (each scaled to cell x cell, nearest: small frames stay sharp) under a
-  header row, each row captioned with its action."""
+  header row, each row captioned (cut to the grid's width). With `upscale`, the cell is that
+  multiple of the first frame's width instead (64-px frames are too small to judge at 1x)."""
+  if upscale and rows and rows[0]:
+    with Image.open(rows[0][0]) as im:
+      cell = im.width * upscale
   cols = max((len(r) for r in rows), default=len(headers))
   head, cap = 22, 20
   img = Image.new("RGB", (cols * cell, head + len(rows) * (cell + cap)), "white")
   d = ImageDraw.Draw(img)
   font = _font(13)
+
+  def fit(text: str) -> str:
+    while text and d.textlength(text, font=font) > cols * cell - 8:
+      text = text[:max(0, min(len(text) - 2, int(len(text) * 0.9)))]
+    return text
   for c, name in enumerate(headers):
     d.text((c * cell + cell / 2, head / 2), name, fill="black", font=font, anchor="mm")
   for r, (files, caption) in enumerate(zip(rows, captions)):
@@ -136,7 +146,7 @@ def example_grid_png(rows: Sequence[Sequence[Path]], captions: Sequence[str],
     for c, f in enumerate(files):
       with Image.open(f) as im:
         img.paste(im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y))
-    d.text((4, y + cell + cap / 2), caption, fill="black", font=font, anchor="lm")
+    d.text((4, y + cell + cap / 2), fit(caption), fill="black", font=font, anchor="lm")
   img.save(path)
   return Path(path)
 
@@ -152,7 +162,7 @@ th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-al
 th { background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.win { background: #e3f4e1; } td.loss { background: #fbe3e1; }
-img.frame { width: 160px; height: 160px; image-rendering: pixelated; display: block; }
+img.frame { width: 256px; height: 256px; image-rendering: pixelated; display: block; }
 .small { font-size: 0.88em; color: #555; }
 .plots img { max-width: 100%; margin: 0.3em 0; border: 1px solid #ddd; }
 """
@@ -166,6 +176,13 @@ def _num(v, digits: int = 3) -> str:
   if v is None or (isinstance(v, float) and not math.isfinite(v)):
     return "n/a"
   return f"{v:.{digits}f}"
+
+
+def _se(v) -> str:
+  """' ± SE' in small print, nothing when there is no standard error."""
+  if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    return ""
+  return f"<span class='small'> ± {v:.3f}</span>"
 
 
 def outcome(diff: float, higher_better: bool) -> str:
@@ -204,7 +221,8 @@ def _metrics_table(metrics: dict, headline, methods) -> str:
     if not any(key in m[n] for n in names):
       continue
     arrow = "↑" if higher else "↓"
-    cells = "".join(f'<td class="num">{_num(m[n].get(key))}</td>' for n in names)
+    cells = "".join(f'<td class="num">{_num(m[n].get(key))}{_se(m[n].get(key + "_se"))}</td>'
+                    for n in names)
     for base in ("action_label", "copy_input"):
       a, b = m["lego"].get(key), m.get(base, {}).get(key)
       if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
@@ -257,7 +275,7 @@ def write_html(path: str | Path, data: dict) -> Path:
   parts.append("<h2>Did the model learn the action?</h2>")
   parts.append(_metrics_table(metrics, headline, methods))
   parts.append("<p class='small'>↑ higher is better, ↓ lower is better; green: LEGO better, red: "
-               "LEGO worse. ‘examples’: held-out frames where the score is defined (the "
+               "LEGO worse; ± one standard error of the mean over the held-out frames. ‘examples’: held-out frames where the score is defined (the "
                "placement scores need the ground truth to add at least a few pixels of the "
                "hand's or the object's colour).</p>")
   parts.append("<ul>" + "".join(f"<li>{s}</li>" for s in

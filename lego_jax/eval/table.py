@@ -56,12 +56,25 @@ PAPER_EGO4D_ABLATION: dict[str, dict[str, float]] = {
 }
 
 
+# Cells computed otherwise than the release computed the paper's column carry this mark.
+VARIANT_MARK = "†"
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
   name: str
   metrics: Mapping[str, float]
   quoted: bool = False            # numbers from the paper, not measured here
   note: str = ""                  # e.g. the number of pairs, skipped metrics
+  variants: Mapping[str, str] = dataclasses.field(default_factory=dict)  # column -> how it differs
+
+
+def lpips_variant(settings: Mapping) -> str:
+  """"" when a run's LPIPS is the release's ([0, 1] inputs, all_metrics_in_one.py), else how it
+  differs. Runs written before the setting was recorded count as the [-1, 1] variant."""
+  if settings.get("lpips_release_range", False):
+    return ""
+  return "LPIPS on [-1, 1] inputs (the lpips package's convention), not the release's [0, 1]"
 
 
 def paper_rows(dataset: str = "ego4d", ablation: bool = False) -> list[Row]:
@@ -86,8 +99,14 @@ def read_run(path: str | os.PathLike, name: str | None = None) -> Row:
     notes.append(f"{data['num_pairs']} pairs")
   if data.get("skipped"):
     notes.append("skipped: " + ", ".join(sorted(data["skipped"])))
+  variants = {}
+  if "lpips" in data.get("metrics", {}):
+    why = lpips_variant(data.get("settings", {}))
+    if why:
+      variants["lpips"] = why
+      notes.append(f"{VARIANT_MARK} {why}")
   return Row(name or data.get("name") or p.parent.name, data.get("metrics", {}),
-             note="; ".join(notes))
+             note="; ".join(notes), variants=variants)
 
 
 def parse_runs(spec: str) -> list[tuple[str | None, str]]:
@@ -131,12 +150,14 @@ def markdown(rows: Sequence[Row], title: str = "") -> str:
     cells = [r.name.replace("|", "\\|")]
     for key, _, scale, _ in cols:
       text = _display(r.metrics.get(key), scale)
-      cells.append(f"**{text}**" if key in best and r.metrics.get(key) == best[key] else text)
+      text = f"**{text}**" if key in best and r.metrics.get(key) == best[key] else text
+      cells.append(text + (VARIANT_MARK if key in r.variants else ""))
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
   blip_note = ", BLIP scores" if len(cols) > len(COLUMNS) else ""
   lines.append(f"EgoVLP, EgoVLP+, CLIP{blip_note} and LPIPS x100. [paper] rows are quoted from the "
-               "paper (Ego4D), not measured.")
+               "paper (Ego4D), not measured. LPIPS as the release computed it ([0, 1] inputs); "
+               f"{VARIANT_MARK} marks a number computed otherwise (see the row's note).")
   notes = [f"- {r.name}: {r.note}" for r in rows if r.note]
   if notes:
     lines += [""] + notes
@@ -162,11 +183,15 @@ def html_fragment(rows: Sequence[Row], title: str = "") -> str:
       text = e(_display(r.metrics.get(key), scale))
       if key in best and r.metrics.get(key) == best[key]:
         text = f"<b>{text}</b>"
+      if key in r.variants:
+        text += f'<span title="{e(r.variants[key])}">{VARIANT_MARK}</span>'
       cells.append(f'<td style="padding:4px 10px;text-align:right">{text}</td>')
     out.append(f'<tr style="{style}">' + "".join(cells) + "</tr>")
   out.append("</tbody></table>")
   out.append('<p style="font-size:12px;color:#555">EgoVLP, EgoVLP+, CLIP and LPIPS x100; '
-             "grey rows are quoted from the paper (Ego4D), not measured.</p></div>")
+             "grey rows are quoted from the paper (Ego4D), not measured. LPIPS as the release "
+             f"computed it ([0, 1] inputs); {VARIANT_MARK} marks a number computed otherwise.</p>"
+             "</div>")
   return "\n".join(out) + "\n"
 
 

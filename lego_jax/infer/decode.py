@@ -27,13 +27,19 @@ from lego_jax.models.llava import Llava
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("greedy", "temperature", "top_p", "top_k", "eos_id", "pad_id"),
+                   data_fields=("greedy", "temperature", "top_p", "top_k", "eos_id", "pad_id",
+                                "min_new_tokens"),
                    meta_fields=("max_new_tokens",))
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How tokens are chosen. Greedy (argmax) or temperature -> top-k -> top-p sampling, the order
   of transformers' logits warpers. The LEGO release samples with temperature 0.2, top_p 1.0 and
-  (transformers' default at the time) top_k 50; LLaMA-2's end-of-sequence id is 2.
+  (transformers' default at the time) top_k 50.
+
+  Generation stops at the tokenizer's end-of-sequence token: build the config with
+  `SamplingConfig.for_tokenizer(tok, ...)` or give `eos_id` (-1: never stop early); a config
+  without one is refused rather than stopping at a guessed id. `min_new_tokens` keeps EOS from
+  being chosen before that many tokens (transformers' MinNewTokensLengthLogitsProcessor).
 
   A pytree: only `max_new_tokens` is static, so changing the other knobs does not recompile.
   """
@@ -42,8 +48,21 @@ class SamplingConfig:
   temperature: float = 0.2
   top_p: float = 1.0
   top_k: int = 0                 # 0 = no top-k filter
-  eos_id: int = 2
+  eos_id: int | None = None      # the tokenizer's end-of-sequence id (see for_tokenizer)
   pad_id: int = 0                # written after a row's end-of-sequence token
+  min_new_tokens: int = 0        # EOS is masked out while fewer tokens than this were generated
+
+  @classmethod
+  def for_tokenizer(cls, tokenizer, **knobs) -> "SamplingConfig":
+    """Stops at `tokenizer`'s EOS and pads with its pad id (eos when it has none). Takes the
+    project's Tokenizer (eos_id / pad_id) and transformers' (eos_token_id / pad_token_id)."""
+    eos = getattr(tokenizer, "eos_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None) if eos is None else eos
+    if eos is None:
+      raise ValueError(f"{type(tokenizer).__name__} has no end-of-sequence id; give eos_id")
+    pad = getattr(tokenizer, "pad_id", getattr(tokenizer, "pad_token_id", None))
+    return cls(**{"eos_id": int(eos), "pad_id": int(eos if pad is None or pad < 0 else pad),
+                  **knobs})
 
 
 @jax.tree_util.register_dataclass
@@ -79,8 +98,16 @@ def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
   return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
-def next_token(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
-  """logits (B, V) -> tokens (B,) int32: argmax when greedy (or temperature 0), else a draw."""
+def next_token(logits: jax.Array, key: jax.Array, config: SamplingConfig,
+               step: int | jax.Array = None) -> jax.Array:
+  """logits (B, V) -> tokens (B,) int32: argmax when greedy (or temperature 0), else a draw.
+
+  `step` (how many tokens were generated before this one) < `config.min_new_tokens` masks EOS.
+  """
+  if step is not None:
+    early = (jnp.asarray(step) < config.min_new_tokens) & (
+        jnp.arange(logits.shape[-1]) == config.eos_id)
+    logits = jnp.where(early, -jnp.inf, logits.astype(jnp.float32))
   best = jnp.argmax(logits, axis=-1)
   drawn = jax.random.categorical(key, filter_logits(logits, config), axis=-1)
   greedy = jnp.logical_or(config.greedy, config.temperature == 0)
@@ -94,7 +121,7 @@ def _generate(graphdef, state, inputs_embeds, lengths, key, config: SamplingConf
   cache = lm.init_cache(b, t + n, cache_dtype)
   hidden, cache = lm.hidden_states(inputs_embeds=inputs_embeds, lengths=lengths, cache=cache)
   h = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]    # (B, E)
-  tok = next_token(lm.logits(h), jax.random.fold_in(key, 0), config)
+  tok = next_token(lm.logits(h), jax.random.fold_in(key, 0), config, 0)
   tokens = jnp.full((b, n), config.pad_id, jnp.int32).at[:, 0].set(tok)
   rows = jnp.zeros((b, n, e), h.dtype).at[:, 0].set(h)
   done = tok == config.eos_id
@@ -111,7 +138,7 @@ def _generate(graphdef, state, inputs_embeds, lengths, key, config: SamplingConf
     lm_step: Llama = nnx.merge(graphdef, params)
     hidden, cache = lm_step.hidden_states(tok[:, None], cache=cache)
     h = hidden[:, 0]
-    new = next_token(lm_step.logits(h), jax.random.fold_in(key, step), config)
+    new = next_token(lm_step.logits(h), jax.random.fold_in(key, step), config, step)
     new = jnp.where(done, config.pad_id, new)
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, new, step, axis=1)
     rows = jax.lax.dynamic_update_index_in_dim(rows, jnp.where(done[:, None], 0, h), step, axis=1)
@@ -142,13 +169,17 @@ def generate(lm: Llama, inputs_embeds: jax.Array, lengths: jax.Array, config: Sa
   Returns:
     `Generation` (tokens, H_t hidden rows, tokens per row).
   """
+  if config.eos_id is None:
+    raise ValueError("SamplingConfig.eos_id is not set: build it with "
+                     "SamplingConfig.for_tokenizer(tokenizer, ...) or give eos_id (-1: no stop)")
   key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
   graphdef, state = nnx.split(lm)
   knobs = dataclasses.replace(
       config, greedy=jnp.asarray(config.greedy, bool),
       temperature=jnp.asarray(config.temperature, jnp.float32),
       top_p=jnp.asarray(config.top_p, jnp.float32), top_k=jnp.asarray(config.top_k, jnp.int32),
-      eos_id=jnp.asarray(config.eos_id, jnp.int32), pad_id=jnp.asarray(config.pad_id, jnp.int32))
+      eos_id=jnp.asarray(config.eos_id, jnp.int32), pad_id=jnp.asarray(config.pad_id, jnp.int32),
+      min_new_tokens=jnp.asarray(config.min_new_tokens, jnp.int32))
   return _generate_jit(graphdef, state, inputs_embeds, jnp.asarray(lengths, jnp.int32), key,
                        knobs, cache_dtype=jnp.dtype(cache_dtype or lm.config.dtype))
 

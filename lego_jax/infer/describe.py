@@ -18,6 +18,11 @@ from lego_jax.infer import extract
 from lego_jax.train import vllm
 
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "clip_vision", "llama", "llava", "vllm_train", "vllm_generate")
+CLI_FLAGS = ("image", "action")
+
+
 def read_frame(path: str | None) -> np.ndarray:
   """The frame at `path` as (H, W, 3) uint8; FileNotFoundError / UserError when it is not one."""
   if not path:

@@ -49,6 +49,10 @@ from lego_jax.parallel import sharding
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import vllm
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "clip_vision", "llama", "llava", "vllm_train", "vllm_generate", "mesh")
+
+
 FEATURES_DIR = "features"
 PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: few compilations, little waste
 
@@ -68,9 +72,10 @@ class Described:
 
 def sampling_config(cfg, tok: Tokenizer) -> decode.SamplingConfig:
   g = cfg.vllm_generate
-  return decode.SamplingConfig(
-      max_new_tokens=int(g.max_new_tokens), greedy=bool(g.greedy), temperature=float(g.temperature),
-      top_p=float(g.top_p), top_k=int(g.top_k), eos_id=tok.eos_id, pad_id=tok.pad_id)
+  return decode.SamplingConfig.for_tokenizer(
+      tok, max_new_tokens=int(g.max_new_tokens), greedy=bool(g.greedy),
+      temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k),
+      min_new_tokens=int(g.get("min_new_tokens", 0)))
 
 
 @nnx.jit(static_argnames=("zero_image",))

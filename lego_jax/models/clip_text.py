@@ -21,6 +21,7 @@ from flax import nnx
 from lego_jax.models.clip_vision import (Encoder, Layout, as_state_dict, detect_layout,
                                          encoder_rules, layer_norm, outside_prefix)
 from lego_jax.parallel.sharding import constrain
+from lego_jax.weights import pretrained
 from lego_jax.weights.mapping import Kind, Rule, jax_to_torch, torch_to_jax
 from lego_jax.weights.state import flat_params, load_params, param_shapes
 
@@ -191,3 +192,54 @@ def load_clip_text(model: CLIPText, source: Mapping[str, Any] | str | os.PathLik
 def clip_text_to_torch(model: CLIPText, layout: str = "clip") -> dict[str, np.ndarray]:
   """The model's parameters under the PyTorch names of `layout` (numpy arrays, torch layouts)."""
   return jax_to_torch(flat_params(model), text_rules(layout))
+
+
+# ------------------------------------------------------------------------------------------------
+# Building from a transformers directory (see lego_jax/weights/pretrained.py).
+
+# transformers' CLIPTextConfig -> CLIPTextConfig: our field -> their key (with transformers'
+# default where a file may leave it out). A CLIPModel's config holds it under "text_config".
+HF_CONFIG: dict[str, Any] = {
+    "vocab_size": ("vocab_size", 49408),
+    "hidden_size": ("hidden_size", 512),
+    "intermediate_size": ("intermediate_size", 2048),
+    "num_layers": ("num_hidden_layers", 12),
+    "num_heads": ("num_attention_heads", 8),
+    "max_position": ("max_position_embeddings", 77),
+    "layer_norm_eps": ("layer_norm_eps", 1e-5),
+}
+HF_REQUIRE: dict[str, tuple] = {"hidden_act": ("quick_gelu",)}
+
+
+def text_weight_facts(prefix: str) -> dict[str, Any]:
+  """Config fields read off the weights of an encoder under `prefix`."""
+  p = prefix
+  return {
+      "vocab_size": pretrained.dim(f"{p}embeddings.token_embedding.weight", 0),
+      "hidden_size": pretrained.dim(f"{p}embeddings.token_embedding.weight", 1),
+      "max_position": pretrained.dim(f"{p}embeddings.position_embedding.weight", 0),
+      "num_layers": pretrained.count(f"{p}encoder.layers."),
+      "intermediate_size": pretrained.dim(f"{p}encoder.layers.0.mlp.fc1.weight", 0),
+  }
+
+
+def clip_text_config_from_hf(config: Mapping[str, Any], source: str = "config.json",
+                             **overrides) -> CLIPTextConfig:
+  """CLIPTextConfig from a CLIPTextConfig or CLIPConfig dict; `overrides` of fields it states
+  must agree, the others (dtype, remat, ...) are taken."""
+  section = config.get("text_config") or config
+  stated = pretrained.translate(section, HF_CONFIG, HF_REQUIRE, source)
+  return CLIPTextConfig(**pretrained.settle(stated, overrides, source, HF_CONFIG))
+
+
+def from_pretrained(path: str | os.PathLike, **overrides) -> CLIPText:
+  """A transformers CLIPModel / CLIPTextModel directory (also diffusers' text_encoder/) -> a
+  filled CLIPText with the sizes of its config.json."""
+  cfg_path = pretrained.require_config(path, "CLIP text")
+  config = clip_text_config_from_hf(pretrained.read_json(cfg_path), str(cfg_path), **overrides)
+  state_dict, _ = as_state_dict(path)
+  layout = detect_text_layout(state_dict)
+  pretrained.check_weights(dataclasses.asdict(config), state_dict,
+                           text_weight_facts(TEXT_LAYOUTS[layout].prefix), str(path))
+  model = nnx.eval_shape(lambda: CLIPText(config, rngs=nnx.Rngs(0)))
+  return load_clip_text(model, state_dict, layout)

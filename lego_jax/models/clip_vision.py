@@ -23,6 +23,7 @@ from flax import nnx
 
 from lego_jax.parallel.sharding import constrain
 from lego_jax.weights import io as weights_io
+from lego_jax.weights import pretrained
 from lego_jax.weights.mapping import Kind, KeyMappingError, Rule, jax_to_torch, torch_to_jax
 from lego_jax.weights.state import flat_params, load_params, param_shapes
 
@@ -439,11 +440,7 @@ def vision_ignore(layout: str, with_projection: bool = False) -> list[str]:
 
 
 def as_state_dict(source) -> tuple[Mapping[str, Any], str]:
-  if isinstance(source, Mapping):
-    return source, "state dict"
-  if isinstance(source, (str, os.PathLike)):
-    return weights_io.read_state_dict(source), str(source)
-  raise TypeError(f"expected a state dict or a path, got {type(source).__name__}")
+  return weights_io.as_state_dict(source)
 
 
 def load_clip_vision(model: CLIPVision, source: Mapping[str, Any] | str | os.PathLike,
@@ -467,3 +464,79 @@ def clip_vision_to_torch(model: CLIPVision, layout: str = "clip") -> dict[str, n
   """The model's parameters under the PyTorch names of `layout` (numpy arrays, torch layouts)."""
   return jax_to_torch(flat_params(model), vision_rules(layout, model.cfg.with_projection))
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Building from a transformers directory (see lego_jax/weights/pretrained.py).
+
+
+def vision_section(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The vision tower's part of a CLIPVisionConfig, CLIPConfig or LlavaConfig dict (a CLIPModel's
+  visual projection has the top-level projection_dim)."""
+  if "vision_config" not in config:
+    return dict(config)
+  section = dict(config["vision_config"] or {})
+  if "projection_dim" in config:
+    section["projection_dim"] = config["projection_dim"]
+  return section
+
+
+# transformers' CLIPVisionConfig -> CLIPVisionConfig: our field -> their key (with transformers'
+# default where a file may leave it out).
+HF_CONFIG: dict[str, Any] = {
+    "hidden_size": ("hidden_size", 768),
+    "intermediate_size": ("intermediate_size", 3072),
+    "num_layers": ("num_hidden_layers", 12),
+    "num_heads": ("num_attention_heads", 12),
+    "image_size": ("image_size", 224),
+    "patch_size": ("patch_size", 32),
+    "layer_norm_eps": ("layer_norm_eps", 1e-5),
+    "projection_dim": ("projection_dim", 512),
+}
+HF_REQUIRE: dict[str, tuple] = {"hidden_act": ("quick_gelu",), "num_channels": (3,)}
+
+
+def _image_size_seen(patches: int, patch_size: int, stated: int) -> int:
+  # The position table says the patch grid; any size with that grid is consistent with it.
+  grid = int(round(patches ** 0.5))
+  return stated if (stated // patch_size) == grid else grid * patch_size
+
+
+def vision_weight_facts(prefix: str, with_projection: bool = False) -> dict[str, Any]:
+  """Config fields read off the weights of a tower under `prefix`."""
+  p = prefix
+  patch = f"{p}embeddings.patch_embedding.weight"
+  facts = {
+      "hidden_size": pretrained.dim(patch, 0),
+      "patch_size": pretrained.dim(patch, 2),
+      "num_layers": pretrained.count(f"{p}encoder.layers."),
+      "intermediate_size": pretrained.dim(f"{p}encoder.layers.0.mlp.fc1.weight", 0),
+      "image_size": lambda sd, f: _image_size_seen(
+          np.shape(sd[f"{p}embeddings.position_embedding.weight"])[0] - 1,
+          int(np.shape(sd[patch])[2]), f["image_size"]),
+  }
+  if with_projection:
+    facts["projection_dim"] = pretrained.dim(VISUAL_PROJECTION_KEY, 0)
+  return facts
+
+
+def clip_vision_config_from_hf(config: Mapping[str, Any], source: str = "config.json",
+                               **overrides) -> CLIPVisionConfig:
+  """CLIPVisionConfig from a CLIP / CLIP-vision / LLaVA config dict; `overrides` of fields it
+  states must agree, the others (select_layer, with_projection, dtype, ...) are taken."""
+  stated = pretrained.translate(vision_section(config), HF_CONFIG, HF_REQUIRE, source)
+  return CLIPVisionConfig(**pretrained.settle(stated, overrides, source, HF_CONFIG))
+
+
+def from_pretrained(path: str | os.PathLike, **overrides) -> CLIPVision:
+  """A transformers CLIPModel / CLIPVisionModel(WithProjection) directory -> a filled CLIPVision
+  with the sizes of its config.json (see `clip_vision_config_from_hf`)."""
+  cfg_path = pretrained.require_config(path, "CLIP vision")
+  config = clip_vision_config_from_hf(pretrained.read_json(cfg_path), str(cfg_path), **overrides)
+  state_dict = weights_io.read_state_dict(path)
+  layout = detect_vision_layout(state_dict)
+  pretrained.check_weights(
+      dataclasses.asdict(config), state_dict,
+      vision_weight_facts(VISION_LAYOUTS[layout].prefix, config.with_projection), str(path))
+  model = nnx.eval_shape(lambda: CLIPVision(config, rngs=nnx.Rngs(0)))
+  return load_clip_vision(model, state_dict, layout)

@@ -22,6 +22,7 @@ all keep static shapes (one compilation of the step, usable inside `lax.while_lo
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping
 
 import jax
@@ -30,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from lego_jax.parallel.sharding import constrain
-from lego_jax.weights import io, mapping
+from lego_jax.weights import io, mapping, pretrained
 from lego_jax.weights.mapping import Kind, Rule
 from lego_jax.weights.state import flat_params, load_params, param_shapes
 
@@ -364,20 +365,100 @@ def llama_ignore(config: LlamaConfig, head_prefix: str = "lm_head.") -> tuple[st
   return LLAMA_IGNORE + tied
 
 
-def load_llama(model: Llama, state_dict: Mapping[str, np.ndarray], *, lm_prefix: str = "model.",
-               head_prefix: str = "lm_head.") -> Llama:
-  """Fills `model` from a transformers LlamaForCausalLM state dict (see `io.read_state_dict`).
+def load_llama(model: Llama, source: Mapping[str, np.ndarray] | str | os.PathLike, *,
+               lm_prefix: str = "model.", head_prefix: str = "lm_head.") -> Llama:
+  """Fills `model` from a transformers LlamaForCausalLM state dict, or a weight file/directory.
 
   `model` may be abstract, `nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))`: then no
   random initialisation runs and no second copy of the weights is ever allocated.
 
   Raises `mapping.KeyMappingError` listing every unexpected, missing or mis-shaped key.
   """
+  state_dict, name = io.as_state_dict(source)
   arrays = mapping.torch_to_jax(state_dict, llama_rules(model.config, lm_prefix, head_prefix),
                                 param_shapes(model),
                                 ignore=llama_ignore(model.config, head_prefix),
-                                source="LLaMA checkpoint")
+                                source=f"LLaMA checkpoint {name}")
   return load_params(model, arrays)
+
+
+# --- Building from a transformers directory (see lego_jax/weights/pretrained.py) --------------
+
+
+def _rope_theta(c: Mapping[str, Any]) -> float:
+  # transformers 5 keeps it in rope_parameters, older files at the top level.
+  rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+  if rope.get("rope_type", rope.get("type", "default")) != "default":
+    raise pretrained.PretrainedConfigError(
+        f"rope_type={rope.get('rope_type', rope.get('type'))!r} is not supported (this model "
+        "implements the default rotary embedding)")
+  return float(rope.get("rope_theta", c.get("rope_theta") or 10000.0))
+
+
+def _num_heads(c: Mapping[str, Any]) -> int:
+  heads = c.get("num_attention_heads", 32)
+  head_dim = c.get("head_dim")
+  if head_dim is not None and head_dim != c.get("hidden_size", 4096) // heads:
+    raise pretrained.PretrainedConfigError(
+        f"head_dim={head_dim} is not supported (this model uses hidden_size / "
+        f"num_attention_heads = {c.get('hidden_size', 4096) // heads})")
+  return heads
+
+
+# transformers' LlamaConfig (config.json) -> LlamaConfig: our field -> their key (with
+# transformers' default where a file may leave it out), or a function of their config.
+HF_CONFIG: dict[str, Any] = {
+    "vocab_size": ("vocab_size", 32000),
+    "hidden_size": ("hidden_size", 4096),
+    "intermediate_size": ("intermediate_size", 11008),
+    "num_layers": ("num_hidden_layers", 32),
+    "num_heads": pretrained.named("num_attention_heads", _num_heads),
+    # absent or null: as many kv heads as query heads (no GQA)
+    "num_kv_heads": pretrained.named("num_key_value_heads", lambda c: c.get(
+        "num_key_value_heads") or c.get("num_attention_heads", 32)),
+    "rms_norm_eps": ("rms_norm_eps", 1e-6),
+    "rope_theta": pretrained.named("rope_theta", _rope_theta),
+    "max_position": ("max_position_embeddings", 2048),
+    "tie_embeddings": ("tie_word_embeddings", False),
+}
+# Settings of theirs this model implements one way only: key -> (default, other allowed values).
+HF_REQUIRE: dict[str, tuple] = {"hidden_act": ("silu",), "attention_bias": (False,),
+                                "mlp_bias": (False,)}
+
+
+def llama_weight_facts(lm_prefix: str = "model.") -> dict[str, Any]:
+  """Config fields read off the weights (checked against config.json before loading)."""
+  p = lm_prefix
+  return {
+      "vocab_size": pretrained.dim(f"{p}embed_tokens.weight", 0),
+      "hidden_size": pretrained.dim(f"{p}embed_tokens.weight", 1),
+      "num_layers": pretrained.count(f"{p}layers."),
+      "intermediate_size": pretrained.dim(f"{p}layers.0.mlp.gate_proj.weight", 0),
+      "num_kv_heads": lambda sd, f: int(np.shape(sd[f"{p}layers.0.self_attn.k_proj.weight"])[0]
+                                        // (f["hidden_size"] // f["num_heads"])),
+  }
+
+
+def llama_config_from_hf(config: Mapping[str, Any], source: str = "config.json",
+                         **overrides) -> LlamaConfig:
+  """LlamaConfig from a transformers config dict; `overrides` of fields it states must agree."""
+  stated = pretrained.translate(config, HF_CONFIG, HF_REQUIRE, source)
+  return LlamaConfig(**pretrained.settle(stated, overrides, source, HF_CONFIG))
+
+
+def from_pretrained(path: str | os.PathLike, **overrides) -> Llama:
+  """A LlamaForCausalLM directory (config.json + safetensors or .bin shards) -> a filled Llama.
+
+  The sizes come from config.json; `overrides` set what it does not say (dtype, param_dtype,
+  remat, attention_impl) and must agree with what it does. A config.json that disagrees with its
+  weights is refused naming the field.
+  """
+  cfg_path = pretrained.require_config(path, "LLaMA")
+  config = llama_config_from_hf(pretrained.read_json(cfg_path), str(cfg_path), **overrides)
+  state_dict = io.read_state_dict(path)
+  pretrained.check_weights(dataclasses.asdict(config), state_dict, llama_weight_facts(),
+                           str(path))
+  return load_llama(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))), state_dict)
 
 
 def export_llama(model: Llama) -> dict[str, np.ndarray]:

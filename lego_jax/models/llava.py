@@ -15,6 +15,7 @@ Parameter paths: `vision.*` (the frozen tower), `projector.*`, `lm.*`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any, Mapping
 
@@ -25,9 +26,10 @@ from flax import nnx
 
 from lego_jax.models import clip_vision
 from lego_jax.models.clip_vision import CLIPVision, CLIPVisionConfig
+from lego_jax.models import llama as llama_lib
 from lego_jax.models.llama import Llama, LlamaConfig, llama_ignore, llama_rules
 from lego_jax.parallel.sharding import constrain
-from lego_jax.weights import io, mapping
+from lego_jax.weights import io, mapping, pretrained
 from lego_jax.weights.mapping import Kind, KeyMappingError, Rule
 from lego_jax.weights.state import flat_params, load_params, param_shapes
 
@@ -242,16 +244,19 @@ def _subtree(shapes_or_arrays: Mapping[str, Any], prefix: str) -> dict[str, Any]
   return {k[len(prefix):]: v for k, v in shapes_or_arrays.items() if k.startswith(prefix)}
 
 
-def load_llava(model: Llava, state_dict: Mapping[str, np.ndarray],
-               vision_state_dict: Mapping[str, np.ndarray] | None = None,
+def load_llava(model: Llava, source: Mapping[str, np.ndarray] | str | os.PathLike,
+               vision_source: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
                layout: str = "auto") -> Llava:
-  """Fills `model` from a LLaVA checkpoint of any `LLAVA_LAYOUTS` (auto-detected).
+  """Fills `model` from a LLaVA checkpoint of any `LLAVA_LAYOUTS` (auto-detected): a state dict
+  or a weight file / directory.
 
-  The CLIP tower comes from `state_dict` when it holds one, else from `vision_state_dict` (any
-  layout of clip_vision.VISION_LAYOUTS, e.g. the hub's openai/clip-vit-large-patch14 files: the
-  original LLaVA checkpoints usually leave the tower out). Every key must be mapped or be a known
-  buffer; unexpected, missing and mis-shaped keys are listed in a KeyMappingError.
+  The CLIP tower comes from `source` when it holds one, else from `vision_source` (state dict or
+  path, any layout of clip_vision.VISION_LAYOUTS, e.g. the hub's openai/clip-vit-large-patch14
+  files: the original LLaVA checkpoints usually leave the tower out). Every key must be mapped or
+  be a known buffer; unexpected, missing and mis-shaped keys are listed in a KeyMappingError.
   """
+  state_dict, _ = io.as_state_dict(source)
+  vision_state_dict = None if vision_source is None else io.as_state_dict(vision_source)[0]
   if layout == "auto":
     layout = detect_llava_layout(state_dict)
   lay = _layout(layout, model.config)
@@ -259,11 +264,11 @@ def load_llava(model: Llava, state_dict: Mapping[str, np.ndarray],
   tower_root = "model.vision_tower." if layout in ("llava", "hf_llava_module") else "vision_tower."
   has_tower = any(k.startswith(tower_root) for k in state_dict)
   if has_tower and vision_state_dict is not None:
-    raise ValueError(f"the checkpoint holds a vision tower ({tower_root}*) and vision_state_dict "
+    raise ValueError(f"the checkpoint holds a vision tower ({tower_root}*) and vision_source "
                      "was given too; pass one of them")
   if not has_tower and vision_state_dict is None:
     raise KeyMappingError(f"the checkpoint ({layout} layout) holds no CLIP vision tower "
-                          f"({tower_prefix}*); pass vision_state_dict (e.g. the CLIP ViT-L/14 "
+                          f"({tower_prefix}*); pass vision_source (e.g. the CLIP ViT-L/14 "
                           "files)")
   if has_tower:
     clip_vision.load_clip_vision(model.vision, state_dict, layout=lay.vision_layout)
@@ -294,3 +299,129 @@ def save_llava(model: Llava, path, layout: str = "llava", include_vision: bool =
   """Writes `llava_to_torch(model, layout)` as one safetensors file; returns its path."""
   return io.write_safetensors(llava_to_torch(model, layout, include_vision), path,
                               metadata={"format": "pt"})
+
+
+# --- Building from a checkpoint's config (see lego_jax/weights/pretrained.py) -----------------
+
+# transformers' LlavaConfig (model_type "llava": vision_config + text_config) -> LlavaConfig.
+HF_CONFIG: dict[str, Any] = {
+    "projector": lambda c: "mlp2x_gelu",     # linear_1, GELU, linear_2 (projector_hidden_act)
+    "image_token_id": lambda c: c.get("image_token_id", c.get("image_token_index", 32000)),
+}
+HF_REQUIRE: dict[str, tuple] = {"projector_hidden_act": ("gelu",),
+                                "vision_feature_select_strategy": ("default",),
+                                "multimodal_projector_bias": (True,)}
+# The original LLaVA repository's config.json (LlavaLlamaForCausalLM: a LlamaConfig plus mm_*).
+# (Its image placeholder is a code constant, IMAGE_TOKEN_INDEX: LlavaConfig's default.)
+REPO_CONFIG: dict[str, Any] = {"projector": ("mm_projector_type", "linear")}
+REPO_REQUIRE: dict[str, tuple] = {"mm_projector_type": ("linear", "mlp2x_gelu"),
+                                  "mm_vision_select_feature": ("patch",)}
+# CLIP towers the original repository names in mm_vision_tower, for files without the tower's
+# own config.json beside them (CLIPVisionConfig fields; the rest are CLIPVisionConfig defaults).
+KNOWN_TOWERS: dict[str, dict[str, Any]] = {
+    "openai/clip-vit-large-patch14": dict(hidden_size=1024, intermediate_size=4096,
+                                          num_layers=24, num_heads=16, image_size=224,
+                                          patch_size=14),
+    "openai/clip-vit-large-patch14-336": dict(hidden_size=1024, intermediate_size=4096,
+                                              num_layers=24, num_heads=16, image_size=336,
+                                              patch_size=14),
+}
+
+
+def _split_overrides(overrides: dict) -> tuple[dict, dict, dict]:
+  """(vision, llama, llava) overrides: `vision=` / `llama=` dicts go to the towers, dtype,
+  param_dtype and remat to every part."""
+  vision, lm = dict(overrides.pop("vision", {}) or {}), dict(overrides.pop("llama", {}) or {})
+  for key in ("dtype", "param_dtype", "remat"):
+    if key in overrides:
+      vision.setdefault(key, overrides[key])
+      lm.setdefault(key, overrides[key])
+      if key == "remat":
+        overrides.pop(key)
+  return vision, lm, overrides
+
+
+def llava_config_from_hf(config: Mapping[str, Any], source: str = "config.json",
+                         vision_config: Mapping[str, Any] | None = None,
+                         vision_source: str = "vision config.json", **overrides) -> LlavaConfig:
+  """LlavaConfig from a transformers LlavaConfig dict or an original-LLaVA config.json (then the
+  tower's sizes come from `vision_config`, a CLIP config dict, or from `KNOWN_TOWERS` by
+  mm_vision_tower). `overrides` of fields the files state must agree."""
+  vision_over, lm_over, overrides = _split_overrides(dict(overrides))
+  if "text_config" in config:   # transformers
+    stated = pretrained.translate(config, HF_CONFIG, HF_REQUIRE, source)
+    table = HF_CONFIG
+    vision_over = pretrained.settle({"select_layer": config.get("vision_feature_layer", -2)},
+                                    vision_over, source, {"select_layer": "vision_feature_layer"})
+    if not isinstance(vision_over["select_layer"], int):
+      raise pretrained.PretrainedConfigError(
+          f"{source}: vision_feature_layer={vision_over['select_layer']} is not supported (one "
+          "layer, not a list)")
+    vision = clip_vision.clip_vision_config_from_hf(config["vision_config"] or {}, source,
+                                                    **vision_over)
+    lm = llama_lib.llama_config_from_hf(config["text_config"], source, **lm_over)
+  else:                          # the original repository
+    stated = pretrained.translate(config, REPO_CONFIG, REPO_REQUIRE, source)
+    table = REPO_CONFIG
+    vision_over = pretrained.settle({"select_layer": config.get("mm_vision_select_layer", -2)},
+                                    vision_over, source,
+                                    {"select_layer": "mm_vision_select_layer"})
+    if vision_config is None:
+      tower = config.get("mm_vision_tower") or config.get("vision_tower")
+      if tower not in KNOWN_TOWERS:
+        raise pretrained.PretrainedConfigError(
+            f"{source}: mm_vision_tower={tower!r} is not one of {sorted(KNOWN_TOWERS)}; pass "
+            "the tower's directory (with its config.json) as the vision source")
+      vision_config, vision_source = KNOWN_TOWERS[tower], f"{source} (mm_vision_tower {tower})"
+      vision = CLIPVisionConfig(**pretrained.settle(vision_config, vision_over, vision_source))
+    else:
+      vision = clip_vision.clip_vision_config_from_hf(vision_config, vision_source, **vision_over)
+    if config.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
+      raise pretrained.PretrainedConfigError(
+          f"{source}: mm_hidden_size={config['mm_hidden_size']} but the vision tower "
+          f"({vision_source}) has hidden_size={vision.hidden_size}")
+    lm = llama_lib.llama_config_from_hf(config, source, **lm_over)
+  fields = pretrained.settle(stated, overrides, source, table)
+  return LlavaConfig(**fields, vision_hidden=vision.hidden_size, text_hidden=lm.hidden_size,
+                     vision=vision, llama=lm)
+
+
+def llava_weight_facts(config: LlavaConfig, layout: str) -> dict[str, Any]:
+  """Fields of the LLaMA part read off the weights (the tower's are checked by clip_vision's)."""
+  return llama_lib.llama_weight_facts(LLAVA_LAYOUTS[layout].lm_prefix)
+
+
+def from_pretrained(path: str | os.PathLike, vision_source: str | os.PathLike | None = None,
+                    **overrides) -> Llava:
+  """A LLaVA checkpoint directory with its config.json -> a filled Llava.
+
+  transformers' LlavaForConditionalGeneration directories state every size. The original
+  repository's (the LEGO VLLM release) state the LM and projector; the CLIP tower is then read
+  from `vision_source` (a CLIP directory with its config.json) or, when the checkpoint holds the
+  tower, sized by mm_vision_tower. `overrides`: LlavaConfig fields, `vision={...}`,
+  `llama={...}`, and dtype / param_dtype / remat for every part; those the files state must agree.
+  """
+  cfg_path = pretrained.require_config(path, "LLaVA")
+  config_json = pretrained.read_json(cfg_path)
+  vision_config = vision_name = None
+  if vision_source is not None and "text_config" not in config_json:
+    vision_cfg_path = pretrained.require_config(vision_source, "CLIP vision")
+    vision_config, vision_name = pretrained.read_json(vision_cfg_path), str(vision_cfg_path)
+  config = llava_config_from_hf(config_json, str(cfg_path), vision_config,
+                                vision_name or "vision config.json", **overrides)
+  state_dict = io.read_state_dict(path)
+  layout = detect_llava_layout(state_dict)
+  pretrained.check_weights(dataclasses.asdict(config.llama), state_dict,
+                           llava_weight_facts(config, layout), str(path))
+  vision_sd = None if vision_source is None else io.read_state_dict(vision_source)
+  tower_sd = state_dict if vision_sd is None else vision_sd
+  try:
+    tower_layout = clip_vision.detect_vision_layout(tower_sd)
+    pretrained.check_weights(
+        dataclasses.asdict(config.vision), tower_sd,
+        clip_vision.vision_weight_facts(clip_vision.VISION_LAYOUTS[tower_layout].prefix),
+        str(vision_source or path))
+  except KeyMappingError:
+    pass  # no tower found: load_llava says so
+  model = nnx.eval_shape(lambda: Llava(config, rngs=nnx.Rngs(0)))
+  return load_llava(model, state_dict, vision_sd, layout)

@@ -34,6 +34,7 @@ from lego_jax.models.vae import (
     block_rules, conv2d, dense, export_mapped, find_prefix, group_norm, load_mapped, norm_rows,
     param_rows, resize_nearest, resnet_table, same)
 from lego_jax.parallel.sharding import constrain
+from lego_jax.weights import pretrained
 from lego_jax.weights.mapping import Kind, KeyMappingError, Rule
 from lego_jax.weights.state import load_params
 
@@ -48,7 +49,10 @@ class UNetConfig:
   block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
   attention_levels: tuple[bool, ...] = (True, True, True, False)
   layers_per_block: int = 2
-  num_heads: int = 8               # SD-1.x: 8 heads at every level (head size = width / 8)
+  # Heads of every level's transformers: one int for all levels (SD-1.x: 8, head size width / 8)
+  # or one per level of block_out_channels (diffusers' tuple attention_head_dim; SD-2.x's
+  # 64-wide heads). The mid block has the deepest level's.
+  num_heads: int | tuple[int, ...] = 8
   transformer_depth: int = 1
   context_dim: int = 768
   norm_groups: int = 32
@@ -67,10 +71,25 @@ class UNetConfig:
     if len(self.attention_levels) != len(self.block_out_channels):
       raise ValueError(f"attention_levels {self.attention_levels} needs one entry per level of "
                        f"block_out_channels {self.block_out_channels}")
-    bad = [c for c in self.block_out_channels if c % self.num_heads or c % self.norm_groups]
+    if not isinstance(self.num_heads, int):
+      object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
+      if len(self.num_heads) != len(self.block_out_channels):
+        raise ValueError(f"num_heads {self.num_heads} needs one entry per level of "
+                         f"block_out_channels {self.block_out_channels}")
+    # Only levels with transformers (and the deepest, the mid block's) use their head count.
+    attends = self.attention_levels[:-1] + (True,)
+    bad = [(c, h) for c, h, a in zip(self.block_out_channels, self.level_heads, attends)
+           if (a and c % h) or c % self.norm_groups]
     if bad:
-      raise ValueError(f"widths {bad} are not divisible by num_heads={self.num_heads} "
-                       f"and norm_groups={self.norm_groups}")
+      raise ValueError(f"widths {[c for c, _ in bad]} are not divisible by their num_heads "
+                       f"{[h for _, h in bad]} and norm_groups={self.norm_groups}")
+
+  @property
+  def level_heads(self) -> tuple[int, ...]:
+    """Attention heads of each level (down level b and the up level of the same width)."""
+    if isinstance(self.num_heads, int):
+      return (self.num_heads,) * len(self.block_out_channels)
+    return self.num_heads
 
   @property
   def time_embed_dim(self) -> int:
@@ -185,7 +204,7 @@ class SpatialTransformer(nnx.Module):
   (SD-2.x `use_linear_projection`) are the same map here, only their checkpoint shapes differ.
   """
 
-  def __init__(self, channels: int, cfg: UNetConfig, rngs: nnx.Rngs):
+  def __init__(self, channels: int, heads: int, cfg: UNetConfig, rngs: nnx.Rngs):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.remat = cfg.remat
     self.norm = group_norm(channels, cfg.norm_groups, 1e-6, **kw)
@@ -194,7 +213,7 @@ class SpatialTransformer(nnx.Module):
     @nnx.split_rngs(splits=cfg.transformer_depth)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs):
-      return TransformerBlock(channels, cfg.context_dim, cfg.num_heads, dtype=cfg.dtype,
+      return TransformerBlock(channels, cfg.context_dim, heads, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, rngs=rngs,
                               attention_impl=cfg.attention_impl)
 
@@ -252,15 +271,15 @@ def _plan(cfg: UNetConfig) -> _Plan:
 class Level(nnx.Module):
   """One resolution of the down or up path: ResNet (+ transformer) blocks, then resampling."""
 
-  def __init__(self, resnets: tuple[tuple[int, int], ...], attention: bool, resample: str | None,
-               cfg: UNetConfig, rngs: nnx.Rngs):
+  def __init__(self, resnets: tuple[tuple[int, int], ...], attention: bool, heads: int,
+               resample: str | None, cfg: UNetConfig, rngs: nnx.Rngs):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.remat = cfg.remat
     self.resnets = nnx.List([
         ResnetBlock(cin, cout, groups=cfg.norm_groups, eps=1e-5, temb_dim=cfg.time_embed_dim, **kw)
         for cin, cout in resnets])
     cout = resnets[-1][1]
-    self.attentions = (nnx.List([SpatialTransformer(cout, cfg, rngs) for _ in resnets])
+    self.attentions = (nnx.List([SpatialTransformer(cout, heads, cfg, rngs) for _ in resnets])
                        if attention else None)
     # The UNet pads stride-2 convs symmetrically (1, 1), unlike the VAE.
     self.downsample = conv2d(cout, cout, 3, stride=2, **kw) if resample == "down" else None
@@ -282,7 +301,7 @@ class MidBlock(nnx.Module):
     self.resnets = nnx.List([
         ResnetBlock(channels, channels, groups=cfg.norm_groups, eps=1e-5,
                     temb_dim=cfg.time_embed_dim, **kw) for _ in range(2)])
-    self.attentions = nnx.List([SpatialTransformer(channels, cfg, rngs)])
+    self.attentions = nnx.List([SpatialTransformer(channels, cfg.level_heads[-1], cfg, rngs)])
 
   def __call__(self, x: Array, temb: Array, context: Array) -> Array:
     resnet = _maybe_remat(lambda m, x, t: m(x, t), self.remat)
@@ -312,11 +331,13 @@ class UNet(nnx.Module):
     self.conv_in = conv2d(cfg.in_channels, ch[0], 3, **kw)
     self.time_embedding = TimeEmbedding(ch[0], cfg.time_embed_dim, **kw)
     self.down_blocks = nnx.List([
-        Level(plan.down[b], cfg.attention_levels[b], "down" if b < n - 1 else None, cfg, rngs)
+        Level(plan.down[b], cfg.attention_levels[b], cfg.level_heads[b],
+              "down" if b < n - 1 else None, cfg, rngs)
         for b in range(n)])
     self.mid_block = MidBlock(ch[-1], cfg, rngs)
     self.up_blocks = nnx.List([
-        Level(plan.up[i], cfg.attention_levels[n - 1 - i], "up" if i < n - 1 else None, cfg, rngs)
+        Level(plan.up[i], cfg.attention_levels[n - 1 - i], cfg.level_heads[n - 1 - i],
+              "up" if i < n - 1 else None, cfg, rngs)
         for i in range(n)])
     self.conv_norm_out = group_norm(ch[0], cfg.norm_groups, 1e-5, **kw)
     self.conv_out = conv2d(ch[0], cfg.out_channels, 3, **kw)
@@ -577,3 +598,171 @@ def unet_to_torch(model: UNet, layout: str = "diffusers", prefix: str | None = N
   """The model's weights under PyTorch names of `layout` (CompVis: `model.diffusion_model.`)."""
   prefix = UNET_PREFIX[layout] if prefix is None else prefix
   return export_mapped(model, unet_rules(model.config, layout, linear_projection), prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from a diffusers directory or a CompVis yaml (see lego_jax/weights/pretrained.py)
+
+_CROSS_DOWN, _CROSS_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
+
+
+def _attention_levels(c: Mapping[str, Any]) -> tuple[bool, ...]:
+  down = tuple(c.get("down_block_types") or (_CROSS_DOWN,) * 3 + ("DownBlock2D",))
+  up = tuple(c.get("up_block_types") or ("UpBlock2D",) + (_CROSS_UP,) * 3)
+  known = {_CROSS_DOWN: True, "DownBlock2D": False}
+  if any(t not in known for t in down):
+    raise pretrained.PretrainedConfigError(
+        f"down_block_types={list(down)} is not supported (this model implements {sorted(known)})")
+  levels = tuple(known[t] for t in down)
+  mirrored = tuple(_CROSS_UP if a else "UpBlock2D" for a in reversed(levels))
+  if up != mirrored:
+    raise pretrained.PretrainedConfigError(
+        f"up_block_types={list(up)} is not supported (this model mirrors the down path: "
+        f"{list(mirrored)})")
+  return levels
+
+
+def _diffusers_heads(c: Mapping[str, Any]) -> int | tuple[int, ...]:
+  # diffusers' legacy naming (UNet2DConditionModel.__init__): `num_attention_heads` must be
+  # null and `attention_head_dim` is the NUMBER of heads, one int or one per down block.
+  if c.get("num_attention_heads") is not None:
+    raise pretrained.PretrainedConfigError(
+        "num_attention_heads is set; diffusers' UNet2DConditionModel refuses it too (the number "
+        "of heads is given as attention_head_dim)")
+  heads = c.get("attention_head_dim", 8)
+  return heads if isinstance(heads, int) else tuple(heads)
+
+
+def _single(c: Mapping[str, Any], key: str, default: int) -> int:
+  value = c.get(key, default)
+  value = default if value is None else value
+  if not isinstance(value, int):
+    if len(set(value)) != 1:
+      raise pretrained.PretrainedConfigError(
+          f"{key}={list(value)} is not supported (this model has one value for every level)")
+    value = value[0]
+  return value
+
+
+# diffusers' UNet2DConditionModel config.json -> UNetConfig: our field -> their key (with
+# diffusers' default where a file may leave it out), or a function of their config.
+HF_CONFIG: dict[str, Any] = {
+    "in_channels": ("in_channels", 4),
+    "out_channels": ("out_channels", 4),
+    "block_out_channels": ("block_out_channels", (320, 640, 1280, 1280)),
+    "attention_levels": pretrained.named("down_block_types", _attention_levels),
+    "layers_per_block": pretrained.named("layers_per_block",
+                                         lambda c: _single(c, "layers_per_block", 2)),
+    # diffusers' legacy naming: attention_head_dim holds the number of heads (see below)
+    "num_heads": pretrained.named("attention_head_dim", _diffusers_heads),
+    "transformer_depth": pretrained.named(
+        "transformer_layers_per_block", lambda c: _single(c, "transformer_layers_per_block", 1)),
+    "context_dim": pretrained.named("cross_attention_dim",
+                                    lambda c: _single(c, "cross_attention_dim", 1280)),
+    "norm_groups": ("norm_num_groups", 32),
+}
+# Settings this model implements one way only: their key -> (diffusers' default, also allowed).
+HF_REQUIRE: dict[str, tuple] = {
+    "act_fn": ("silu",), "norm_eps": (1e-5,), "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "center_input_sample": (False,), "flip_sin_to_cos": (True,), "freq_shift": (0,),
+    "only_cross_attention": (False,), "dual_cross_attention": (False,),
+    "class_embed_type": (None,), "addition_embed_type": (None,), "num_class_embeds": (None,),
+    "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
+    "time_cond_proj_dim": (None,), "timestep_post_act": (None,), "encoder_hid_dim": (None,),
+    "resnet_time_scale_shift": ("default",), "conv_in_kernel": (3,), "conv_out_kernel": (3,),
+    "downsample_padding": (1,), "attention_type": ("default",), "cross_attention_norm": (None,),
+    "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1.0,),
+    "reverse_transformer_layers_per_block": (None,), "mid_block_only_cross_attention": (None,),
+}
+
+
+def _compvis_levels(c: Mapping[str, Any]) -> tuple[bool, ...]:
+  # ldm's UNetModel attends at the levels whose downsampling rate (1, 2, 4, ...) is listed.
+  rates = set(c.get("attention_resolutions") or ())
+  return tuple(2 ** b in rates for b in range(len(c["channel_mult"])))
+
+
+def _compvis_heads(c: Mapping[str, Any]) -> int | tuple[int, ...]:
+  # num_head_channels (SD-2.x: 64) fixes the head SIZE, so each level has width / size heads.
+  size = c.get("num_head_channels", -1)
+  if size not in (-1, None):
+    return tuple(c["model_channels"] * m // size for m in c["channel_mult"])
+  return c.get("num_heads", -1)
+
+
+# ldm's UNetModel in a CompVis yaml (model.params.unet_config.params) -> UNetConfig. ldm's
+# GroupNorm32 is not in the yaml: norm_groups keeps its default, 32.
+COMPVIS_CONFIG: dict[str, Any] = {
+    "in_channels": "in_channels",
+    "out_channels": "out_channels",
+    "block_out_channels": pretrained.named(
+        "model_channels", lambda c: tuple(c["model_channels"] * m for m in c["channel_mult"])),
+    "attention_levels": pretrained.named("attention_resolutions", _compvis_levels),
+    "layers_per_block": "num_res_blocks",
+    "num_heads": pretrained.named("num_heads", _compvis_heads),
+    "transformer_depth": ("transformer_depth", 1),
+    "context_dim": "context_dim",
+}
+COMPVIS_REQUIRE: dict[str, tuple] = {"use_spatial_transformer": (True,), "conv_resample": (True,),
+                                     "dims": (2,), "num_classes": (None,),
+                                     "resblock_updown": (False,), "use_scale_shift_norm": (False,)}
+
+
+def unet_weight_facts(prefix: str = "") -> dict[str, Any]:
+  """Config fields read off a diffusers-layout UNet's weights."""
+  p = prefix
+
+  def levels(sd, f):
+    return pretrained.count(f"{p}down_blocks.")(sd, f)
+
+  def attn_levels(sd, f):
+    return tuple(any(k.startswith(f"{p}down_blocks.{i}.attentions.") for k in sd)
+                 for i in range(levels(sd, f)))
+
+  mid_attn = f"{p}mid_block.attentions.0.transformer_blocks."
+  return {
+      "in_channels": pretrained.dim(f"{p}conv_in.weight", 1),
+      "out_channels": pretrained.dim(f"{p}conv_out.weight", 0),
+      "block_out_channels": lambda sd, f: tuple(
+          int(np.shape(sd[f"{p}down_blocks.{i}.resnets.0.conv2.weight"])[0])
+          for i in range(levels(sd, f))),
+      "attention_levels": attn_levels,
+      "layers_per_block": pretrained.count(f"{p}down_blocks.0.resnets."),
+      "transformer_depth": pretrained.count(mid_attn),
+      "context_dim": pretrained.dim(f"{mid_attn}0.attn2.to_k.weight", 1),
+  }
+
+
+def unet_config_from_hf(config: Mapping[str, Any], source: str = "config.json",
+                        **overrides) -> UNetConfig:
+  """UNetConfig from a diffusers UNet2DConditionModel config dict; `overrides` of fields it
+  states must agree, the others (dtype, remat, attention_impl) are taken."""
+  stated = pretrained.translate(config, HF_CONFIG, HF_REQUIRE, source)
+  return UNetConfig(**pretrained.settle(stated, overrides, source, HF_CONFIG))
+
+
+def unet_config_from_compvis(params: Mapping[str, Any], source: str = "yaml",
+                             **overrides) -> UNetConfig:
+  """UNetConfig from a CompVis yaml's unet_config.params."""
+  stated = pretrained.translate(params, COMPVIS_CONFIG, COMPVIS_REQUIRE, source)
+  return UNetConfig(**pretrained.settle(stated, overrides, source, COMPVIS_CONFIG))
+
+
+def from_pretrained(path: str | os.PathLike, widen_input_channels: int | None = None,
+                    **overrides) -> UNet:
+  """A diffusers UNet2DConditionModel directory (config.json + weights, e.g. SD's unet/) -> a
+  filled UNet with the sizes (and per-level heads) of its config.json.
+
+  widen_input_channels: when the file's conv_in is narrower than this, it is widened to it with
+  the added input channels at zero (SD-1.5's 4 -> LEGO's 8).
+  """
+  cfg_path = pretrained.require_config(path, "UNet")
+  config = unet_config_from_hf(pretrained.read_json(cfg_path), str(cfg_path), **overrides)
+  state_dict = as_state_dict(path)
+  pretrained.check_weights(dataclasses.asdict(config), state_dict, unet_weight_facts(),
+                           str(path))
+  widen = widen_input_channels is not None and widen_input_channels > config.in_channels
+  if widen:
+    config = dataclasses.replace(config, in_channels=widen_input_channels)
+  return load_unet(nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0))), state_dict,
+                   widen_input_channels=widen)

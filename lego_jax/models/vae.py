@@ -27,6 +27,7 @@ from flax import nnx
 
 from lego_jax.parallel.sharding import constrain
 from lego_jax.weights import io as weight_io
+from lego_jax.weights import pretrained
 from lego_jax.weights.mapping import Kind, KeyMappingError, Rule, jax_to_torch, torch_to_jax
 from lego_jax.weights.state import flat_params, load_params, param_shapes
 
@@ -508,3 +509,97 @@ def vae_to_torch(model: VAE, layout: str = "diffusers",
   prefix = VAE_PREFIX[layout] if prefix is None else prefix
   return export_mapped(model, vae_rules(model.config, layout), prefix)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from a diffusers directory or a CompVis yaml (see lego_jax/weights/pretrained.py)
+
+
+def _vae_channels(c: Mapping[str, Any]) -> tuple[int, ...]:
+  channels = tuple(c.get("block_out_channels", (64,)))
+  for key, kind in (("down_block_types", "DownEncoderBlock2D"),
+                    ("up_block_types", "UpDecoderBlock2D")):
+    types = tuple(c.get(key) or (kind,) * len(channels))
+    if types != (kind,) * len(channels):
+      raise pretrained.PretrainedConfigError(
+          f"{key}={list(types)} is not supported (this model implements {len(channels)} x {kind})")
+  return channels
+
+
+def _same_channels(c: Mapping[str, Any], theirs: str, ours: str, default: int) -> int:
+  value = c.get(ours, default)
+  if c.get(theirs, default) != value:
+    raise pretrained.PretrainedConfigError(
+        f"{theirs}={c.get(theirs)!r} is not supported (this model has {theirs} = {ours} = {value})")
+  return value
+
+
+# diffusers' AutoencoderKL config.json -> VAEConfig: our field -> their key (with diffusers'
+# default where a file may leave it out), or a function of their config.
+HF_CONFIG: dict[str, Any] = {
+    "in_channels": lambda c: _same_channels(c, "out_channels", "in_channels", 3),
+    "latent_channels": ("latent_channels", 4),
+    "block_out_channels": _vae_channels,
+    "layers_per_block": ("layers_per_block", 1),
+    "norm_groups": ("norm_num_groups", 32),
+    "scaling_factor": ("scaling_factor", 0.18215),
+}
+HF_REQUIRE: dict[str, tuple] = {"act_fn": ("silu",), "use_quant_conv": (True,),
+                                "use_post_quant_conv": (True,),
+                                "mid_block_add_attention": (True,), "shift_factor": (None,)}
+
+# ldm's AutoencoderKL in a CompVis yaml: first_stage_config.params (ddconfig flattened into it,
+# with the LDM's scale_factor) -> VAEConfig. ldm's Normalize (32 groups) is not in the yaml:
+# norm_groups keeps its default, 32.
+COMPVIS_CONFIG: dict[str, Any] = {
+    "in_channels": lambda c: _same_channels(c, "out_ch", "in_channels", 3),
+    "latent_channels": lambda c: _same_channels(c, "embed_dim", "z_channels", 4),
+    "block_out_channels": lambda c: tuple(c["ch"] * m for m in c["ch_mult"]),
+    "layers_per_block": "num_res_blocks",
+    "scaling_factor": ("scale_factor", 1.0),
+}
+COMPVIS_REQUIRE: dict[str, tuple] = {"double_z": (True,), "attn_resolutions": ((),)}
+
+
+def vae_weight_facts(prefix: str = "") -> dict[str, Any]:
+  """Config fields read off a diffusers-layout VAE's weights."""
+  p = prefix
+
+  def channels(sd, f):
+    n = pretrained.count(f"{p}encoder.down_blocks.")(sd, f)
+    return tuple(int(np.shape(sd[f"{p}encoder.down_blocks.{i}.resnets.0.conv2.weight"])[0])
+                 for i in range(n))
+
+  return {
+      "in_channels": pretrained.dim(f"{p}encoder.conv_in.weight", 1),
+      "latent_channels": pretrained.dim(f"{p}decoder.conv_in.weight", 1),
+      "block_out_channels": channels,
+      "layers_per_block": pretrained.count(f"{p}encoder.down_blocks.0.resnets."),
+  }
+
+
+def vae_config_from_hf(config: Mapping[str, Any], source: str = "config.json",
+                       **overrides) -> VAEConfig:
+  """VAEConfig from a diffusers AutoencoderKL config dict; `overrides` of fields it states must
+  agree, the others (dtype, param_dtype) are taken."""
+  stated = pretrained.translate(config, HF_CONFIG, HF_REQUIRE, source)
+  return VAEConfig(**pretrained.settle(stated, overrides, source, HF_CONFIG))
+
+
+def vae_config_from_compvis(params: Mapping[str, Any], scale_factor: float,
+                            source: str = "yaml", **overrides) -> VAEConfig:
+  """VAEConfig from a CompVis yaml's first_stage_config.params and the LDM's scale_factor."""
+  flat = {**params, **(params.get("ddconfig") or {}), "scale_factor": scale_factor}
+  flat["attn_resolutions"] = tuple(flat.get("attn_resolutions") or ())
+  stated = pretrained.translate(flat, COMPVIS_CONFIG, COMPVIS_REQUIRE, source)
+  return VAEConfig(**pretrained.settle(stated, overrides, source, COMPVIS_CONFIG))
+
+
+def from_pretrained(path: str | os.PathLike, **overrides) -> VAE:
+  """A diffusers AutoencoderKL directory (config.json + weights, e.g. SD's vae/) -> a filled VAE
+  with the sizes of its config.json."""
+  cfg_path = pretrained.require_config(path, "VAE")
+  config = vae_config_from_hf(pretrained.read_json(cfg_path), str(cfg_path), **overrides)
+  state_dict = weight_io.read_state_dict(path)
+  pretrained.check_weights(dataclasses.asdict(config), state_dict, vae_weight_facts(), str(path))
+  return load_vae(nnx.eval_shape(lambda: VAE(config, rngs=nnx.Rngs(0))), state_dict)

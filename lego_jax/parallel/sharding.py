@@ -73,9 +73,12 @@ def make_mesh(shape: Sequence[int] | dict[str, int] | None = None,
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     shape[shape.index(-1)] = len(devices) // known
-  if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
-                     f"{len(devices)} available")
+  if int(np.prod(shape)) != len(devices) or min(shape) < 1:
+    from lego_jax.config import ConfigError  # a ValueError: the config asks for other devices
+
+    raise ConfigError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                      f"{len(devices)} available: set --config.mesh.shape to axes whose product "
+                      f"is {len(devices)} (or -1 in one place, e.g. (-1,1,1))")
   arr = np.asarray(devices).reshape(shape)
   return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 

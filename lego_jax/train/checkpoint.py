@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,55 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint written for other model shapes than the current config's."""
 
 
+class CheckpointDamagedError(RuntimeError):
+  """No checkpoint of a run could be read (files missing, truncated or corrupt)."""
+
+
+def _one_line(e: BaseException) -> str:
+  # Orbax wraps TensorStore's error (the one that names the file) in a generic one: report the
+  # innermost cause.
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = str(e).strip().splitlines()
+  return (text[0][:200] if text else type(e).__name__)
+
+
+def _quiet_abandoned_reads() -> None:
+  """After a failed restore, Orbax's reads of the other arrays are abandoned: when collected,
+  Python prints each as "Exception ignored in: <coroutine ...>" with a TensorStore traceback,
+  pages of noise after our one-line message. Those (and only those) are silenced."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_lego_jax", False):
+    return
+
+  def hook(unraisable):
+    obj = unraisable.object
+    code = getattr(obj, "cr_code", None)
+    if code is not None and "/orbax/" in code.co_filename.replace("\\", "/"):
+      return
+    previous(unraisable)
+
+  hook._lego_jax = True
+  sys.unraisablehook = hook
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+  """{'a/b/0': shape} of the leaves that have a shape (arrays, ShapeDtypeStructs, metadata)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = getattr(leaf, "shape", None)
+    if shape is not None:
+      name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+      out[name] = tuple(shape)
+  return out
+
+
 class Checkpointer:
   """CheckpointManager over WORKDIR/checkpoints/<name> with items: state, data, config."""
 
   def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
     self.directory = Path(directory).absolute()
+    self.damaged: list[tuple[int, str]] = []  # (step, why) skipped by the last restore
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
@@ -60,24 +105,91 @@ class Checkpointer:
         force=force)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, Any]:
-    """Restores (step, state, data_state); `abstract_state` carries the target shardings."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    """Restores (step, state, data_state); `abstract_state` carries the target shardings.
+
+    Without `step`, the newest checkpoint that restores is used: a damaged one (a file missing,
+    truncated or unreadable) is skipped with a one-line warning naming it and why, and listed in
+    `self.damaged` (nothing is deleted). A checkpoint whose arrays do not fit `abstract_state`
+    raises CheckpointMismatchError at once: that is a config change, not damage, and an older
+    checkpoint of the same run would not fit either."""
+    steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
+    if not steps or steps[0] is None:
       raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+    self.damaged = []
+    for s in steps:
+      try:
+        restored = self.manager.restore(
+            s,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore()))
+        data = from_jsonable(restored["data"]["state"])
+      except Exception as e:  # noqa: BLE001  (any failure is classified below)
+        misfit = self._misfit(s, abstract_state)
+        if misfit is not None:
+          raise CheckpointMismatchError(
+              f"checkpoint {self.directory}/{s} does not fit the model of the current config "
+              f"({misfit}); it was written with other settings: use the config it was trained "
+              "with (saved in its config item) or a fresh --workdir") from None
+        reason = _one_line(e)
+        self.damaged.append((s, reason))
+        _quiet_abandoned_reads()
+        if jax.process_index() == 0:
+          print(f"lego-jax: checkpoint {self.directory}/{s} is damaged ({reason}); "
+                + ("trying the one before" if s != steps[-1] else "no older one"),
+                file=sys.stderr, flush=True)
+        continue
+      if self.damaged and jax.process_index() == 0:
+        print(f"lego-jax: restored checkpoint {s} in {self.directory}, the newest intact one "
+              f"(damaged, kept: {', '.join(str(d) for d, _ in self.damaged)})",
+              file=sys.stderr, flush=True)
+      return s, restored["state"], data
+    raise CheckpointDamagedError(
+        f"every checkpoint in {self.directory} is damaged ("
+        + "; ".join(f"{d}: {r}" for d, r in self.damaged)
+        + "): move the directory aside to start afresh, or restore it from a copy")
+
+  def _misfit(self, step: int, abstract_state: Any) -> str | None:
+    """How the checkpoint's recorded arrays differ from `abstract_state`, or None when they fit
+    (or the record itself is unreadable, which is damage)."""
     try:
-      restored = self.manager.restore(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
-              data=ocp.args.JsonRestore()))
-    except ValueError as e:
-      if "shape" not in str(e) and "structure" not in str(e).lower():
-        raise
-      raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} does not fit the model of the current config "
-          f"({str(e).splitlines()[0][:160]}); it was written with other settings: use the config "
-          "it was trained with (saved in its config item) or a fresh --workdir") from None
-    return step, restored["state"], from_jsonable(restored["data"]["state"])
+      meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+      saved = _shapes(getattr(meta, "tree", meta))
+    except Exception:  # noqa: BLE001
+      return None
+    if not saved:
+      return None
+    wanted = _shapes(abstract_state)
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    if missing or extra:
+      return ("arrays " + ", ".join(missing[:3]) + " not in it" if missing else
+              "it holds arrays " + ", ".join(extra[:3]) + " the model lacks")
+    for k in wanted:
+      if tuple(wanted[k]) != tuple(saved[k]):
+        return f"{k}: shape {tuple(saved[k])} in it, {tuple(wanted[k])} in the model"
+    return None
+
+  def set_aside(self, steps: list[int]) -> list[Path]:
+    """Moves damaged checkpoints to <directory>.damaged/<step> (kept for inspection, out of the
+    manager's way so training can save those steps again). Process 0 moves; all then reload."""
+    moved = []
+    if jax.process_index() == 0:
+      for s in steps:
+        dest = self.directory.with_name(self.directory.name + ".damaged") / str(s)
+        n = 1
+        while dest.exists():
+          dest = dest.with_name(f"{s}.{n}")
+          n += 1
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(s)).rename(dest)
+        moved.append(dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("lego_jax_checkpoint_set_aside")
+    self.manager.reload()
+    return moved
 
   def read_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step

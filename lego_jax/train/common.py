@@ -20,6 +20,32 @@ import optax
 from flax import nnx
 
 
+def check_schedule(section: str, t, mesh, *, pairs: bool = False, epochs_allowed: bool = False) -> None:
+  """Refuses, before anything is built, a `<section>` whose steps or batch the run cannot honour:
+  negative steps (-1 = epochs where `epochs_allowed`), or a batch that does not split evenly into
+  grad_accum micro-batches over the mesh's batch devices (data x fsdp) and the hosts (`pairs`:
+  the batch counts images, half input and half target frames, so it must also be even)."""
+  from lego_jax.config import ConfigError
+
+  low = -1 if epochs_allowed else 0
+  if int(t.num_steps) < low:
+    raise ConfigError(f"{section}.num_steps={t.num_steps} is negative: give the number of steps "
+                      + ("(or -1 for vllm_train.epochs passes)" if epochs_allowed else "(>= 0)"))
+  batch = int(t.batch_size)
+  accum = max(int(t.get("grad_accum", 1)), 1)
+  devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  hosts = jax.process_count()
+  # Each host reads batch / hosts rows (for pairs: an even number, its input and target frames).
+  unit = math.lcm(accum * devices, accum * hosts * (2 if pairs else 1))
+  if batch <= 0 or batch % unit:
+    what = " (half input, half target frames, per host)" if pairs else ""
+    raise ConfigError(
+        f"{section}.batch_size={batch}{what} must be a positive multiple of {unit}: it splits "
+        f"into grad_accum={accum} micro-batches over the {devices} device(s) of the mesh's batch "
+        f"axes (data x fsdp) and {hosts} host(s); e.g. --config.{section}.batch_size="
+        f"{max(unit, batch // unit * unit)}")
+
+
 class NonFiniteError(RuntimeError):
   """Loss or gradient went NaN/Inf; the last good checkpoint is kept."""
 
@@ -35,10 +61,33 @@ def label_params(params: Any, frozen: str | None) -> Any:
       lambda p, _: "frozen" if rx is not None and rx.search(path_str(p)) else "trained", params)
 
 
+def log_warmup(base: float, warmup: int) -> optax.Schedule:
+  """DeepSpeed's WarmupLR with its default warmup_type "log" (min lr 0), in optimizer steps k:
+  the scheduler starts at iteration -1 (lr 0) and steps after each update, so update k uses
+  base * log(k) / log(W), W = max(2, warmup), for 1 <= k <= W (0 at k = 0 and 1), then base."""
+  w = max(2, warmup)
+
+  def schedule(k):
+    k = jnp.maximum(jnp.asarray(k, jnp.float32), 1.0)
+    return base * jnp.minimum(1.0, jnp.log(k) / math.log(w))
+  return schedule
+
+
+WARMUPS = ("linear", "log")
+
+
 def learning_rate(base: float, total_steps: int, warmup_ratio: float = 0.0,
-                  schedule: str = "constant") -> optax.Schedule:
-  """Linear warm-up over `warmup_ratio` of the steps, then constant or cosine to 0."""
+                  schedule: str = "constant", warmup_shape: str = "linear") -> optax.Schedule:
+  """Warm-up over `warmup_ratio` of the steps (linear from 0, or DeepSpeed WarmupLR's "log"),
+  then constant or cosine to 0."""
   warmup = int(math.ceil(warmup_ratio * max(total_steps, 1)))
+  if warmup_shape not in WARMUPS:
+    raise ValueError(f"unknown warm-up shape {warmup_shape!r} (one of {WARMUPS})")
+  if warmup_shape == "log" and warmup > 0:
+    if schedule != "constant":  # WarmupLR holds the peak: it has no decay to join
+      raise ValueError("the log warm-up is DeepSpeed's WarmupLR, which stays constant after it: "
+                       f"schedule={schedule!r} needs warmup_shape='linear'")
+    return log_warmup(base, warmup)
   if schedule == "constant":
     after = optax.constant_schedule(base)
   elif schedule == "cosine":
@@ -117,7 +166,10 @@ def step_rng(seed: int, step: int | jax.Array) -> jax.Array:
 class MetricWriter:
   """TensorBoard scalars/images (tensorboardX) plus a metrics.jsonl anyone can plot."""
 
-  def __init__(self, logdir: str | Path, enabled: bool = True):
+  def __init__(self, logdir: str | Path, enabled: bool = True, resume_step: int | None = None):
+    """`resume_step`: the step a run resumes from (0 for a fresh one); logged steps after it,
+    left by a run that was cut short, are dropped from metrics.jsonl (an atomic rewrite) and
+    hidden in TensorBoard (tensorboardX's purge_step), so the history is the resumed run's."""
     self.logdir = Path(logdir)
     self.enabled = enabled and jax.process_index() == 0
     self._tb = None
@@ -125,8 +177,17 @@ class MetricWriter:
       self.logdir.mkdir(parents=True, exist_ok=True)
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(str(self.logdir))
-      self._jsonl = open(self.logdir / "metrics.jsonl", "a")
+      path = self.logdir / "metrics.jsonl"
+      purge = None
+      if resume_step is not None and path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if _logged_step(line) is not None and _logged_step(line) <= resume_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept))
+        tmp.replace(path)
+        purge = resume_step + 1
+      self._tb = SummaryWriter(str(self.logdir), purge_step=purge)
+      self._jsonl = open(path, "a")
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self.enabled:
@@ -145,6 +206,14 @@ class MetricWriter:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+def _logged_step(line: str) -> int | None:
+  # A line cut by a kill mid-write is not JSON: it is dropped with the steps after the resume.
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def read_metrics(logdir: str | Path) -> list[dict]:

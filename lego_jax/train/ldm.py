@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lego_jax.config import ConfigError
 from lego_jax.data import features as features_lib
 from lego_jax.data import images
 from lego_jax.data import pipeline
@@ -45,6 +46,11 @@ from lego_jax.train import common, loop
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import ldm_cache
 from lego_jax.train import vae as vae_train
+
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "vae", "vae_train", "unet", "clip_text", "conditioner", "ldm_train",
+                   "sampler", "mesh", "checkpoint", "seed")
+
 
 TEXT_SOURCES = ("generated", "annotation", "action")
 
@@ -74,6 +80,10 @@ def build_text_encoder(cfg, seed: int) -> CLIPText:
 def initialise(cfg, workdir: Path):
   """(unet, conditioner, clip_text, vae) as the config's `init` says."""
   t = cfg.ldm_train
+  if t.init == "random" and t.init_checkpoint:
+    raise ConfigError(
+        f"ldm_train.init_checkpoint={t.init_checkpoint!r} is read only with ldm_train.init=sd15 "
+        "or lego (it says which weights the file holds); ldm_train.init='random' ignores it")
   unet, conditioner = build_trainable(cfg, cfg.seed)
   clip_text = build_text_encoder(cfg, cfg.seed)
   if t.init == "random":
@@ -182,7 +192,8 @@ def make_train_step(cfg, graphdefs, tx, schedule, empty_ids):
     updates, opt_state = tx.update(grads, state["opt_state"], state["trained"])
     trained = optax.apply_updates(state["trained"], updates)
     # LitEma counts this update before computing its decay: n = step + 1.
-    ema = common.ema_update(state["ema"], trained, state["step"] + 1, t.ema_decay)
+    ema = ema_of(state["ema"], trained, state["step"] + 1, t.ema_decay,
+                 t.get("ema_scope", "trained"))
     ok = common.all_finite(loss, grads)
     # One lax.cond, not a jnp.where per leaf: wheres that all wait on a reduction over every
     # gradient made XLA:CPU compile this step 4x slower (175 s vs 43 s of CPU, tiny config).
@@ -194,6 +205,23 @@ def make_train_step(cfg, graphdefs, tx, schedule, empty_ids):
     return new_state, aux
 
   return step
+
+
+EMA_SCOPES = ("unet", "trained")
+
+
+def ema_of(ema: dict, trained: dict, num_updates, decay: float, scope: str) -> dict:
+  """The EMA weights after an update. scope "trained": every trained module averaged; "unet":
+  the release's LitEma(self.model), the UNet only: the other trained modules (the conditioner
+  with train_projections) are sampled with their current weights, so their "EMA" copy is them."""
+  if scope not in EMA_SCOPES:
+    raise ValueError(f"ldm_train.ema_scope={scope!r}: one of {EMA_SCOPES}")
+  new = common.ema_update(ema, trained, num_updates, decay)
+  if scope == "unet":
+    new = {k: (v if k == "unet" else jax.tree.map(lambda p, e: p.astype(e.dtype), trained[k],
+                                                   ema[k]))
+           for k, v in new.items()}
+  return new
 
 
 def init_state(cfg, workdir: Path, mesh):
@@ -336,6 +364,7 @@ def batch_arrays(cfg, batch: dict, text_ids: TextIds) -> dict:
 def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = True):
   t = cfg.ldm_train
   mesh = sharding.make_mesh(cfg.mesh.shape)
+  common.check_schedule("ldm_train", t, mesh)
   graphdefs, state, shardings, tx = init_state(cfg, workdir, mesh)
   text_ids = TextIds(cfg, workdir)
   empty_ids = jnp.asarray(text_ids.empty())

@@ -195,8 +195,9 @@ def open_source(workdir: Path, split: str = "train"):
     raise FileNotFoundError(f"the frozen-encoder cache {store.split_dir(directory, split)} is "
                             "incomplete: train-ldm builds it before training")
   info = store.read_info(directory, split)
-  return grain.sources.ArrayRecordDataSource(
-      [str(store.part_path(directory, split, k)) for k in range(info["num_parts"])])
+  paths = [str(store.part_path(directory, split, k)) for k in range(info["num_parts"])]
+  records.check_files(paths, redo=f"delete {directory} and train-ldm builds it again")
+  return grain.sources.ArrayRecordDataSource(paths)
 
 
 class DecodeCache(grain.transforms.Map):

@@ -17,6 +17,7 @@ only orchestrates. Guarantees the trainers rely on:
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -53,15 +54,27 @@ def run(*, name: str, workdir: str | Path, config: dict, state: Any, state_shard
   """
   workdir = Path(workdir)
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints" / name, keep=keep, async_save=async_save)
-  writer = MetricWriter(workdir / "logs" / name)
   start = 0
   data_state = None
-  if ckpt.latest_step() is not None:
-    abstract = ckpt_lib.abstract_like(state, state_shardings)
-    start, state, data_state = ckpt.restore(abstract)
-  iterator: Iterator = iter(loader)
-  if data_state is not None:
-    iterator.set_state(distributed.this_process_data_state(data_state))
+  try:
+    if ckpt.latest_step() is not None:
+      abstract = ckpt_lib.abstract_like(state, state_shardings)
+      start, state, data_state = ckpt.restore(abstract)
+      if ckpt.damaged:
+        # Out of the manager's way (kept, not deleted) so this run can save those steps again.
+        ckpt.set_aside([s for s, _ in ckpt.damaged])
+    iterator: Iterator = iter(loader)
+    if data_state is not None:
+      try:
+        iterator.set_state(distributed.this_process_data_state(data_state))
+      except ValueError as e:
+        raise ckpt_lib.CheckpointMismatchError(_data_state_mismatch(e, name, start, ckpt)) from None
+  except BaseException:
+    ckpt.close()
+    raise
+  # One history: the metrics of steps after the restored one (written by the run that was cut
+  # short) are dropped, so a resumed run's curves continue from its checkpoint.
+  writer = MetricWriter(workdir / "logs" / name, resume_step=start)
   seen_nonfinite = int(jax.device_get(state["nonfinite"]))
 
   def check_finite(step: int) -> int:
@@ -123,6 +136,18 @@ def run(*, name: str, workdir: str | Path, config: dict, state: Any, state_shard
     raise Preempted(f"{name}: stopped by SIGTERM after step {step}; checkpoint {step} is saved "
                     f"in {ckpt.directory}. Run the same command again to resume.")
   return state
+
+
+def _data_state_mismatch(e: ValueError, name: str, step: int, ckpt) -> str:
+  msg = str(e)
+  counts = re.findall(r"worker count in (?:checkpoint|dataloader): (\d+)", msg)
+  if len(counts) == 2:
+    return (f"checkpoint {step} of {name} was written with data.num_workers={counts[0]}, this run "
+            f"has {counts[1]}: Grain cannot move a data position between worker counts; resume "
+            f"with --config.data.num_workers={counts[0]} (or a fresh --workdir)")
+  return (f"checkpoint {step} of {name} ({ckpt.directory}) holds a data-iterator state this run's "
+          f"data pipeline does not accept ({msg.splitlines()[0][:160]}); resume with the data "
+          "settings it was written with (its config item) or use a fresh --workdir")
 
 
 def host_numeric(batch: dict, keys: tuple[str, ...]) -> dict:

@@ -28,6 +28,10 @@ from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import common, loop
 
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "vae", "vae_train", "mesh", "checkpoint", "seed")
+
+
 def build(cfg, rngs: nnx.Rngs | None = None) -> VAE:
   return VAE(VAEConfig(**cfg.vae), rngs=rngs or nnx.Rngs(cfg.seed))
 
@@ -68,6 +72,9 @@ def init_state(cfg, mesh):
   """(graphdef, state, state_shardings, tx) with params placed on the mesh."""
   t = cfg.vae_train
   model = build(cfg)
+  if t.init_checkpoint:
+    # Training starts from the given VAE (SD-1.5's, as the paper does), not from random weights.
+    load_init_checkpoint(model, t.init_checkpoint)
   graphdef, params, rest = common.split_params(model)
   tx = common.adamw(params, common.learning_rate(t.lr, t.num_steps, t.warmup_ratio),
                     weight_decay=t.weight_decay)
@@ -87,6 +94,7 @@ def images_of(batch: dict) -> np.ndarray:
 def train(cfg, workdir: Path, stop_after: int | None = None):
   t = cfg.vae_train
   mesh = sharding.make_mesh(cfg.mesh.shape)
+  common.check_schedule("vae_train", t, mesh, pairs=True)
   graphdef, state, shardings, tx = init_state(cfg, mesh)
   step = jax.jit(make_train_step(graphdef, tx, t.kl_weight, t.l2_weight),
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),
@@ -109,21 +117,23 @@ def train(cfg, workdir: Path, stop_after: int | None = None):
   return graphdef, state
 
 
-def load_trained(cfg, workdir: Path) -> VAE:
-  """The VAE of WORKDIR's latest train-vae checkpoint (or cfg.vae_train.init_checkpoint)."""
+def load_init_checkpoint(model: VAE, path: str) -> VAE:
+  from lego_jax.models.vae import load_vae
   from lego_jax.weights import io as weights_io
 
-  t = cfg.vae_train
-  if t.init_checkpoint:
-    from lego_jax.models.vae import load_vae
+  return load_vae(model, weights_io.read_state_dict(path))
 
-    model = build(cfg)
-    load_vae(model, weights_io.read_state_dict(t.init_checkpoint))
-    return model
+
+def load_trained(cfg, workdir: Path) -> VAE:
+  """The VAE of WORKDIR's latest train-vae checkpoint; without one, cfg.vae_train.init_checkpoint
+  as it is (a VAE used untrained, e.g. SD-1.5's)."""
+  t = cfg.vae_train
   mesh = sharding.make_mesh(cfg.mesh.shape)
   graphdef, state, shardings, _ = init_state(cfg, mesh)
   with ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "vae") as ckpt:
     if ckpt.latest_step() is None:
+      if t.init_checkpoint:
+        return nnx.merge(graphdef, state["params"], state["rest"])
       raise FileNotFoundError(
           f"no VAE checkpoint in {ckpt.directory}: run `lego-jax train-vae` first, or set "
           "--config.vae_train.init_checkpoint to a diffusers/CompVis VAE file (SD-1.5's "

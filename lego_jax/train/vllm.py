@@ -52,6 +52,11 @@ from lego_jax.parallel import distributed, sharding
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import common, loop
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("data", "clip_vision", "llama", "llava", "vllm_train", "mesh", "checkpoint",
+                   "seed")
+
+
 NAME = "vllm"
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -296,7 +301,8 @@ def num_train_steps(cfg, workdir: Path) -> int:
 
 def make_optimizer(cfg, trained, num_steps: int):
   t = cfg.vllm_train
-  schedule = common.learning_rate(t.lr, num_steps, t.warmup_ratio, t.schedule)
+  schedule = common.learning_rate(t.lr, num_steps, t.warmup_ratio, t.schedule,
+                                  t.get("warmup_shape", "linear"))
   tx = common.adamw(trained, schedule, weight_decay=t.weight_decay, grad_clip=t.grad_clip or None)
   return tx, schedule
 
@@ -340,13 +346,7 @@ def check_config(cfg, mesh) -> None:
   if cfg.data.vllm_image_size != cfg.clip_vision.image_size:
     raise ConfigError(f"data.vllm_image_size={cfg.data.vllm_image_size} differs from the vision "
                      f"tower's clip_vision.image_size={cfg.clip_vision.image_size}")
-  accum = max(int(t.grad_accum), 1)
-  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  if t.batch_size % (accum * jax.process_count()) or (t.batch_size // accum) % batch_devices:
-    raise ConfigError(
-        f"vllm_train.batch_size={t.batch_size} must split into grad_accum={accum} micro-batches "
-        f"whose size is a multiple of the {batch_devices} devices of the mesh's batch axes "
-        f"(data x fsdp), over {jax.process_count()} host(s)")
+  common.check_schedule("vllm_train", t, mesh, epochs_allowed=True)
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -358,6 +358,20 @@ def load_tokenizer(cfg, workdir: Path) -> tokenizer_lib.Tokenizer:
     raise ConfigError(f"the tokenizer has {tok.vocab_size} ids, more than llama.vocab_size="
                      f"{cfg.llama.vocab_size}")
   return tok
+
+
+def targets_note(records_dir: Path) -> str:
+  """Says (printed, and returned) where the training targets came from when they are not a
+  LLaVA file: prepare-data records it in the instruction records' fingerprint."""
+  derived = records.build_metadata(records_dir, records.INSTRUCT).get("fingerprint", {}).get(
+      "derived", [])
+  if "train" not in derived:
+    return ""
+  note = ("train-vllm: the train targets are the annotation's llava_forecast_finetune, the "
+          "released VLLM's outputs (cfg.data.instructions=released_vllm_outputs): this distils "
+          "that VLLM rather than reproducing its GPT-curated instruction tuning")
+  print(note)
+  return note
 
 
 def train(cfg, workdir: Path, stop_after: int | None = None):
@@ -380,6 +394,7 @@ def train(cfg, workdir: Path, stop_after: int | None = None):
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),
                  donate_argnums=0)
   encoder = BatchEncoder(tok, llava_config(cfg).num_patches, int(t.max_length))
+  targets_note(pipeline.records_dir_of(cfg.data, workdir))
   # Data shards, not hosts, fix the data order (as in train-vae and train-ldm).
   loader = distributed.ShardedLoader(
       lambda shard, n: pipeline.instruct_loader(

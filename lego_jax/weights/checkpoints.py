@@ -83,3 +83,60 @@ def export_ldm_single_file(path: str | os.PathLike, *, unet, vae, clip_text,
       # LitEma's names: the "model." name with its dots removed, under "model_ema.".
       out["model_ema." + k[len("model."):].replace(".", "")] = v
   return weights_io.write_safetensors(out, path, metadata={"format": "pt", "source": "lego_jax"})
+
+
+def ldm_configs_from_yaml(path: str | os.PathLike, overrides: Mapping[str, Mapping] | None = None
+                          ) -> dict:
+  """{"unet": UNetConfig, "vae": VAEConfig, "clip_text": CLIPTextConfig} from the CompVis yaml of
+  a single file (model.params.unet_config / first_stage_config / scale_factor). The text encoder
+  is ldm's FrozenCLIPEmbedder, CLIP ViT-L/14's text tower (CLIPTextConfig's defaults).
+  `overrides` = {section: {field: value}}; those of fields the yaml states must agree."""
+  import yaml
+
+  from lego_jax.models.clip_text import CLIPTextConfig
+  from lego_jax.models.unet import unet_config_from_compvis
+  from lego_jax.models.vae import vae_config_from_compvis
+  from lego_jax.weights.pretrained import PretrainedConfigError
+
+  overrides = overrides or {}
+  try:
+    params = yaml.safe_load(Path(path).read_text())["model"]["params"]
+    unet, first = params["unet_config"]["params"], params["first_stage_config"]["params"]
+  except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+    raise PretrainedConfigError(f"{path}: not a CompVis LDM yaml (model.params.unet_config, "
+                                f"first_stage_config): {e}") from None
+  cond = (params.get("cond_stage_config") or {}).get("target", "")
+  if cond and not cond.endswith("FrozenCLIPEmbedder"):
+    raise PretrainedConfigError(f"{path}: cond_stage_config {cond} is not supported (this "
+                                "model implements ldm's FrozenCLIPEmbedder, CLIP ViT-L/14)")
+  return {
+      "unet": unet_config_from_compvis(unet, str(path), **overrides.get("unet", {})),
+      "vae": vae_config_from_compvis(first, params.get("scale_factor", 1.0), str(path),
+                                     **overrides.get("vae", {})),
+      "clip_text": CLIPTextConfig(**overrides.get("clip_text", {})),
+  }
+
+
+def ldm_parts_from_yaml(path: str | os.PathLike, kind: str,
+                        overrides: Mapping[str, Mapping] | None = None) -> dict:
+  """Abstract models (no random init) for an sd15 / lego single file, sized by its yaml. SD-1.5's
+  UNet is built with LEGO's 8 input channels (the file's 4 are widened on loading); LEGO's
+  conditioner takes the `conditioner` overrides over ConditionerConfig's release sizes."""
+  import dataclasses
+
+  from flax import nnx
+
+  from lego_jax.models import clip_text, conditioner, unet, vae
+
+  configs = ldm_configs_from_yaml(path, overrides)
+  if kind == "sd15":
+    configs["unet"] = dataclasses.replace(configs["unet"], in_channels=max(
+        configs["unet"].in_channels, 8))
+  make = {"unet": lambda: unet.UNet(configs["unet"], rngs=nnx.Rngs(0)),
+          "vae": lambda: vae.VAE(configs["vae"], rngs=nnx.Rngs(0)),
+          "clip_text": lambda: clip_text.CLIPText(configs["clip_text"], rngs=nnx.Rngs(0))}
+  if kind == "lego":
+    cond = conditioner.ConditionerConfig(**{"context_dim": configs["unet"].context_dim,
+                                            **dict((overrides or {}).get("conditioner", {}))})
+    make["conditioner"] = lambda: conditioner.Conditioner(cond, rngs=nnx.Rngs(0))
+  return {name: nnx.eval_shape(m) for name, m in make.items()}

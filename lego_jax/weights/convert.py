@@ -4,7 +4,13 @@
         --kind=sd15 --out=ckpt/sd15
     lego-jax convert --kind=llava --source=llava-llama-2-13b-chat/ --vision_source=clip-vit-large/
 
-kinds (the model sizes come from the config's sections):
+A directory with the config its library wrote (transformers / diffusers `config.json`, e.g. SD's
+unet/ or vae/ folder, a LlavaForConditionalGeneration or LLaMA folder) is built with ITS sizes: no
+size flags are needed, and a `--config.<section>.<field>` given on the command line must agree
+with it (one line names the field otherwise). A CompVis single file (sd15, lego) is sized by the
+yaml beside it (same stem, or --source_config=FILE.yaml), else by the config's sections.
+
+kinds (without a config beside the weights, the model sizes come from the config's sections):
   sd15   CompVis SD-1.5 single file -> unet (widened 4 -> 8 input channels), vae, clip_text
   lego   the LEGO release's LDM single file -> unet (EMA unless --config.ldm_train.init_use_ema=false),
          vae, clip_text, conditioner
@@ -27,10 +33,19 @@ import orbax.checkpoint as ocp
 from absl import flags
 from flax import nnx
 
+# Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
+CONFIG_SECTIONS = ("vae", "unet", "clip_text", "clip_vision", "llama", "llava", "conditioner",
+                   "ldm_train")
+CLI_FLAGS = ("out",)
+
+
 _SOURCE = flags.DEFINE_string("source", None, "convert: PyTorch checkpoint file or directory")
 _KIND = flags.DEFINE_enum("kind", None, ["sd15", "lego", "unet", "vae", "clip_text", "clip_vision",
                                          "llama", "llava"], "convert: what the source holds")
 _VISION = flags.DEFINE_string("vision_source", None, "convert: separate CLIP files for llava")
+_SOURCE_CONFIG = flags.DEFINE_string(
+    "source_config", None, "convert: the CompVis yaml of an sd15 / lego single file (default: "
+    "the .yaml beside it, if any)")
 
 SECTIONS = {"unet": "unet", "vae": "vae", "clip_text": "clip_text", "conditioner": "conditioner",
             "clip_vision": "clip_vision", "llama": "llama"}
@@ -62,11 +77,52 @@ def build_parts(cfg, kind: str) -> dict:
   return {p: _abstract(makers[p]) for p in parts.get(kind, (kind,))}
 
 
-def convert(cfg, kind: str, source: str, vision_source: str | None = None) -> dict:
-  """Fills the parts of `kind` from `source`; returns {part: module}."""
-  from lego_jax.weights import checkpoints
+def _from_pretrained(cfg, kind: str, source: str, vision_source: str | None,
+                     overrides: dict) -> dict:
+  """{part: module} built from the config.json beside the weights (see lego_jax/weights/
+  pretrained.py); `overrides` = {section: {field: value}} stated on the command line."""
+  import importlib
+
+  over = lambda section: dict(overrides.get(section, {}))  # noqa: E731
+  if kind == "llava":
+    from lego_jax.models import llava
+
+    extra = {k: v for k, v in over("llava").items() if k not in ("vision_hidden", "text_hidden")}
+    return {"llava": llava.from_pretrained(source, vision_source, vision=over("clip_vision"),
+                                           llama=over("llama"), **extra)}
+  module = importlib.import_module(f"lego_jax.models.{kind}")
+  kw = over(SECTIONS[kind])
+  if kind == "unet":
+    # LEGO's UNet reads 8 channels: an SD unet/ folder (4) is widened to the config's width.
+    widen = kw.pop("in_channels", cfg.unet.in_channels)
+    return {"unet": module.from_pretrained(source, widen_input_channels=widen, **kw)}
+  return {kind: module.from_pretrained(source, **kw)}
+
+
+def convert(cfg, kind: str, source: str, vision_source: str | None = None,
+            overrides: dict | None = None, source_config: str | None = None) -> dict:
+  """Fills the parts of `kind` from `source`; returns {part: module}.
+
+  A directory holding its config.json is built with those sizes (`overrides`, {section: {field:
+  value}}, must agree with them); a CompVis single file with its yaml (`source_config`, or the
+  .yaml beside it); anything else with the sizes of `cfg`'s sections.
+  """
+  from lego_jax.weights import checkpoints, pretrained
   from lego_jax.weights.io import read_state_dict
 
+  overrides = overrides or {}
+  if kind not in ("sd15", "lego") and pretrained.config_file(source) is not None and (
+      Path(source).is_dir()):
+    return _from_pretrained(cfg, kind, source, vision_source, overrides)
+  if kind in ("sd15", "lego"):
+    yaml_path = source_config or pretrained.config_file(source, ())
+    if yaml_path is not None and str(yaml_path).endswith((".yaml", ".yml")):
+      parts = checkpoints.ldm_parts_from_yaml(yaml_path, kind, overrides)
+      checkpoints.load_ldm_single_file(
+          source, unet=parts["unet"], vae=parts["vae"], clip_text=parts["clip_text"],
+          conditioner=parts.get("conditioner"), use_ema=cfg.ldm_train.init_use_ema,
+          widen_from_sd=kind == "sd15")
+      return parts
   parts = build_parts(cfg, kind)
   if kind in ("sd15", "lego"):
     checkpoints.load_ldm_single_file(
@@ -98,8 +154,7 @@ def convert(cfg, kind: str, source: str, vision_source: str | None = None) -> di
   elif kind == "llava":
     from lego_jax.models.llava import load_llava
 
-    vision = read_state_dict(vision_source) if vision_source else None
-    load_llava(parts["llava"], sd, vision_state_dict=vision)
+    load_llava(parts["llava"], sd, vision_source)
   return parts
 
 
@@ -126,6 +181,14 @@ def restore_converted(out: Path, parts: dict) -> dict:
   return parts
 
 
+def _sizes(module) -> dict:
+  """The config a part was built with, as JSON (the sizes to build it again for restoring)."""
+  import dataclasses
+
+  config = getattr(module, "config", None) or getattr(module, "cfg")
+  return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
 def main(cfg, workdir: Path) -> int:
   from lego_jax.cli import UserError
 
@@ -134,9 +197,15 @@ def main(cfg, workdir: Path) -> int:
   if not Path(_SOURCE.value).exists():
     raise FileNotFoundError(f"--source {_SOURCE.value} does not exist")
   out = Path(flags.FLAGS.out or Path(workdir) / "converted" / _KIND.value)
-  parts = convert(cfg, _KIND.value, _SOURCE.value, _VISION.value)
+  from ml_collections import config_flags
+
+  overrides = {}
+  for key, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
+    section, _, field = key.partition(".")
+    overrides.setdefault(section, {})[field] = value
+  parts = convert(cfg, _KIND.value, _SOURCE.value, _VISION.value, overrides, _SOURCE_CONFIG.value)
   meta = {"kind": _KIND.value, "source": str(Path(_SOURCE.value).absolute()),
-          "sections": {p: cfg[SECTIONS[p]].to_dict() for p in parts if p in SECTIONS}}
+          "sections": {p: _sizes(m) for p, m in parts.items()}}
   save_converted(parts, out, meta)
   n = sum(int(x.size) for x in jax.tree.leaves(nnx.state(list(parts.values()), nnx.Param)))
   print(f"convert: {_KIND.value} ({', '.join(parts)}; {n:,} parameters) -> {out}")

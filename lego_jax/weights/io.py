@@ -86,6 +86,19 @@ def _read_pickle(path: Path) -> dict[str, np.ndarray]:
   return {k: _to_numpy(v) for k, v in flat.items() if isinstance(v, torch.Tensor)}
 
 
+def _index_shards(index: Path) -> list[str]:
+  """The shard files a sharded checkpoint's `*.index.json` names (its "weight_map" values)."""
+  try:
+    shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    if not shards or not all(isinstance(s, str) and s for s in shards):
+      raise ValueError(f"shard names {shards[:3]}")
+  except (ValueError, KeyError, TypeError, AttributeError) as e:   # JSONDecodeError is a ValueError
+    raise WeightFileError(
+        f"{index}: not a weight index (expected JSON {{\"weight_map\": {{tensor: shard file}}}}; "
+        f"{type(e).__name__}: {e})") from None
+  return shards
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a PyTorch-named state dict from a file or a directory, as numpy arrays.
 
@@ -98,7 +111,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if path.is_dir():
     for index_name in ("*.safetensors.index.json", "*.bin.index.json"):
       for index in sorted(path.glob(index_name)):
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = _index_shards(index)
         out = {}
         for s in shards:
           out.update(read_state_dict(path / s))
@@ -118,6 +131,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return _read_pickle(path)
   raise WeightFileError(
       f"{path}: unknown weight file type {path.suffix!r}; expected .safetensors, .bin, .ckpt, .pth or .pt")
+
+
+def as_state_dict(source) -> tuple[Mapping[str, np.ndarray], str]:
+  """Every loader's one input: a state dict as it is, or a file / directory read from disk.
+  Returns (the state dict, a name for error messages)."""
+  if isinstance(source, Mapping):
+    return source, "(state dict)"
+  if isinstance(source, (str, os.PathLike)):
+    return read_state_dict(source), str(source)
+  raise TypeError(f"expected a state dict or a path, got {type(source).__name__}")
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,

@@ -110,13 +110,14 @@ def torch_to_jax(
   Returns:
     NNX path -> array, covering every entry of `target_shapes`.
   Raises:
-    KeyMappingError listing unexpected, missing and mis-shaped keys.
+    KeyMappingError listing unexpected, missing and mis-shaped keys, and keys whose tensors are
+    not floating point.
   """
   compiled = [(r, r.torch_re) for r in rules]
   ignore_re = [re.compile(p) for p in ignore]
   out: dict[str, np.ndarray] = {}
   stacks: dict[str, dict[int, np.ndarray]] = {}
-  unexpected, bad_shape = [], []
+  unexpected, bad_shape, bad_dtype = [], [], []
   for key, value in state_dict.items():
     for rule, rx in compiled:
       m = rx.match(key)
@@ -126,6 +127,8 @@ def torch_to_jax(
       layer = int(groups.pop(rule.stack)) if rule.stack else None
       target = rule.jax.format(**groups)
       arr = to_jax(np.asarray(value), rule.kind)
+      if arr.dtype.kind in "biuc":   # every parameter is real floating point
+        bad_dtype.append(f"{key} ({arr.dtype})")
       if layer is None:
         out[target] = arr
       else:
@@ -145,8 +148,12 @@ def torch_to_jax(
   for k, v in out.items():
     if k in target_shapes and tuple(v.shape) != tuple(target_shapes[k]):
       bad_shape.append(f"{k} {tuple(v.shape)} != model {tuple(target_shapes[k])}")
-  if unexpected or missing or bad_shape:
+  if unexpected or missing or bad_shape or bad_dtype:
     lines = [f"{source} does not match the model:"]
+    if bad_dtype:
+      # A cast would invent weights (an int32 tensor is an index table or a damaged file).
+      lines.append(_listing("integer / bool / complex tensors for floating-point parameters",
+                            bad_dtype))
     if unexpected:
       lines.append(_listing("unexpected keys", unexpected))
     if missing:

@@ -28,6 +28,23 @@ def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
           for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def _cast(key: str, new: np.ndarray, dtype) -> jax.Array:
+  """`new` in the parameter's dtype: widening is exact and narrowing is the dtype the config
+  chose, but a value the narrower type cannot hold (inf from a finite float32 in float16) or a
+  non-float source (int / bool: no weights) is refused, naming the parameter."""
+  from lego_jax.weights.mapping import KeyMappingError
+
+  if new.dtype.kind in "biuc" and jnp.issubdtype(dtype, jnp.floating):
+    raise KeyMappingError(f"{key}: the weights hold {new.dtype} values for a {jnp.dtype(dtype)} "
+                          "parameter (refused: casting would invent weights)")
+  out = jnp.asarray(new, dtype=dtype)
+  if (jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < new.dtype.itemsize
+      and not np.array_equal(np.isfinite(new), np.isfinite(np.asarray(out)))):
+    raise KeyMappingError(f"{key}: {new.dtype} values beyond the range of the model's "
+                          f"{jnp.dtype(dtype)} (largest |x| {np.nanmax(np.abs(new)):.4g})")
+  return out
+
+
 def load_params(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> nnx.Module:
   """Writes `arrays` (dotted path -> array) into the model's parameters, keeping their dtypes."""
   state = nnx.state(model, nnx.Param)
@@ -41,7 +58,7 @@ def load_params(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> nnx.Modu
     new = np.asarray(arrays[key])
     if tuple(new.shape) != tuple(old.shape):
       raise ValueError(f"{key}: shape {new.shape} != model {old.shape}")
-    var.set_value(jnp.asarray(new, dtype=old.dtype))
+    var.set_value(_cast(key, new, old.dtype))
   if missing:
     raise KeyError(f"no value for parameters: {missing[:20]}")
   nnx.update(model, state)

@@ -48,3 +48,15 @@ def test_epic_labels_are_verbatim_and_unknown_dataset_is_an_error():
   assert normalise_action("#C C opens cupboard", "ego4d") == "open cupboard"
   with pytest.raises(ValueError, match="unknown dataset 'kinetics'"):
     normalise_action("x", "kinetics")
+
+
+def test_release_rule_lemmatises_the_first_word_only():
+  """run_llava_in_loop.py: action[2:].strip() twice, first word lower-cased and lemmatised."""
+  assert normalise_action("#C C cuts the carrot", "ego4d_release") == "cut the carrot"
+  assert normalise_action("#C C picks up the lid and puts it down", "ego4d_release") == \
+      "pick up the lid and puts it down"        # the project's rule: "and put it down"
+  assert normalise_action("#C C Opens #unsure", "ego4d_release") == "open #unsure"
+  assert normalise_action("#C C washes", "ego4d_release") == "wash"
+  assert normalise_action("#C C", "ego4d_release") == ""
+  assert normalise_action("#C C picks up the lid and puts it down", "ego4d") == \
+      "pick up the lid and put it down"

@@ -104,7 +104,18 @@ def test_release_path_gives_the_same_records(prepared, tmp_path):
   cfg = _cfg(source="lego_json", frames_dir=str(raw / "frames"),
              metadata=str(raw / "metadata.json"), records_dir=str(tmp_path / "rec"),
              **{f"annotation_{s}": str(raw / f"lego_{s}.json") for s in ("train", "val", "test")})
+  # The paper's instruction tuning needs the GPT-curated file: no silent substitute.
+  with pytest.raises(prepare.DataConfigError,
+                     match="ego4d_for_tuning_forecasting.json .*instructions=released_vllm_outputs"):
+    prepare.convert_release(cfg.data, tmp_path)
+  cfg.data.instructions = "released_vllm_outputs"  # the explicit, named alternative
   prepare.convert_release(cfg.data, tmp_path)
+  fingerprint = records.build_metadata(tmp_path / "rec", records.INSTRUCT)["fingerprint"]
+  assert fingerprint["derived"] == ["test", "train", "val"]
+  from lego_jax.train import vllm  # train-vllm says so when it starts
+
+  assert "released VLLM's outputs" in vllm.targets_note(tmp_path / "rec")
+  assert vllm.targets_note(workdir / "records") == ""  # the generator's LLaVA files
   for split in ("train", "val", "test"):
     a = records.open_split(workdir / "records", split)
     b = records.open_split(tmp_path / "rec", split)

@@ -57,7 +57,7 @@ def read_index(jpeg_or_rgb) -> int:
   return sum(1 << b for b in range(8) if a[2:6, b * 8 + 2:b * 8 + 6].mean() > 128)
 
 
-def write_video(path: Path, num_frames: int, *, fps: int = 30, codec: str = CODEC,
+def write_video(path: Path, num_frames: int, *, fps: int | Fraction = 30, codec: str = CODEC,
                 scene_cut: int | None = None, faststart: bool = False) -> Path:
   container = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
   stream = container.add_stream(codec, rate=fps)
@@ -120,17 +120,18 @@ def data(tmp_path_factory):
 
   epic = root / "epic" / "P01" / "videos"
   epic.mkdir(parents=True)
-  # EPIC is 50/60 fps: 50 here, and MPEG-4, so both codecs and a second time base are covered.
-  write_video(epic / "P01_01.MP4", 150, fps=50, codec="mpeg4")
-  write_video(epic / "P01_03.MP4", 60, fps=50, codec="mpeg4")
+  # Extension videos (PXX_1YY) are 50 fps and numbered at 50; MPEG-4, so both codecs and a
+  # second time base are covered.
+  write_video(epic / "P01_101.MP4", 150, fps=50, codec="mpeg4")
+  write_video(epic / "P01_103.MP4", 60, fps=50, codec="mpeg4")
   rows = [
       # narration_id, video_id, start_ts, stop_ts, start_frame, stop_frame, narration
-      ("P01_01_0", "P01_01", "00:00:00.20", "00:00:01.00", 11, 51, "open door"),
-      ("P01_01_1", "P01_01", "00:00:02.00", "00:00:02.80", 101, 141, "take plate"),
-      ("P01_01_2", "P01_01", "00:00:04.00", "00:00:06.00", 201, 301, "wash pan"),
-      ("P01_01_3", "P01_01", "00:00:01.00", "00:00:00.50", 51, 26, "bad row"),
-      ("P01_02_0", "P01_02", "00:00:00.10", "00:00:00.50", 6, 26, "close tap"),
-      ("P01_03_0", "P01_03", "00:00:00.02", "00:00:00.62", 2, 32, "cut onion"),
+      ("P01_101_0", "P01_101", "00:00:00.20", "00:00:01.00", 11, 51, "open door"),
+      ("P01_101_1", "P01_101", "00:00:02.00", "00:00:02.80", 101, 141, "take plate"),
+      ("P01_101_2", "P01_101", "00:00:04.00", "00:00:06.00", 201, 301, "wash pan"),
+      ("P01_101_3", "P01_101", "00:00:01.00", "00:00:00.50", 51, 26, "bad row"),
+      ("P01_102_0", "P01_102", "00:00:00.10", "00:00:00.50", 6, 26, "close tap"),
+      ("P01_103_0", "P01_103", "00:00:00.02", "00:00:00.62", 2, 32, "cut onion"),
   ]
   csv_path = root / "EPIC_100_train.csv"
   with open(csv_path, "w", newline="") as f:
@@ -161,6 +162,36 @@ def test_reader_returns_exact_frames_by_seeking(data, skip_nonref):
     # last one for 500. Skipping non-reference frames decodes fewer still.
     assert reader.seeks == 5
     assert reader.decoded_frames <= (45 if skip_nonref else 60)
+
+
+def test_mpeg4_with_b_frames_in_avi_counts_from_the_first_frame(tmp_path):
+  """AVI stamps MPEG-4 part 2 B-frame streams' first frame 1 while start_time says 0: frame i
+  must still be the i-th frame, not the (i-1)-th."""
+  path = write_video(tmp_path / "b.avi", 40, fps=25, codec="mpeg4")
+  with av.open(str(path)) as c:   # the case itself: the first frame is not at start_time
+    first = next(c.decode(c.streams.video[0]))
+    assert (c.streams.video[0].start_time, first.pts) == (0, 1)
+  with VideoReader(str(path)) as reader:
+    got = {i: read_index(f.to_ndarray(format="rgb24")) for i, f in reader.read([0, 1, 13, 39])}
+    assert got == {0: 0, 1: 1, 13: 13, 39: 39} and reader.missing == {}
+
+
+def test_edit_list_pre_roll_is_not_frame_0(data, tmp_path):
+  """An MP4 cut at frame 30 by stream copy keeps the GOP from keyframe 24 as pre-roll before its
+  edit list's start: frame 0 is the source's frame 30, not the first decodable one (24)."""
+  with av.open(str(data["ego_videos"] / "full_scale" / "vid_a.mp4")) as inp, \
+      av.open(str(tmp_path / "cut.mp4"), "w") as out:
+    ist = inp.streams.video[0]
+    ost = out.add_stream_from_template(ist)
+    step, start = int(1 / (ist.average_rate * ist.time_base)), ist.start_time
+    for pkt in inp.demux(ist):
+      if pkt.dts is None or pkt.dts < start + 22 * step:   # from the GOP of keyframe 24 on
+        continue
+      pkt.pts, pkt.dts, pkt.stream = pkt.pts - start - 30 * step, pkt.dts - start - 30 * step, ost
+      out.mux(pkt)
+  with VideoReader(str(tmp_path / "cut.mp4")) as reader:
+    got = {i: read_index(f.to_ndarray(format="rgb24")) for i, f in reader.read([0, 1, 20])}
+  assert got == {0: 30, 1: 31, 20: 50}
 
 
 def test_reader_rejects_files_that_are_not_videos(data):
@@ -217,12 +248,70 @@ def test_epic_annotations(data):
   assert skipped == {"bad_row": 1}
   for pairs in (frames, times):
     got = {p.id: (p.input.index(fps), p.target.index(fps)) for p in pairs}
-    assert got == {"P01_01/P01_01_0": (5, 30), "P01_01/P01_01_1": (95, 120),
-                   "P01_01/P01_01_2": (195, 250), "P01_02/P01_02_0": (0, 15),
-                   "P01_03/P01_03_0": (0, 16)}
+    assert got == {"P01_101/P01_101_0": (5, 30), "P01_101/P01_101_1": (95, 120),
+                   "P01_101/P01_101_2": (195, 250), "P01_102/P01_102_0": (0, 15),
+                   "P01_103/P01_103_0": (0, 16)}
   assert frames[0].action == frames[0].raw_action == "open door"
   late, _ = epic_kitchens.load_pairs(data["epic_csv"], target_fraction=1.0)
   assert late[0].target.index(fps) == 50
+
+
+# Rows of the published EPIC_100_validation.csv (EPIC-55 videos, fps from
+# EPIC_100_video_info.csv) and EPIC_100_uda_target_val.csv (an extension video):
+# (video fps, video_id, start_timestamp, stop_timestamp, start_frame, stop_frame).
+PUBLISHED_ROWS = [
+    (Fraction(60000, 1001), "P24_09", "00:32:44.72", "00:32:46.97", 117883, 118018),
+    (Fraction(30000, 1001), "P18_02", "00:03:07.02", "00:03:08.28", 11221, 11296),
+    (Fraction(48000, 1001), "P17_02", "00:08:54.65", "00:08:57.24", 32079, 32234),
+    (Fraction(90), "P18_09", "00:04:31.36", "00:04:34.77", 16281, 16486),
+    (Fraction(50), "P03_101", "00:06:40.50", "00:06:42.70", 20025, 20135),
+]
+
+
+def _write_epic_csv(path: Path, rows) -> Path:
+  """rows: (narration_id, video_id, start_ts, stop_ts, start_frame, stop_frame, narration)."""
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["narration_id", "video_id", "start_timestamp", "stop_timestamp", "start_frame",
+                "stop_frame", "narration"])
+    w.writerows(rows)
+  return path
+
+
+def test_epic_frame_numbers_count_at_60_fps_for_epic55_and_50_for_the_extension(tmp_path):
+  """The CSVs number EPIC-55 frames at 60 fps whatever the video's rate: frames and timestamps
+  must land on the same video frame (within the timestamps' 0.01 s), not 2x / 1.25x apart."""
+  rows = [(f"{vid}_0", vid, t0, t1, f0, f1, "x") for _, vid, t0, t1, f0, f1 in PUBLISHED_ROWS]
+  path = _write_epic_csv(tmp_path / "rows.csv", rows + [("A_1_0", "A_1", "00:00:01.00",
+                                                         "00:00:02.00", 61, 121, "odd id")])
+  frames, skipped = epic_kitchens.load_pairs(path, target_fraction=0.0)
+  times, _ = epic_kitchens.load_pairs(path, positions="timestamps", target_fraction=0.0)
+  assert skipped == {"unknown_video_kind": 1}
+  assert [epic_kitchens.annotation_fps(p.video_id) for p in frames] == [60, 60, 60, 60, 50]
+  got = [(p.input.index(fps), t.input.index(fps))
+         for (fps, *_), p, t in zip(PUBLISHED_ROWS, frames, times)]
+  # (start_frame - 1) / 60 s at the video's rate: 117882 * 1000/1001, 11220 / 2 * 1000/1001, ...
+  assert [f for f, _ in got] == [117764, 5604, 25637, 24420, 20024]
+  assert all(abs(f - t) <= 2 for f, t in got), got
+  assert dict(frames[0].meta)["annotation_fps"] == 60
+
+
+def test_epic55_video_at_29_97_fps_extracts_the_annotated_frame(tmp_path):
+  """End to end: a 29.97 fps EPIC-55 video, frames numbered at 60 fps (start_frame 61 is 1 s,
+  video frame 30; at the video's own rate it would be frame 60, past this 2 s video's end)."""
+  videos_dir = tmp_path / "videos"
+  videos_dir.mkdir()
+  write_video(videos_dir / "P02_05.MP4", 60, fps=Fraction(30000, 1001), codec="mpeg4")
+  path = _write_epic_csv(tmp_path / "rows.csv", [
+      ("P02_05_0", "P02_05", "00:00:01.00", "00:00:01.50", 61, 91, "open fridge")])
+  pairs, skipped = videos.load_annotations("epic", {"train": str(path)}, {})
+  reports, _ = videos.extract(pairs, videos_dir, tmp_path / "out",
+                              options=videos.ExtractOptions(short_side=0), skipped=skipped)
+  assert reports["train"].outcomes["written"] == 1
+  (rec,) = _records_by_id(tmp_path / "out", "train").values()
+  assert (read_index(rec["input_jpeg"]), read_index(rec["target_jpeg"])) == (30, 37)
+  meta = json.loads(rec["meta"])
+  assert (meta["input_frame"], meta["annotation_fps"]) == (30, 60)
 
 
 def _records_by_id(out: Path, split: str) -> dict[str, dict]:
@@ -313,23 +402,23 @@ def test_resume_redoes_only_what_is_missing_and_never_duplicates(data, tmp_path)
   first, markers = videos.extract(pairs, data["epic_videos"], out, options=opts, workers=2,
                                   skipped=skipped)
   r = first["train"]
-  assert r.processed == ["P01_01", "P01_03"]
+  assert r.processed == ["P01_101", "P01_103"]
   assert {k: v for k, v in r.outcomes.items() if v} == {
       "written": 3, "frame_past_end": 1, "video_missing": 1}
   before = _records_by_id(out, "train")
   assert {rid: (read_index(x["input_jpeg"]), read_index(x["target_jpeg"]))
           for rid, x in before.items()} == {
-      "P01_01/P01_01_0": (10, 30), "P01_01/P01_01_1": (100, 120), "P01_03/P01_03_0": (1, 16)}
+      "P01_101/P01_101_0": (10, 30), "P01_101/P01_101_1": (100, 120), "P01_103/P01_103_0": (1, 16)}
 
   # A finished run is not redone.
   again, _ = videos.extract(pairs, data["epic_videos"], out, options=opts, workers=2)
-  assert again["train"].processed == [] and again["train"].resumed == ["P01_01", "P01_03"]
+  assert again["train"].processed == [] and again["train"].resumed == ["P01_101", "P01_103"]
 
   # One video's output lost (or a run killed while it was written): only it is redone.
-  (out / "work" / "train" / "P01_03.json").unlink()
-  (out / "work" / "train" / ".P01_01.array_record.tmp123").write_bytes(b"half")
+  (out / "work" / "train" / "P01_103.json").unlink()
+  (out / "work" / "train" / ".P01_101.array_record.tmp123").write_bytes(b"half")
   third, markers = videos.extract(pairs, data["epic_videos"], out, options=opts, workers=2)
-  assert third["train"].processed == ["P01_03"] and third["train"].resumed == ["P01_01"]
+  assert third["train"].processed == ["P01_103"] and third["train"].resumed == ["P01_101"]
   assert third["train"].outcomes == r.outcomes
   after = _records_by_id(out, "train")
   assert after.keys() == before.keys()
@@ -339,7 +428,7 @@ def test_resume_redoes_only_what_is_missing_and_never_duplicates(data, tmp_path)
   # Other options are other records: everything is redone.
   fourth, _ = videos.extract(pairs, data["epic_videos"], out,
                              options=videos.ExtractOptions(short_side=32))
-  assert fourth["train"].processed == ["P01_01", "P01_03"]
+  assert fourth["train"].processed == ["P01_101", "P01_103"]
 
 
 def test_command_line(data, tmp_path):

@@ -125,6 +125,15 @@ def test_score_set_means_counts_and_region_lpips(examples):
   # Identical regions have PSNR +inf; the mean caps them at 100 dB.
   assert summary["region_psnr"] == pytest.approx((per["region_psnr"][0] + 100.0 * (n - 1)) / n)
   assert per["region_psnr"][0] < 30
+  # Outside the mask the copy of the input is the ground truth up to what the action moved
+  # beyond its mask (nothing, in these scenes): equal pixels, +inf, capped like the region's.
+  exp_outside = ar.region_psnr(inp[0], ref[0], ~masks[0])
+  assert per["outside_psnr"][0] == exp_outside and per["outside_psnr"][1:] == [math.inf] * (n - 1)
+  # Standard errors: sample std / sqrt(n) of the per-example values (inf capped at 100).
+  hits = np.asarray(per["hand_hit"], np.float64)
+  assert summary["hand_hit_se"] == pytest.approx(hits.std(ddof=1) / math.sqrt(n))
+  capped = np.minimum(np.asarray(per["region_psnr"]), 100.0)
+  assert summary["region_psnr_se"] == pytest.approx(capped.std(ddof=1) / math.sqrt(n))
   assert per["region_lpips"][0] > 0 and per["region_lpips"][1:] == [0.0] * (n - 1)
   # Object scores count only examples whose ground truth moves object-coloured pixels.
   assert 0 <= summary["object_iou_count"] <= n

@@ -153,14 +153,19 @@ def test_results_table_has_paper_rows_and_runs(tmp_path):
     (tmp_path / name / "metrics.json").write_text(json.dumps({
         "name": name, "num_pairs": 10,
         "metrics": {"egovlp": v, "clip": v + 0.1, "fid": 30.0 - 10 * v, "psnr": 12.0,
-                    "lpips": 0.4}, "skipped": {"egovlp_plus": "no --inputs"}}))
+                    "lpips": 0.4}, "skipped": {"egovlp_plus": "no --inputs"},
+        # ckpt_b's LPIPS as the release computes it; ckpt_a's on [-1, 1] inputs (marked)
+        "settings": {"lpips_release_range": name == "ckpt_b"}}))
   md, html_path, text = ev.write_results_table(tmp_path, "", "ego4d", True)
   lines = md.read_text().splitlines()
   assert "| method | EgoVLP ↑ | EgoVLP+ ↑ | CLIP ↑ | FID ↓ | PSNR ↑ | LPIPS ↓ |" in lines
   # best per column in bold, paper rows included
   assert "| LEGO [paper] | 65.65 | **80.44** | **80.61** | 23.83 | **12.29** | **36.43** |" in lines
   assert "| ckpt_b | **70.00** | – | 80.00 | **23.00** | 12.00 | 40.00 |" in lines
-  assert any(l.startswith("- ckpt_a: 10 pairs; skipped: egovlp_plus") for l in lines)
+  assert "| ckpt_a | 60.00 | – | 70.00 | 24.00 | 12.00 | 40.00† |" in lines
+  assert any(l.startswith("- ckpt_a: 10 pairs; skipped: egovlp_plus; † LPIPS on [-1, 1] inputs")
+             for l in lines)
+  assert not any(l.startswith("- ckpt_b") and "†" in l for l in lines)
   frag = html_path.read_text()
   assert frag.startswith('<div class="lego-results">') and "<b>23.00</b>" in frag
   assert frag.count("<tr") == 1 + 4 + 2

@@ -15,11 +15,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lego_jax import config as config_lib
+from lego_jax.models import clip_text as clip_text_lib
 from lego_jax.models.clip_text import (CLIPText, CLIPTextConfig, clip_text_to_torch,
                                        detect_text_layout, load_clip_text, tokenize)
 from lego_jax.parallel.sharding import make_mesh, state_shardings, use_mesh
 from lego_jax.weights.io import read_state_dict, write_safetensors
 from lego_jax.weights.mapping import KeyMappingError
+from lego_jax.weights.pretrained import PretrainedConfigError
 from lego_jax.weights.state import abstract_param_shapes
 
 # An odd head count with a short window; SD's full 77-token window at a small width.
@@ -88,7 +90,8 @@ def test_clip_text_model_parity_and_export(name, tmp_path):
   hf.save_pretrained(tmp_path)
   sd = read_state_dict(tmp_path)
   assert detect_text_layout(sd) == "clip_tower"
-  model = load_clip_text(_ours(c), tmp_path)
+  model = clip_text_lib.from_pretrained(tmp_path)  # every size from config.json
+  assert model.cfg == CLIPTextConfig(**c)
   for length in (c["max_position"], 11):
     ids = _ids(c, 2, length, seed=length)
     out = _forward(model, jnp.asarray(ids))
@@ -179,6 +182,15 @@ def test_clip_model_and_with_projection_files(tmp_path):
   sd = read_state_dict(tmp_path / "proj")
   assert "text_projection.weight" in sd and detect_text_layout(sd) == "clip"
   model = load_clip_text(_ours(c), tmp_path / "proj")
+  # The directories alone: a CLIPModel's text_config section, a CLIPTextModelWithProjection.
+  assert clip_text_lib.from_pretrained(tmp_path / "proj").cfg == model.cfg
+  assert clip_text_lib.from_pretrained(tmp_path / "clip").cfg == model.cfg
+  with pytest.raises(PretrainedConfigError, match=r"hidden_size=24 .*says hidden_size="):
+    clip_text_lib.from_pretrained(tmp_path / "clip", hidden_size=24)
+  config = json.loads((tmp_path / "proj" / "config.json").read_text())
+  (tmp_path / "proj" / "config.json").write_text(json.dumps({**config, "vocab_size": 101}))
+  with pytest.raises(PretrainedConfigError, match="says vocab_size=101 but the weights"):
+    clip_text_lib.from_pretrained(tmp_path / "proj")
   with torch.no_grad():
     ref = proj(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
   assert _rel(_forward(model, jnp.asarray(ids)), ref) <= 1e-4

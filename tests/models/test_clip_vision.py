@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import jax
@@ -14,11 +15,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lego_jax import config as config_lib
+from lego_jax.models import clip_vision as clip_vision_lib
 from lego_jax.models.clip_vision import (CLIPVision, CLIPVisionConfig, clip_vision_to_torch,
                                          detect_vision_layout, load_clip_vision, preprocess)
 from lego_jax.parallel.sharding import make_mesh, state_shardings
 from lego_jax.weights.io import read_state_dict
 from lego_jax.weights.mapping import KeyMappingError
+from lego_jax.weights.pretrained import PretrainedConfigError
 from lego_jax.weights.state import abstract_param_shapes, param_shapes
 
 # Small towers: an odd head count, image sizes that are no multiple of the patch or of 32.
@@ -93,7 +96,8 @@ def test_clip_vision_model_parity(name, tmp_path):
   hf.save_pretrained(tmp_path)
   sd = read_state_dict(tmp_path)
   assert detect_vision_layout(sd) == "clip_tower"
-  model = load_clip_vision(_ours(c), tmp_path)
+  model = clip_vision_lib.from_pretrained(tmp_path)  # every size from config.json
+  assert model.cfg == CLIPVisionConfig(**c)
   px = _pixels(c)
   ref = _ref_outputs(hf, px)
   out = _forward(model, jnp.asarray(px))
@@ -144,7 +148,8 @@ def test_with_projection_parity_and_bf16(tmp_path):
   hf.save_pretrained(tmp_path)
   sd = read_state_dict(tmp_path)
   assert detect_vision_layout(sd) == "clip" and "visual_projection.weight" in sd
-  model = load_clip_vision(_ours(c, with_projection=True), tmp_path)
+  model = clip_vision_lib.from_pretrained(tmp_path, with_projection=True)
+  assert model.cfg == CLIPVisionConfig(**c, with_projection=True)
   px = _pixels(c, seed=5)
   with torch.no_grad():
     ref = hf(pixel_values=torch.from_numpy(px.transpose(0, 3, 1, 2)), output_hidden_states=True)
@@ -160,7 +165,7 @@ def test_with_projection_parity_and_bf16(tmp_path):
     np.testing.assert_array_equal(back[k], v, err_msg=k)
 
   # bf16 compute, fp32 parameters, against the fp32 reference
-  half = load_clip_vision(_ours(c, with_projection=True, dtype=jnp.bfloat16), tmp_path)
+  half = clip_vision_lib.from_pretrained(tmp_path, with_projection=True, dtype=jnp.bfloat16)
   assert half.patch_embedding.kernel[...].dtype == jnp.float32
   out = _forward(half, jnp.asarray(px))
   assert out["image_embeds"].dtype == out["features"].dtype == jnp.bfloat16
@@ -195,6 +200,23 @@ def test_clip_model_file_with_both_towers(tmp_path):
     ref = hf.get_image_features(pixel_values=torch.from_numpy(px.transpose(0, 3, 1, 2)))
   ref = getattr(ref, "pooler_output", ref)  # transformers 5 returns an output object
   assert _rel(nnx.jit(CLIPVision.image_embeds)(model, jnp.asarray(px)), ref.numpy()) <= 1e-4
+  # The CLIPModel directory alone: the vision_config section and the top-level projection_dim.
+  built = clip_vision_lib.from_pretrained(tmp_path, with_projection=True)
+  assert built.cfg == model.cfg
+
+
+def test_from_pretrained_refuses_disagreements_by_field(tmp_path):
+  c = CONFIGS["4heads_42px"]
+  transformers.CLIPVisionModel(_hf_config(c)).save_pretrained(tmp_path)
+  with pytest.raises(PretrainedConfigError, match=r"num_heads=8 .*\(num_attention_heads\)=4"):
+    clip_vision_lib.from_pretrained(tmp_path, num_heads=8)
+  config = json.loads((tmp_path / "config.json").read_text())
+  for change, message in (({"image_size": 36}, "says image_size=36 but the weights have 42"),
+                          ({"num_hidden_layers": 4}, "says num_layers=4 but the weights have 3"),
+                          ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported")):
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(PretrainedConfigError, match=message.replace("have ", "have .*=")):
+      clip_vision_lib.from_pretrained(tmp_path)
 
 
 def _llava_files(sd_tower: dict, layout: str) -> dict:

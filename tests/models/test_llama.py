@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +21,8 @@ from lego_jax.models.llama import Llama, LlamaConfig
 from lego_jax.parallel import sharding
 from lego_jax.weights import io
 from lego_jax.weights.mapping import KeyMappingError
-from lego_jax.weights.state import abstract_param_shapes, count_params
+from lego_jax.weights.pretrained import PretrainedConfigError
+from lego_jax.weights.state import abstract_param_shapes, count_params, flat_params
 
 # name -> (hidden, intermediate, layers, heads, kv_heads, vocab, tied)
 CONFIGS = {
@@ -56,7 +61,11 @@ def reference(name, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"llama_{name}")
     model.save_pretrained(path)
     _CACHE[name] = (model, io.read_state_dict(path))
+    _PATHS[name] = path
   return _CACHE[name]
+
+
+_PATHS = {}
 
 
 def ours(name, tmp_path_factory, **overrides):
@@ -209,6 +218,27 @@ def test_bf16_generation_greedy_matches_fp32_reference_and_sampling_knobs(tmp_pa
   np.testing.assert_array_equal(hot(7), hot(7))
   assert not np.array_equal(hot(7), hot(8))
   assert decode._generate_jit._cache_size() == compiled   # the knobs are traced, not static
+
+  # The stop is the tokenizer's EOS (transformers' tokenizer fields here), never a guessed id:
+  # with row 0's first greedy token as EOS, row 0 stops at once unless min_new_tokens forbids it,
+  # exactly as transformers' generate(eos_token_id=, min_new_tokens=).
+  tokenizer = types.SimpleNamespace(eos_token_id=int(greedy[0, 0]), pad_token_id=None)
+  for min_new in (0, 2):
+    cfg = decode.SamplingConfig.for_tokenizer(tokenizer, max_new_tokens=4, greedy=True,
+                                              min_new_tokens=min_new)
+    assert (cfg.eos_id, cfg.pad_id) == (greedy[0, 0], greedy[0, 0])
+    out = decode.generate_from_ids(model, ids, lengths, cfg)
+    for row, n in enumerate(lengths):
+      with torch.no_grad():
+        ref = hf.generate(torch.as_tensor(ids[row:row + 1, :n]), do_sample=False,
+                          max_new_tokens=4, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id,
+                          min_new_tokens=min_new)[0, n:].numpy()
+      assert int(out.num_tokens[row]) == len(ref)
+      np.testing.assert_array_equal(np.asarray(out.tokens[row, :len(ref)]), ref)
+    assert int(out.num_tokens[0]) == 1 if min_new == 0 else int(out.num_tokens[0]) >= min_new
+  assert decode._generate_jit._cache_size() == compiled
+  with pytest.raises(ValueError, match="eos_id is not set"):
+    decode.generate_from_ids(model, ids, lengths, decode.SamplingConfig(max_new_tokens=4))
   # top-p keeps exactly the best tokens whose mass above them is < p.
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   kept = np.isfinite(np.asarray(decode.filter_logits(
@@ -277,3 +307,48 @@ def test_sharded_forward_matches_single_device(tmp_path_factory):
   expected = NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
   assert cache.k.sharding.is_equivalent_to(expected, cache.k.ndim)
   assert rel(logits, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["gqa", "mqa_odd"])
+def test_from_pretrained_directory_needs_no_sizes(name, tmp_path_factory):
+  """save_pretrained's directory alone builds the model: heads, kv heads (GQA / one kv head),
+  layers, widths and vocab come from config.json; outputs equal transformers'."""
+  hf, _ = reference(name, tmp_path_factory)
+  model = llama_lib.from_pretrained(_PATHS[name])
+  assert model.config == _configs(name)[1]
+  ids = np.random.default_rng(9).integers(0, CONFIGS[name][5], (2, 7))
+  logits, hidden, _ = model(jnp.asarray(ids))
+  ref_logits, ref_hidden, _ = hf_run(hf, ids)
+  assert rel(logits, ref_logits) <= 1e-5 and rel(hidden, ref_hidden) <= 1e-5
+  # The loader takes the directory's path as well as a state dict.
+  again = llama_lib.load_llama(nnx.eval_shape(lambda: Llama(model.config, rngs=nnx.Rngs(1))),
+                               str(_PATHS[name]))
+  want = flat_params(model)
+  assert all(np.array_equal(v, want[k]) for k, v in flat_params(again).items())
+
+
+def test_from_pretrained_refuses_disagreements_by_field(tmp_path_factory, tmp_path):
+  reference("mqa_odd", tmp_path_factory)
+  src = _PATHS["mqa_odd"]
+  # An override that disagrees with config.json; one it does not state is taken.
+  with pytest.raises(PretrainedConfigError, match=r"num_heads=4 .*num_attention_heads\)=3"):
+    llama_lib.from_pretrained(src, num_heads=4)
+  assert llama_lib.from_pretrained(src, remat=True, num_heads=3).config.remat
+  # config.json against the weights: a wrong kv-head count and a wrong depth, by field name.
+  for key, value, field in (("num_key_value_heads", 3, "num_kv_heads"),
+                            ("num_hidden_layers", 2, "num_layers")):
+    bad = tmp_path / key
+    shutil.copytree(src, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config[key] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PretrainedConfigError, match=f"says {field}={value} but the weights"):
+      llama_lib.from_pretrained(bad)
+  # What the model does not implement is refused by name, not run differently.
+  config["num_hidden_layers"], config["hidden_act"] = 3, "gelu"
+  (bad / "config.json").write_text(json.dumps(config))
+  with pytest.raises(PretrainedConfigError, match="hidden_act='gelu' is not supported"):
+    llama_lib.from_pretrained(bad)
+  (bad / "config.json").unlink()
+  with pytest.raises(PretrainedConfigError, match="no config.json"):
+    llama_lib.from_pretrained(bad)

@@ -3,7 +3,9 @@ linear projector of the original LLaVA layout, and greedy KV-cache generation wi
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import pathlib
 
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from lego_jax.models.llama import LlamaConfig
 from lego_jax.models.llava import Llava, LlavaConfig
 from lego_jax.weights import io
 from lego_jax.weights.mapping import KeyMappingError
+from lego_jax.weights.pretrained import PretrainedConfigError
 from lego_jax.weights.state import abstract_param_shapes, flat_params
 
 VOCAB, IMAGE_TOKEN, PATCHES = 80, 79, 4
@@ -59,7 +62,11 @@ def reference(tmp_path_factory):
   model = transformers.LlavaForConditionalGeneration(config).eval()
   path = tmp_path_factory.mktemp("llava")
   model.save_pretrained(path)
+  _PATHS["llava"] = path
   return model, io.read_state_dict(path)
+
+
+_PATHS = {}
 
 
 def inputs(seed, batch=2, length=10, image_at=1):
@@ -112,7 +119,11 @@ def test_transformers_layouts_match_logits_with_image_tokens(reference, layout):
                   for k, v in saved.items()}
     state_dict["vision_tower.vision_model.embeddings.position_ids"] = np.arange(5)[None]
   assert llava_lib.detect_llava_layout(state_dict) == layout
-  model = llava_lib.load_llava(abstract(our_config()), state_dict)
+  if layout == "hf_llava":  # save_pretrained's directory alone: every size from config.json
+    model = llava_lib.from_pretrained(_PATHS["llava"])
+    assert model.config == our_config()
+  else:
+    model = llava_lib.load_llava(abstract(our_config()), state_dict)
   ids, pixels = inputs(seed=1)
   ref_logits, ref_hidden = hf_forward(hf, ids, pixels)
   logits, hidden, _ = model(jnp.asarray(ids), nhwc(pixels))
@@ -132,7 +143,7 @@ def test_transformers_layouts_match_logits_with_image_tokens(reference, layout):
 
 def test_cached_prefill_with_image_then_text_steps(reference):
   hf, saved = reference
-  model = llava_lib.load_llava(abstract(our_config()), saved)
+  model = llava_lib.load_llava(abstract(our_config()), str(_PATHS["llava"]))  # a path loads too
   ids, pixels = inputs(seed=2, length=9)
   ref_logits, _ = hf_forward(hf, ids, pixels)
   cache = model.lm.init_cache(2, 12)
@@ -164,9 +175,27 @@ def test_original_llava_layout_linear_projector_and_separate_clip(reference, tmp
              for k, v in saved.items() if k.startswith("vision_tower.")}
   clip_sd["text_model.embeddings.token_embedding.weight"] = np.zeros((5, 3), np.float32)
   assert llava_lib.detect_llava_layout(lm_sd) == "llava"
-  with pytest.raises(KeyMappingError, match="vision_state_dict"):
+  with pytest.raises(KeyMappingError, match="vision_source"):
     llava_lib.load_llava(abstract(our_config("linear")), lm_sd)
-  model = llava_lib.load_llava(abstract(our_config("linear")), lm_sd, vision_state_dict=clip_sd)
+  # As directories with their config.json (the original repository's: a LlamaConfig plus mm_*;
+  # the CLIP tower's own), nothing else needs saying but the tokenizer's image placeholder id.
+  lm_dir, clip_dir = tmp_path / "llava-linear", tmp_path / "clip"
+  io.write_safetensors(lm_sd, lm_dir / "model.safetensors")
+  io.write_safetensors(clip_sd, clip_dir / "model.safetensors")
+  repo_config = dict(TEXT, model_type="llava", mm_projector_type="linear", mm_hidden_size=24,
+                     mm_vision_select_layer=-2, mm_vision_tower="openai/clip-vit-large-patch14")
+  (lm_dir / "config.json").write_text(json.dumps(repo_config))
+  (clip_dir / "config.json").write_text(transformers.CLIPVisionConfig(**VISION).to_json_string())
+  model = llava_lib.from_pretrained(lm_dir, clip_dir, image_token_id=IMAGE_TOKEN)
+  assert model.config == dataclasses.replace(our_config("linear"), image_token_id=IMAGE_TOKEN)
+  with pytest.raises(PretrainedConfigError, match=r"num_kv_heads=4 .*\(num_key_value_heads\)=2"):
+    llava_lib.from_pretrained(lm_dir, clip_dir, llama={"num_kv_heads": 4})
+  (lm_dir / "config.json").write_text(json.dumps(dict(repo_config, mm_hidden_size=32)))
+  with pytest.raises(PretrainedConfigError, match="mm_hidden_size=32 but the vision tower"):
+    llava_lib.from_pretrained(lm_dir, clip_dir)
+  (lm_dir / "config.json").write_text(json.dumps(dict(repo_config, num_hidden_layers=3)))
+  with pytest.raises(PretrainedConfigError, match="says num_layers=3 but the weights"):
+    llava_lib.from_pretrained(lm_dir, clip_dir)
 
   # Reference: transformers' Llava with its projector swapped for the same single Linear.
   linear = torch.nn.Linear(24, 32)

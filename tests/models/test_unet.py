@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import shutil
 
 import jax
 import jax.extend.core
@@ -16,11 +18,13 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from lego_jax.models import unet as unet_lib
 from lego_jax.models.unet import (
     Level, UNet, UNetConfig, load_unet, timestep_embedding, unet_rules, unet_to_torch, widen_input)
 from lego_jax.parallel.sharding import make_mesh, state_shardings
 from lego_jax.weights.io import read_state_dict, write_safetensors
 from lego_jax.weights.mapping import KeyMappingError
+from lego_jax.weights.pretrained import PretrainedConfigError
 from lego_jax.weights.state import flat_params, load_params, param_shapes
 
 # (config, use_linear_projection of the reference, latent height x width)
@@ -34,9 +38,10 @@ CASES = {
     "3lvl_odd": (UNetConfig(block_out_channels=(32, 48, 64), attention_levels=(False, True, True),
                             layers_per_block=1, num_heads=2, context_dim=40, norm_groups=16),
                  False, (7, 10)),
-    # an odd head count, two stacked transformer blocks, SD-2-style linear projections
-    "heads3_depth2": (UNetConfig(block_out_channels=(24, 48), attention_levels=(True, True),
-                                 layers_per_block=1, num_heads=3, transformer_depth=2,
+    # per-level head counts (3 at the first level, odd; 4 at the second and in the mid block),
+    # two stacked transformer blocks, SD-2-style linear projections
+    "heads_3_4_depth2": (UNetConfig(block_out_channels=(24, 48), attention_levels=(True, True),
+                                 layers_per_block=1, num_heads=(3, 4), transformer_depth=2,
                                  context_dim=16, norm_groups=8),
                       True, (8, 8)),
 }
@@ -196,7 +201,7 @@ def test_compvis_single_file_and_ema_parity(saved, tmp_path):
 
 
 def test_export_round_trip_into_diffusers(saved):
-  cfg, ref, path, inputs, want = saved["heads3_depth2"]
+  cfg, ref, path, inputs, want = saved["heads_3_4_depth2"]
   model = load_unet(_abstract(cfg), path)
   exported = unet_to_torch(model, "diffusers", linear_projection=True)
   sd = ref.state_dict()
@@ -210,7 +215,7 @@ def test_export_round_trip_into_diffusers(saved):
 
 
 def test_bf16_compute_close_to_fp32(saved):
-  cfg, _, path, inputs, want = saved["heads3_depth2"]
+  cfg, _, path, inputs, want = saved["heads_3_4_depth2"]
   model = load_unet(_abstract(dataclasses.replace(cfg, dtype=jnp.bfloat16)), path)
   assert model.conv_in.kernel.get_value().dtype == jnp.float32  # params stay fp32
   got = _apply(model, *inputs)
@@ -252,7 +257,7 @@ def _count_checkpoints(jaxpr) -> int:
 
 
 def test_remat_wraps_every_block(saved):
-  cfg, _, path, (x, t, ctx), _ = saved["heads3_depth2"]
+  cfg, _, path, (x, t, ctx), _ = saved["heads_3_4_depth2"]
   n, per, attn = len(cfg.block_out_channels), cfg.layers_per_block, sum(cfg.attention_levels)
   resnets = n * per + 2 + n * (per + 1)
   transformers = attn * per + 1 + attn * (per + 1)  # one checkpoint in each scan body
@@ -273,7 +278,7 @@ def test_remat_keeps_values_and_gradients():
   for remat in (False, True):
     cfg = UNetConfig(block_out_channels=(8,), attention_levels=(True,), num_heads=2,
                      transformer_depth=2, context_dim=8, norm_groups=4, remat=remat)
-    level = nnx.eval_shape(lambda: Level(((8, 8),), True, None, cfg, nnx.Rngs(0)))
+    level = nnx.eval_shape(lambda: Level(((8, 8),), True, 2, None, cfg, nnx.Rngs(0)))
     if params is None:
       params = {k: (0.3 * rng.normal(size=s)).astype(np.float32)
                 for k, s in param_shapes(level).items()}
@@ -338,3 +343,55 @@ def test_full_size_param_count_rules_and_shardings():
               "output_blocks.11.1.proj_out.weight",
               "middle_block.1.transformer_blocks.{d}.ff.net.2.bias"):
     assert key in compvis, key
+
+
+def test_from_pretrained_reads_sizes_and_per_level_heads(saved):
+  """The directory alone builds the model: diffusers' attention_head_dim (3, 4) is the number of
+  heads per level (the mid block takes the last), and the output equals diffusers'."""
+  cfg, _, path, inputs, want = saved["heads_3_4_depth2"]
+  model = unet_lib.from_pretrained(path)
+  assert model.config == cfg and model.config.level_heads == (3, 4)
+  assert model.mid_block.attentions[0].transformer_blocks.attn1.heads == 4
+  assert _rel(_apply(model, *inputs), want) <= 1e-4
+
+
+def test_from_pretrained_refuses_disagreements_by_field(saved, tmp_path):
+  _, _, path, *_ = saved["sd_like"]
+  with pytest.raises(PretrainedConfigError, match=r"num_heads=8 .*\(attention_head_dim\)=4"):
+    unet_lib.from_pretrained(path, num_heads=8)
+  config = json.loads((path / "config.json").read_text())
+  bad = tmp_path / "bad"
+  shutil.copytree(path, bad)
+  for change, message in (
+      ({"layers_per_block": 3}, "says layers_per_block=3 but the weights have layers_per_block=2"),
+      ({"cross_attention_dim": 32}, "says context_dim=32 but the weights have context_dim=24"),
+      ({"down_block_types": ["CrossAttnDownBlock2D"] * 2,
+        "up_block_types": ["CrossAttnUpBlock2D"] * 2}, r"attention_levels=\(True, True\) but the"),
+      ({"num_attention_heads": 4}, "num_attention_heads is set"),
+      ({"act_fn": "gelu"}, "act_fn='gelu' is not supported"),
+      ({"up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}, "up_block_types=.* mirrors")):
+    (bad / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(PretrainedConfigError, match=message):
+      unet_lib.from_pretrained(bad)
+
+
+def test_compvis_yaml_table():
+  """ldm's UNetModel parameters (the SD yaml's unet_config.params) -> UNetConfig."""
+  sd15 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320,
+              attention_resolutions=[4, 2, 1], num_res_blocks=2, channel_mult=[1, 2, 4, 4],
+              num_heads=8, use_spatial_transformer=True, transformer_depth=1, context_dim=768,
+              use_checkpoint=True, legacy=False)
+  assert unet_lib.unet_config_from_compvis(sd15) == UNetConfig(in_channels=4)
+  # SD-2.x fixes the head SIZE (64): heads per level 320/64 .. 1280/64, as diffusers' SD-2
+  # config.json states them (attention_head_dim [5, 10, 20, 20]).
+  sd2 = dict(sd15, num_heads=-1, num_head_channels=64, context_dim=1024,
+             use_linear_in_transformer=True)
+  assert unet_lib.unet_config_from_compvis(sd2).level_heads == (5, 10, 20, 20)
+  diffusers_sd2 = {"attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+                   "use_linear_projection": True}
+  assert (unet_lib.unet_config_from_hf(diffusers_sd2)
+          == unet_lib.unet_config_from_compvis(sd2, in_channels=4))
+  with pytest.raises(PretrainedConfigError, match="in_channels=8 was asked for"):
+    unet_lib.unet_config_from_compvis(sd15, in_channels=8)
+  with pytest.raises(ValueError, match="one entry per level"):
+    UNetConfig(num_heads=(8, 8))

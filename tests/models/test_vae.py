@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +15,11 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from flax import nnx
 
+from lego_jax.models import vae as vae_lib
 from lego_jax.models.vae import VAE, VAEConfig, load_vae, vae_rules, vae_to_torch
 from lego_jax.weights.io import read_state_dict, write_safetensors
 from lego_jax.weights.mapping import KeyMappingError
+from lego_jax.weights.pretrained import PretrainedConfigError
 from lego_jax.weights.state import abstract_param_shapes
 
 CONFIGS = {
@@ -135,8 +139,36 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_diffusers_parity(saved, name):
   cfg, _, path, x, z, ref_out = saved[name]
-  model = load_vae(_abstract(cfg), read_state_dict(path))  # layout found automatically
+  if name == "2lvl":  # the directory alone: every size (3 latent channels) from config.json
+    model = vae_lib.from_pretrained(path)
+    assert model.config == cfg
+  else:
+    model = load_vae(_abstract(cfg), read_state_dict(path))  # layout found automatically
   _check(model, ref_out, x, z, tol=1e-4)
+
+
+def test_from_pretrained_refuses_disagreements_and_compvis_yaml_table(saved, tmp_path):
+  cfg, _, path, *_ = saved["2lvl"]
+  with pytest.raises(PretrainedConfigError, match=r"norm_groups=4 .*\(norm_num_groups\)=8"):
+    vae_lib.from_pretrained(path, norm_groups=4)
+  config = json.loads((path / "config.json").read_text())
+  shutil.copytree(path, tmp_path / "bad")
+  for change, message in (
+      ({"latent_channels": 4}, "says latent_channels=4 but the weights have latent_channels=3"),
+      ({"block_out_channels": [16, 48]}, r"block_out_channels=\(16, 48\) but the weights"),
+      ({"out_channels": 1}, "out_channels=1 is not supported"),
+      ({"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]}, "not supported")):
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(PretrainedConfigError, match=message):
+      vae_lib.from_pretrained(tmp_path / "bad")
+  # ldm's AutoencoderKL (first_stage_config.params of SD's yaml) -> the default (SD) VAEConfig.
+  sd = dict(embed_dim=4, ddconfig=dict(double_z=True, z_channels=4, resolution=256,
+                                       in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+                                       num_res_blocks=2, attn_resolutions=[], dropout=0.0))
+  assert vae_lib.vae_config_from_compvis(sd, 0.18215) == VAEConfig()
+  with pytest.raises(PretrainedConfigError, match="attn_resolutions"):
+    vae_lib.vae_config_from_compvis(dict(sd, ddconfig=dict(sd["ddconfig"], attn_resolutions=[32])),
+                                    0.18215)
 
 
 def test_compvis_single_file_parity(saved, tmp_path):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from lego_jax.train import common
 
@@ -57,3 +58,41 @@ def test_freezing_by_regex_and_warmup_schedule():
   assert float(lr(0)) == 0.0 and np.isclose(float(lr(3)), 2e-5) and np.isclose(float(lr(99)), 2e-5)
   cos = common.learning_rate(1.0, 100, 0.0, "cosine")
   assert np.isclose(float(cos(0)), 1.0) and float(cos(100)) < 1e-6
+
+
+def test_log_warmup_is_deepspeed_warmuplr_default():
+  """The release's VLLM schedule: DeepSpeed WarmupLR (warmup_type "log", min lr 0), stepped after
+  each update from iteration -1, emulated here from its definition."""
+  base, total, ratio = 2e-5, 400, 0.03
+  warm = int(np.ceil(ratio * total))                 # 12 (HF: ceil(warmup_ratio * steps))
+  w = max(2, warm)
+  it, used = -1, []
+  for _ in range(20):
+    gamma = 0.0 if it < 0 else (np.log(it + 1) / np.log(w) if it < w else 1.0)
+    used.append(base * (gamma if it >= 0 else 0.0))  # the lr this update runs with
+    it += 1                                            # scheduler.step() after the update
+  lr = common.learning_rate(base, total, ratio, "constant", "log")
+  np.testing.assert_allclose([float(lr(k)) for k in range(20)], used, rtol=1e-6, atol=1e-12)
+  assert float(lr(1)) == 0.0 and np.isclose(float(lr(warm)), base)
+  lin = common.learning_rate(base, total, ratio, "constant", "linear")
+  assert float(lr(3)) > float(lin(3))                 # log rises faster than linear
+  with pytest.raises(ValueError, match="WarmupLR"):
+    common.learning_rate(base, total, ratio, "cosine", "log")
+
+
+def test_ema_scope_unet_keeps_the_conditioner_raw():
+  """The release's LitEma(model) averages the UNet only; the conditioner samples as trained."""
+  from lego_jax.train import ldm
+
+  ema = {"unet": {"w": jnp.zeros(3)}, "conditioner": {"w": jnp.zeros(2)}}
+  trained = {"unet": {"w": jnp.ones(3)}, "conditioner": {"w": jnp.full(2, 5.0)}}
+  d = min(0.9999, (1 + 1) / (10 + 1))
+  one = jnp.asarray(1, jnp.int32)  # the step counter, as the train step passes it
+  everything = ldm.ema_of(ema, trained, one, 0.9999, "trained")
+  release = ldm.ema_of(ema, trained, one, 0.9999, "unet")
+  np.testing.assert_allclose(everything["conditioner"]["w"], 5.0 * (1 - d), rtol=1e-6)
+  np.testing.assert_allclose(release["conditioner"]["w"], 5.0)
+  np.testing.assert_allclose(release["unet"]["w"], everything["unet"]["w"])
+  np.testing.assert_allclose(release["unet"]["w"], 1 - d, rtol=1e-6)
+  with pytest.raises(ValueError, match="ema_scope"):
+    ldm.ema_of(ema, trained, one, 0.9999, "all")

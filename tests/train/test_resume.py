@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -121,11 +122,13 @@ def _kill_and_resume(cmd_of, name: str, num_steps: int, env, tmp_path: Path, pre
     np.testing.assert_array_equal(final_run[key], value, err_msg=f"{key} (killed after "
                                   f"checkpoint {killed_at})")
   # The same batches in the same order: every step's loss, before and after the kill and in
-  # the steps redone after it, equals the uninterrupted run's, bit for bit.
+  # the steps redone after it, equals the uninterrupted run's, bit for bit; and the log holds
+  # one history: each step once (the killed run's steps after its checkpoint were cut).
   ref_losses, run_losses = _losses(ref, name), _losses(run, name)
   assert sorted(ref_losses) == list(range(1, num_steps + 1))
+  assert sorted(run_losses) == sorted(ref_losses)
   for step, losses in run_losses.items():
-    assert set(losses) == set(ref_losses[step]), (step, losses, ref_losses[step])
+    assert losses == ref_losses[step], (step, losses, ref_losses[step])
   return killed_at
 
 
@@ -251,3 +254,51 @@ def test_ldm_kill_9_then_resume_is_bitwise_equal(data, env, ldm_inputs, tmp_path
   # What was compared bit for bit: the UNet and conditioner, their Adam moments and EMA.
   compared = {k.split("]")[0] + "]" for k in _state(tmp_path / "reference", "ldm")}
   assert {"['trained']", "['opt_state']", "['ema']", "['frozen']"} <= compared
+
+
+def _descendants(pid: int) -> set[int]:
+  children: dict[int, list[int]] = {}
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+  out, todo = set(), [pid]
+  while todo:
+    for c in children.get(todo.pop(), []):
+      out.add(c)
+      todo.append(c)
+  return out
+
+
+def _alive(pid: int) -> bool:
+  try:
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+  except OSError:
+    return False
+  return state != "Z"
+
+
+def test_kill_9_leaves_no_data_workers_or_resource_tracker(data, env, tmp_path):
+  """Grain's worker processes and multiprocessing's resource tracker end with their parent."""
+  cmd = _command("train-vae", tmp_path, data, VAE + [
+      "--config.data.num_workers=2", "--config.vae_train.num_steps=1000",
+      "--config.vae_train.ckpt_every=1"])
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  seen: set[int] = set()
+
+  def training_with_workers() -> bool:  # 2 workers and the resource tracker
+    seen.update(_descendants(proc.pid))
+    return len(seen) >= 3
+
+  kill_when(proc, training_with_workers, TIMEOUT, poll_s=0.2)
+  assert proc.returncode == -signal.SIGKILL
+  deadline = time.monotonic() + 30
+  while any(_alive(p) for p in seen) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  left = [p for p in seen if _alive(p)]
+  for p in left:
+    os.kill(p, signal.SIGKILL)
+  assert not left, f"{len(left)} of the {len(seen)} child processes outlived their parent by 30 s"

@@ -158,3 +158,75 @@ def test_convert_command_round_trip(refs, tmp_path):
     assert len(got) == len(want)
     for a, b in zip(got, want):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_convert_sizes_from_the_directory_config_or_the_yaml(refs, tmp_path):
+  """`convert` of a diffusers directory needs no size flags: the tiny config's sections (other
+  sizes) are not used; a CompVis single file is sized by the yaml beside it."""
+  import dataclasses
+
+  import yaml
+
+  from lego_jax import config as config_lib
+  from lego_jax.models.unet import widen_input
+  from lego_jax.weights import convert
+  from lego_jax.weights.state import flat_params
+
+  cfg = config_lib.load("tiny")
+  assert cfg.unet.block_out_channels != UNET4.block_out_channels and cfg.unet.in_channels == 8
+  unet_ref, _, vae_ref, _ = refs
+  unet_ref.save_pretrained(tmp_path / "unet")
+  vae_ref.save_pretrained(tmp_path / "vae")
+  unet4, _, vae4, text4 = _ours_from_refs(refs)
+  unet8 = widen_input(unet4, 8)                    # LEGO's 8 input channels, as convert widens
+  parts = convert.convert(cfg, "unet", str(tmp_path / "unet"))
+  assert parts["unet"].config == UNET8
+  parts.update(convert.convert(cfg, "vae", str(tmp_path / "vae")))
+  assert parts["vae"].config == VAE_CFG
+  for got, want in ((parts["unet"], unet8), (parts["vae"], vae4)):
+    want = flat_params(want)
+    assert all(np.array_equal(v, want[k]) for k, v in flat_params(got).items())
+  meta = convert._sizes(parts["unet"])
+  assert meta["num_heads"] == 2 and meta["block_out_channels"] == [16, 32]
+  # A stated override that disagrees is refused by name.
+  with pytest.raises(config_lib.ConfigError, match="num_heads=3 was asked for"):
+    convert.convert(cfg, "unet", str(tmp_path / "unet"), overrides={"unet": {"num_heads": 3}})
+
+  # An SD-1.5 single file with its CompVis yaml (ldm's UNetModel / AutoencoderKL parameters):
+  # the UNet is widened to LEGO's 8 channels. The yaml does not say what ldm hard-codes (32 norm
+  # groups, FrozenCLIPEmbedder = ViT-L/14's text tower), so this test's small models say it.
+  path = checkpoints.export_ldm_single_file(tmp_path / "sd15.safetensors", unet=unet4, vae=vae4,
+                                            clip_text=text4)
+  params = {"scale_factor": 0.18215,
+            "unet_config": {"params": dict(
+                in_channels=4, out_channels=4, model_channels=16, attention_resolutions=[1],
+                num_res_blocks=1, channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True,
+                transformer_depth=1, context_dim=24, legacy=False)},
+            "first_stage_config": {"params": dict(embed_dim=4, ddconfig=dict(
+                double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=8,
+                ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0))},
+            "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}}
+  (tmp_path / "sd15.yaml").write_text(yaml.safe_dump({"model": {"params": params}}))
+  parts = convert.convert(cfg, "sd15", str(path), overrides={
+      "clip_text": TEXT, "unet": {"norm_groups": 8}, "vae": {"norm_groups": 4}})
+  assert parts["unet"].config == UNET8 and parts["vae"].config == VAE_CFG
+  for got, want in ((parts["unet"], unet8), (parts["vae"], vae4), (parts["clip_text"], text4)):
+    want = flat_params(want)
+    assert all(np.array_equal(v, want[k]) for k, v in flat_params(got).items())
+
+
+def test_convert_command_refuses_a_disagreeing_size_flag(refs, tmp_path):
+  """The command line: a --config.unet.* flag that contradicts the directory's config.json ends
+  in one line naming the field, exit 2."""
+  import subprocess
+  import sys
+
+  refs[0].save_pretrained(tmp_path / "unet")
+  proc = subprocess.run(
+      [sys.executable, "-m", "lego_jax", "convert", "--kind=unet", f"--source={tmp_path / 'unet'}",
+       "--config.unet.num_heads=4", f"--workdir={tmp_path / 'w'}"],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "num_heads=4 was asked for" in last and "(attention_head_dim)=2" in last
+  assert "Traceback" not in proc.stderr

@@ -1,0 +1,187 @@
+"""Bad input through the CLI: every mistake is one line naming the culprit, exit 2 for usage or
+config, 1 for the environment (workdir, disk), no traceback; every command answers --help with its
+purpose, flags and config sections, exit 0; values a run cannot honour (negative steps, a batch
+that does not split over the devices, a mesh of other size) are refused before anything runs;
+`init_checkpoint` is where training starts.
+
+The CLI's entry function runs in this process (JAX starts once); tests/procs.py's subprocess tests
+cover what needs the process boundary (kill -9, leftover workers)."""
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lego_jax import cli
+from lego_jax import config as config_lib
+from lego_jax.parallel import sharding
+from lego_jax.train import common
+from lego_jax.train import vae as vae_train
+from procs import SMALL_VAE, SMALL_VLLM
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+  """(exit status, stdout, stderr) of `lego-jax ARGS` run in this process."""
+  with pytest.raises(SystemExit) as e:
+    cli.run(["lego-jax", *args])
+  out = capsys.readouterr()
+  return e.value.code, out.out, out.err
+
+
+def _one_line(err: str) -> str:
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  return lines[0]
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.no_such_key=1", "unknown config key 'no_such_key'"),
+    ("--config.vae_train.nope=2", "unknown config key 'vae_train.nope' ('nope' does not exist)"),
+    ("--config.data.no.x=1", "unknown config key 'data.no.x' ('no' does not exist)"),
+    ("--config.vae_train.num_steps=abc",
+     "flag --config.vae_train.num_steps=abc: invalid literal for int() with base 10: 'abc'"),
+    ("--config=configs/no_such_config.py", "config file not found: configs/no_such_config.py"),
+])
+def test_config_mistakes_are_one_line_exit_2(capsys, tmp_path, flag, message):
+  code, _, err = _cli(capsys, "train-vae", f"--workdir={tmp_path}", flag)
+  assert code == 2
+  assert _one_line(err).startswith(f"lego-jax train-vae: error: {message}")
+  assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--config.vae_train.num_steps=-5"],
+     "vae_train.num_steps=-5 is negative: give the number of steps (>= 0)"),
+    # 8 CPU devices in the tests. An odd VAE batch (half input, half target frames) once trained
+    # on one image fewer than it reported.
+    (["--config.vae_train.batch_size=3"], "vae_train.batch_size=3 (half input, half target "
+     "frames, per host) must be a positive multiple of 8"),
+    (["--config.vae_train.batch_size=12"], "vae_train.batch_size=12 (half input, half target "
+     "frames, per host) must be a positive multiple of 8"),
+    (["--config.mesh.shape=(2,1,1)"],
+     "mesh shape (2, 1, 1) needs 2 devices, 8 available: set --config.mesh.shape"),
+])
+def test_values_a_run_cannot_honour_are_refused_at_start(capsys, tmp_path, flags, message):
+  code, _, err = _cli(capsys, "train-vae", f"--workdir={tmp_path}", *flags)
+  assert code == 2
+  assert _one_line(err).startswith(f"lego-jax train-vae: error: {message}")
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_batch_split_over_data_parallel_devices():
+  cfg = config_lib.load("tiny", ["ldm_train.batch_size=6", "mesh.shape=(4,1,2)"])
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  with pytest.raises(config_lib.ConfigError, match=r"ldm_train.batch_size=6 must be a positive "
+                     r"multiple of 4: .* grad_accum=1 micro-batches over the 4 device\(s\)"):
+    common.check_schedule("ldm_train", cfg.ldm_train, mesh)
+  cfg.ldm_train.batch_size = 8
+  common.check_schedule("ldm_train", cfg.ldm_train, mesh)
+  cfg.ldm_train.grad_accum = 4
+  with pytest.raises(config_lib.ConfigError, match="multiple of 16"):
+    common.check_schedule("ldm_train", cfg.ldm_train, mesh)
+  cfg.vae_train.batch_size = 3  # one device: the pairs still need an even batch
+  with pytest.raises(config_lib.ConfigError, match="multiple of 2"):
+    common.check_schedule("vae_train", cfg.vae_train, sharding.make_mesh(
+        (1, 1, 1), devices=jax.devices()[:1]), pairs=True)
+  cfg.vllm_train.num_steps = -1  # -1 = vllm_train.epochs passes
+  cfg.vllm_train.batch_size = 8
+  common.check_schedule("vllm_train", cfg.vllm_train, mesh, epochs_allowed=True)
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_command_answers_help(capsys, command):
+  code, out, err = _cli(capsys, command, "--help")
+  assert code == 0 and not err
+  module = __import__(cli.COMMANDS[command][0], fromlist=["_"])
+  assert out.startswith(f"usage: lego-jax {command} ")
+  assert cli.COMMANDS[command][1] in out  # its purpose
+  assert "  --workdir: " in out and "  --config: " in out
+  sections = ", ".join(module.CONFIG_SECTIONS)
+  assert f"config sections read: {sections}\n" in out
+  for name in getattr(module, "CLI_FLAGS", ()):
+    assert f"  --{name}: " in out
+
+
+@pytest.mark.parametrize("fault", ["workdir is a file", "read-only", "disk full"])
+def test_a_workdir_that_cannot_be_written_is_one_line_exit_1(capsys, tmp_path, monkeypatch,
+                                                            fault):
+  workdir = tmp_path / "w"
+  if fault == "workdir is a file":
+    workdir.write_text("not a directory")
+  else:
+    code = {"read-only": errno.EROFS, "disk full": errno.ENOSPC}[fault]
+
+    def fail(cfg, where, name="config.json"):
+      raise OSError(code, os.strerror(code), str(Path(where) / name))
+
+    monkeypatch.setattr(config_lib, "save", fail)
+  code, _, err = _cli(capsys, "prepare-data", f"--workdir={workdir}")
+  assert code == 1
+  line = _one_line(err)
+  reason = ("File exists" if fault == "workdir is a file" else
+            os.strerror(errno.EROFS if fault == "read-only" else errno.ENOSPC))
+  assert line.startswith(f"lego-jax prepare-data: error: {workdir}")
+  assert line.endswith(f": {reason} (--workdir must be a writable directory with free space)")
+
+
+def _small_vae_cfg(*extra):
+  return config_lib.load("tiny", [f[len("--config."):] for f in SMALL_VAE] + list(extra))
+
+
+def test_train_vae_starts_from_init_checkpoint(tmp_path):
+  from lego_jax.models.vae import vae_to_torch
+  from lego_jax.weights import io as weights_io
+
+  cfg = _small_vae_cfg("vae_train.batch_size=16", "vae_train.lr=1e-3", "seed=0")
+  source = vae_train.build(cfg, nnx.Rngs(123))  # other weights than seed 0 gives
+  path = weights_io.write_safetensors(vae_to_torch(source), tmp_path / "vae.safetensors")
+  want = nnx.state(source, nnx.Param)
+  cfg.vae_train.init_checkpoint = str(path)
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  graphdef, state, _, tx = vae_train.init_state(cfg, mesh)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), jax.device_get(want))
+
+  # The first step moves the weights by at most the learning rate (Adam's step), from F.
+  images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), np.uint8)
+  step = jax.jit(vae_train.make_train_step(graphdef, tx, cfg.vae_train.kl_weight,
+                                           cfg.vae_train.l2_weight))
+  state, _ = step(state, {"images": jnp.asarray(images)}, jax.random.key(0))
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       jax.device_get(state["params"]), jax.device_get(want))
+  assert 0 < max(jax.tree.leaves(moved)) <= 1.01e-3
+
+  # Without a train-vae checkpoint the VAE used later is F itself; with one, the trained VAE.
+  loaded = vae_train.load_trained(cfg, tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(nnx.state(loaded, nnx.Param)),
+               jax.device_get(want))
+
+
+def test_train_vllm_starts_from_init_checkpoint(tmp_path):
+  from lego_jax.models.llava import Llava, save_llava
+  from lego_jax.train import vllm
+
+  cfg = config_lib.load("tiny", [f[len("--config."):] for f in SMALL_VLLM])
+  source = Llava(vllm.llava_config(cfg), rngs=nnx.Rngs(99))
+  cfg.vllm_train.init_checkpoint = str(save_llava(source, tmp_path / "llava.safetensors"))
+  model = vllm.initialise(cfg)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(nnx.state(model, nnx.Param)),
+               jax.device_get(nnx.state(source, nnx.Param)))
+
+
+def test_ldm_init_checkpoint_without_an_init_kind_is_refused(tmp_path):
+  from lego_jax.train import ldm
+
+  cfg = config_lib.load("tiny", ["ldm_train.init_checkpoint=/x/sd15.safetensors"])
+  with pytest.raises(config_lib.ConfigError, match="ldm_train.init_checkpoint='/x/sd15.safetensors'"
+                     " is read only with ldm_train.init=sd15 or lego"):
+    ldm.initialise(cfg, tmp_path)
