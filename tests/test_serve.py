@@ -158,7 +158,7 @@ def page(browser, server):
 
 
 def _submit(page, *, upload=None, example: int | None = None, action: str = "",
-            timeout_ms: int = 120_000, **controls) -> dict:
+            timeout_ms: int = 300_000, **controls) -> dict:
   """Fills the form as a person does, presses Generate, waits for the answer; -> what shows."""
   if upload is not None:
     page.set_input_files("#image", str(upload))
@@ -304,7 +304,7 @@ def test_two_browsers_at_once_both_get_their_answer(browser, server):
     for p in pages:  # both pressed before either is answered: the second waits in the queue
       p.click("#generate")
     for p in pages:
-      p.wait_for_selector("#frames[data-done]", timeout=120_000)
+      p.wait_for_selector("#frames[data-done]", timeout=300_000)
       _wait_images(p)
     done = [p.get_attribute("#frames", "data-done") for p in pages]
     assert done[0] != done[1]

@@ -51,6 +51,8 @@ def read_upload(data: bytes, name: str, model_size: int) -> tuple[np.ndarray, st
   try:
     with Image.open(io.BytesIO(data)) as probe:  # header only: the size before decoding
       mode, (w, h) = probe.mode, probe.size
+  except Image.DecompressionBombError as e:
+    raise UserError(f"{name}: {e}") from None
   except Exception:  # PIL raises a zoo of types for files that are not images
     raise UserError(f"{name}: not an image PIL can read (upload a JPEG, PNG, BMP or WebP "
                     "frame)") from None
