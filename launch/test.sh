@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Quickstart command 2: a virtual env with the test extras, then the whole test suite.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
-python -m pip install -q -e ".[test]"
+# plan-tpu / plan-gpu: the TPU and GPU compilers tests/parallel/test_plan_targets.py compiles for.
+python -m pip install -q -e ".[test,plan-tpu,plan-gpu]"
 # The lpips package ships the real LPIPS linear heads the eval tests load; its torchvision
 # requirement would pull a CUDA torch, so it comes without dependencies.
 python -m pip install -q --no-deps "lpips==0.1.4"
 # JAX and torch share two cores in CI: one thread each per process, two test processes.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 TF_CPP_MIN_LOG_LEVEL=3
+# CPU only: with the CUDA plugin and libtpu installed (plan-gpu, plan-tpu) and no platform named,
+# JAX tries both backends in every process and logs their failure with a traceback.
+export JAX_PLATFORMS=cpu
 # Only "--" flags: XLA stops reading XLA_FLAGS at the first bare word, which silently dropped the
 # 8 fake devices conftest.py appends after it.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false"

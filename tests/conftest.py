@@ -32,7 +32,8 @@ import lego_jax  # noqa: E402,F401  (applies the project's flax settings)
 # other and the short files fill the gaps, instead of one of them starting last on an idle suite.
 SLOW_FIRST = ("tests/parallel/test_multihost.py", "tests/train/test_resume.py",
               "tests/test_demo.py", "tests/train/test_checkpoint.py", "tests/eval/test_looks.py",
-              "tests/train/test_ldm_cache.py", "tests/parallel/test_plan.py")
+              "tests/train/test_ldm_cache.py", "tests/parallel/test_plan.py",
+              "tests/parallel/test_plan_targets.py")
 
 
 def pytest_collection_modifyitems(config, items):
