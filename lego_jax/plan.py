@@ -39,6 +39,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -607,7 +608,8 @@ def main(cfg, workdir: Path) -> int:
   for t in targets:  # before any compile: a missing extra is a one-line error, not an hour later
     missing = compiler_missing(t)
     if missing:
-      raise ConfigError(missing)
+      print(f"lego-jax plan: error: {missing}", file=sys.stderr)
+      return 1  # the environment's, not the command line's
   meshes = tuple(_MESHES.value)
   for m in meshes:
     parse_mesh(m, cfg)

@@ -80,7 +80,7 @@ def test_target_compiler_memory_of_a_sharded_step(name, mesh_shape, kind, cost_a
   assert plan.format_row(row).startswith(f"vae    {name}")
 
 
-def test_target_names_and_missing_compilers():
+def test_target_names_and_missing_compilers(monkeypatch):
   assert plan.target_of("cpu-16").platform == "cpu"
   for bad in ("cpu-17", "tpu-v9-8", "h100"):
     with pytest.raises(ConfigError, match="unknown target"):
@@ -89,3 +89,7 @@ def test_target_names_and_missing_compilers():
   for t in plan.TARGETS:
     assert t.platform in ("tpu", "cuda") and t.source
     assert t.platform == "tpu" or (plan.SPECS / t.spec).is_file()
+  # Without its extra, a target names the one to install.
+  monkeypatch.setitem(plan._EXTRA, "tpu", ("lego_jax_no_such_module", "plan-tpu"))
+  assert "pip install -e \".[plan-tpu]\"" in plan.compiler_missing(plan.target_of("tpu-v5p-8"))
+  assert plan.compiler_missing(plan.target_of("cpu-4")) is None
