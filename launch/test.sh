@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Quickstart command 2: a virtual env with the test extras, then the whole test suite.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
-python -m pip install -q -e ".[test,serve]"
+# plan-tpu / plan-gpu: the TPU and GPU compilers tests/parallel/test_plan_targets.py compiles for;
+# serve: tests/test_serve.py's page.
+python -m pip install -q -e ".[test,serve,plan-tpu,plan-gpu]"
 # tests/test_serve.py drives `lego-jax serve` in Debian's headless chromium (Playwright fetches no
 # browser); installed when missing and this runs as root, else that test file is skipped.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -13,6 +15,9 @@ fi
 python -m pip install -q --no-deps "lpips==0.1.4"
 # JAX and torch share two cores in CI: one thread each per process, two test processes.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 TF_CPP_MIN_LOG_LEVEL=3
+# CPU only: with the CUDA plugin and libtpu installed (plan-gpu, plan-tpu) and no platform named,
+# JAX tries both backends in every process and logs their failure with a traceback.
+export JAX_PLATFORMS=cpu
 # Only "--" flags: XLA stops reading XLA_FLAGS at the first bare word, which silently dropped the
 # 8 fake devices conftest.py appends after it.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false"

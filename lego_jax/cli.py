@@ -8,7 +8,8 @@ non-finite loss exits 1. Both say so in one line.
 
 Multi-host: `--coordinator_address`, `--num_processes`, `--process_id` start the JAX distributed
 runtime before anything else runs (TPU pods, SLURM and Open MPI need none of them: detected).
-`lego-jax plan` runs on fake CPU devices, set up before JAX starts any backend.
+`lego-jax plan` compiles for TPU / GPU targets without them, on the CPU platform set up before JAX
+starts any backend.
 """
 
 from __future__ import annotations

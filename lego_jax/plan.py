@@ -1,31 +1,45 @@
 """`lego-jax plan`: will the paper's training fit, and on what? Answered before renting anything.
 
 The REAL jitted train steps of the trainers (train/vae.py, train/vllm.py, train/ldm.py; remat and
-compute dtypes as configured) are lowered and compiled ahead of time on a fake CPU device mesh,
-from abstract shapes only: the models are built with `nnx.eval_shape`, the train state is
-`jax.ShapeDtypeStruct`s carrying the trainer's shardings, and nothing is allocated. For every
-stage, mesh shape and device count it reports
+compute dtypes as configured) and generate's sampling program are lowered and compiled ahead of
+time for the TARGET's own compiler, from abstract shapes only: the models are built with
+`nnx.eval_shape`, the train state is `jax.ShapeDtypeStruct`s carrying the trainer's shardings, and
+nothing is allocated. No accelerator is needed:
 
-  - per-device memory of the compiled step (`compiled.memory_analysis()`: arguments + outputs -
-    donated aliases + XLA temporaries), and whether it fits each target's HBM with 10% headroom:
-    8 x A100-40G (the paper's node), 8 x H100-80G, TPU v5p-8 (4 chips, 95 GB each),
-    v5e-16 (16 chips, 16 GB), v6e-8 (8 chips, 32 GB);
+  - TPU targets (tpu-v5p-8, tpu-v5e-16, tpu-v6e-8, tpu-v4-8, ...) compile with libtpu for a
+    deviceless topology (`jax.experimental.topologies`; extra `plan-tpu`);
+  - GPU targets (a100-40g-x8, a100-80g-x8, h100-80g-x8, h200-x8) compile with XLA:GPU of the
+    jax-cuda12 plugin for a target description (lego_jax/plan_targets/*.txtpb, XLA's own files;
+    extra `plan-gpu`, no CUDA runtime);
+  - cpu-N compiles for N fake CPU devices: a mesh no target has; its temporaries are only an
+    estimate of an accelerator's.
+
+For every stage, mesh shape and target it reports
+
+  - per-device memory from the target compiler (`compiled.memory_analysis()`: arguments +
+    outputs - donated aliases + temporaries; the generated code is reported apart, it is not in
+    HBM's working set the way buffers are) and whether it fits the chip's HBM with 10% headroom;
   - FLOPs per step: matmul and convolution FLOPs counted on the step's jaxpr, scanned layers
     times their trip count and rematerialised forwards included (XLA's `cost_analysis()`, also
-    printed, counts a scanned layer's body once, so it under-reports deep models);
+    printed where the target answers (not XLA:GPU), counts a scanned layer's body once, so it
+    under-reports deep models), and the bytes those matmuls and convolutions read and write;
+  - a roofline bound on the step time: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip,
+    with the peaks of `TARGETS` (sources beside them), so no faster than that on the target;
   - the micro-batch per device: global batch / grad_accum / (data x fsdp devices).
 
-The compile is XLA's CPU backend: parameter, gradient and optimizer bytes are exact; activation
-temporaries are the CPU compiler's buffer assignment, an estimate of what GPU/TPU compilers do.
 `use_fake_devices` must run before JAX starts a backend (the CLI calls it for this command).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import json
 import math
 import os
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,29 +63,109 @@ FAKE_DEVICES = 16
 HEADROOM = 0.9  # of HBM usable by the step (runtime, fragmentation; GPUs: set
 #                 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9, JAX's default preallocation is 0.75)
 GIB = 2**30
+SPECS = Path(__file__).with_name("plan_targets")
 
-_STAGES = flags.DEFINE_list("plan_stages", ["vllm", "ldm", "vae"], "plan: stages to compile")
+_STAGES = flags.DEFINE_list("plan_stages", ["vllm", "ldm", "vae"],
+                            "plan: stages to compile (vllm, ldm, vae: train steps; sample: "
+                            "generate's whole sampling program for --plan_sample_batch frames)")
+_SAMPLE_BATCH = flags.DEFINE_integer("plan_sample_batch", 32, "plan: frames per sampling call")
 _MESHES = flags.DEFINE_list(
     "plan_meshes", ["config", "1:-1:1"],
     "plan: (data:fsdp:tensor) mesh shapes to try, -1 = the remaining devices; 'config' = "
     "cfg.mesh.shape")
-_TARGETS = flags.DEFINE_list("plan_targets", [], "plan: target names (default: all)")
+_TARGETS = flags.DEFINE_list(
+    "plan_targets", ["tpu-v5p-8", "tpu-v5e-16", "tpu-v6e-8", "h100-80g-x8", "a100-40g-x8"],
+    "plan: targets to compile for (tpu-*: libtpu, extra plan-tpu; *-x8 GPUs: the jax-cuda12 "
+    "plugin, extra plan-gpu; cpu-N: N fake CPU devices)")
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
+  """A pod slice or GPU node: its chips, their HBM and peaks (per chip), and how to compile for
+  it: `platform` "tpu" (libtpu, `topology` as jax.experimental.topologies names it), "cuda"
+  (XLA:GPU for the target description `spec` in plan_targets/) or "cpu" (fake devices)."""
   name: str
   chips: int
-  hbm_gib: float
+  hbm_bytes: float
+  peak_flops: float      # dense bf16 FLOP/s
+  hbm_bandwidth: float   # bytes/s
+  platform: str
+  topology: str = ""
+  spec: str = ""
+  source: str = ""
 
 
+_GCP = "cloud.google.com/tpu/docs/"
+# One table of every number the fits and roofline use. TPU: Google's per-chip key specifications
+# (HBM in GB as published); GPU: NVIDIA's datasheets for dense bf16 tensor-core FLOP/s (without
+# sparsity), HBM size and bandwidth from XLA's target description of the part.
 TARGETS = (
-    Target("8x A100-40G", 8, 40.0),
-    Target("8x H100-80G", 8, 80.0),
-    Target("TPU v5p-8", 4, 95.0),
-    Target("TPU v5e-16", 16, 16.0),
-    Target("TPU v6e-8", 8, 32.0),
+    Target("tpu-v5p-8", 4, 95e9, 459e12, 2765e9, "tpu", "v5p:2x2x1", source=_GCP + "v5p"),
+    Target("tpu-v5e-4", 4, 16e9, 197e12, 819e9, "tpu", "v5e:2x2", source=_GCP + "v5e"),
+    Target("tpu-v5e-16", 16, 16e9, 197e12, 819e9, "tpu", "v5e:4x4", source=_GCP + "v5e"),
+    Target("tpu-v6e-8", 8, 32e9, 918e12, 1640e9, "tpu", "v6e:2x4", source=_GCP + "v6e"),
+    Target("tpu-v4-8", 4, 32 * GIB, 275e12, 1200e9, "tpu", "v4:2x2x1", source=_GCP + "v4"),
+    Target("a100-40g-x8", 8, 42331013120, 312e12, 1555.2e9, "cuda", "1x1x8", "a100_sxm_40.txtpb",
+           "NVIDIA A100 Tensor Core GPU datasheet (SXM4); XLA a100_sxm_40.txtpb"),
+    Target("a100-80g-x8", 8, 85100068864, 312e12, 2039.04e9, "cuda", "1x1x8", "a100_sxm_80.txtpb",
+           "NVIDIA A100 Tensor Core GPU datasheet (SXM4); XLA a100_sxm_80.txtpb"),
+    Target("h100-80g-x8", 8, 84942979072, 989e12, 3352.32e9, "cuda", "1x1x8", "h100_sxm.txtpb",
+           "NVIDIA H100 Tensor Core GPU datasheet (SXM5); XLA h100_sxm.txtpb"),
+    Target("h200-x8", 8, 151397597184, 989e12, 4800e9, "cuda", "1x1x8", "h200.txtpb",
+           "NVIDIA H200 Tensor Core GPU datasheet (SXM); XLA h200.txtpb"),
 )
+_BY_NAME = {t.name: t for t in TARGETS}
+
+
+def target_of(name: str) -> Target:
+  """A target of TARGETS, or cpu-N: N fake CPU devices (no HBM or peaks to judge by)."""
+  if name in _BY_NAME:
+    return _BY_NAME[name]
+  n = name.removeprefix("cpu-")
+  if name.startswith("cpu-") and n.isdigit() and 1 <= int(n) <= FAKE_DEVICES:
+    return Target(name, int(n), math.nan, math.nan, math.nan, "cpu")
+  raise ConfigError(f"--plan_targets: unknown target {name!r} (known: {sorted(_BY_NAME)} and "
+                    f"cpu-N, N <= {FAKE_DEVICES})")
+
+
+_EXTRA = {"tpu": ("libtpu", "plan-tpu"), "cuda": ("jax_plugins.xla_cuda12", "plan-gpu")}
+
+
+def compiler_missing(target: Target) -> str | None:
+  """Why `target`'s compiler cannot run here (a pip extra to install), or None."""
+  if target.platform not in _EXTRA:
+    return None
+  module, extra = _EXTRA[target.platform]
+  if importlib.util.find_spec(module.split(".")[0]) is None or (
+      importlib.util.find_spec(module) is None):
+    return (f"{target.name}: its compiler is not installed ({module} not found; "
+            f"pip install -e \".[{extra}]\")")
+  return None
+
+
+@functools.cache
+def target_devices(target: Target) -> list:
+  """The devices to compile for: deviceless TPU / GPU topologies, or the fake CPU devices."""
+  if target.platform == "cpu":
+    return jax.devices("cpu")[:target.chips]
+  missing = compiler_missing(target)
+  if missing:
+    raise ConfigError(missing)
+  from jax.experimental import topologies
+
+  if target.platform == "tpu":
+    # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU; a deviceless
+    # compile drives none, and two plans (or a plan and a test) may run side by side.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    desc = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
+  else:
+    desc = topologies.get_topology_desc(platform="cuda", topology=target.topology,
+                                        target_config=(SPECS / target.spec).read_text())
+  devices = list(desc.devices)
+  if len(devices) != target.chips:
+    raise ConfigError(f"{target.name}: topology {target.topology} has {len(devices)} devices, "
+                      f"expected {target.chips}")
+  return devices
 
 
 def use_fake_devices(count: int = FAKE_DEVICES) -> None:
@@ -98,6 +192,7 @@ class Stage:
   grad_accum: int
   trained_params: int
   total_params: int
+  train: bool = True     # a train step returns the state (donated); sampling returns frames
 
 
 def _place(tree, shardings):
@@ -163,6 +258,19 @@ def vllm_stage(cfg, mesh) -> Stage:
                _count([state["trained"], state["frozen"]]))
 
 
+def _ldm_example(cfg) -> dict:
+  """One row of the LDM trainer's batch arrays (features zero-filled), for shapes."""
+  from lego_jax.train import ldm
+
+  class _Ids:  # the host-side text tokenizer, for shapes only: CLIP's context of 77
+    def __call__(self, batch):
+      return np.zeros((len(batch["input"]), 77), np.int32)
+
+  s = cfg.data.image_size
+  one = {"input": np.zeros((1, s, s, 3), np.uint8), "target": np.zeros((1, s, s, 3), np.uint8)}
+  return ldm.batch_arrays(cfg, one, _Ids())
+
+
 def ldm_stage(cfg, mesh) -> Stage:
   """train/ldm.py's state, built abstractly (its init_state reads the VAE from a workdir)."""
   from lego_jax.train import common, ldm
@@ -189,15 +297,8 @@ def ldm_stage(cfg, mesh) -> Stage:
   state = {"trained": trained, "frozen": frozen, "opt_state": _opt_state(tx, trained, mesh),
            "ema": trained, "step": scalar, "nonfinite": scalar}
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  text_len = 77  # CLIP's context: ldm.TextIds pads every text to it
-
-  class _Ids:  # the host-side text tokenizer, for shapes only
-    def __call__(self, batch):
-      return np.zeros((len(batch["input"]), text_len), np.int32)
-
-  s = cfg.data.image_size
-  one = {"input": np.zeros((1, s, s, 3), np.uint8), "target": np.zeros((1, s, s, 3), np.uint8)}
-  example = ldm.batch_arrays(cfg, one, _Ids())  # the trainer's own batch layout, one row
+  example = _ldm_example(cfg)  # the trainer's own batch layout, one row
+  text_len = example["text_ids"].shape[1]
   b = t.batch_size
   batch = _batch(mesh, {k: ((b,) + v.shape[1:], v.dtype) for k, v in example.items()})
   step = ldm.make_train_step(cfg, graphdefs, tx, ldm.schedule_of(cfg),
@@ -206,8 +307,43 @@ def ldm_stage(cfg, mesh) -> Stage:
                _count(trained), _count([trained, frozen]))
 
 
+def sample_stage(cfg, mesh) -> Stage:
+  """`lego-jax generate`'s one program for a batch of --gen_batch_size frames: VAE encode, CLIP
+  text, conditioner, the configured sampler (LEGO: 100 Euler-ancestral steps, dual guidance in a
+  3-way UNet batch) and VAE decode; EMA weights as frozen inputs, frames split over the batch."""
+  from lego_jax.infer import generate, sampler as sampler_lib
+  from lego_jax.train import ldm
+  from lego_jax.train import vae as vae_train
+
+  def modules():
+    unet, conditioner = ldm.build_trainable(cfg, cfg.seed)
+    return unet, conditioner, ldm.build_text_encoder(cfg, cfg.seed), vae_train.build(cfg)
+
+  graphdefs, params = zip(*(nnx.split(m) for m in nnx.eval_shape(modules)))
+  params = _place(list(params), sharding.state_shardings(mesh, list(params)))
+  s, t = cfg.sampler, cfg.ldm_train
+  b = _SAMPLE_BATCH.value
+  example = {k: v for k, v in _ldm_example(cfg).items() if k != "target"}
+  text_len = example["text_ids"].shape[1]
+  batch = _batch(mesh, {k: ((b,) + v.shape[1:], v.dtype) for k, v in example.items()})
+  guided = not sampler_lib.unguided(s.text_guidance, s.image_guidance)
+
+  def run(params, batch, key):
+    unet, conditioner, clip_text, vae = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+    empty = jnp.zeros((1, text_len), jnp.int32)
+    frames = generate.generate_latents(
+        unet, conditioner, clip_text, vae, batch["input"], batch["text_ids"], empty,
+        batch["h_img"], batch["h_txt"], key, s.text_guidance, s.image_guidance,
+        num_steps=s.num_steps, kind=s.kind, use_image=t.use_image_embedding,
+        use_text=t.use_text_embedding, scaling=float(cfg.vae.scaling_factor), guided=guided)
+    return frames, {}
+
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  return Stage("sample", run, params, shardings, batch, b, 1, 0, _count(params), train=False)
+
+
 STAGES: dict[str, Callable[[Any, Any], Stage]] = {"vae": vae_stage, "vllm": vllm_stage,
-                                                   "ldm": ldm_stage}
+                                                   "ldm": ldm_stage, "sample": sample_stage}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,23 +374,37 @@ def _sub_jaxprs(value):
       yield from _sub_jaxprs(v)
 
 
-def jaxpr_flops(jaxpr) -> int:
-  """Matmul + convolution FLOPs of a (closed) jaxpr; scans count `length` times, conds their
-  most expensive branch."""
+def _io_bytes(eqn) -> int:
+  return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
+             for v in (*eqn.invars[:2], *eqn.outvars))
+
+
+def jaxpr_cost(jaxpr) -> tuple[int, int]:
+  """(FLOPs, bytes) of the matmuls and convolutions of a (closed) jaxpr: FLOPs as the MXU /
+  tensor cores do them, bytes = their operands read and results written once each; scans count
+  `length` times, conds their most expensive branch."""
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  total = 0
+  flops = nbytes = 0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == "dot_general":
-      total += _dot_flops(eqn)
+      flops, nbytes = flops + _dot_flops(eqn), nbytes + _io_bytes(eqn)
     elif name == "conv_general_dilated":
-      total += _conv_flops(eqn)
+      flops, nbytes = flops + _conv_flops(eqn), nbytes + _io_bytes(eqn)
     elif name == "cond":
-      total += max(jaxpr_flops(b) for b in eqn.params["branches"])
+      f, b = max(jaxpr_cost(j) for j in eqn.params["branches"])
+      flops, nbytes = flops + f, nbytes + b
     else:
-      inner = sum(jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v))
-      total += inner * (eqn.params["length"] if name == "scan" else 1)
-  return total
+      inner = [jaxpr_cost(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+      times = eqn.params["length"] if name == "scan" else 1
+      flops += times * sum(f for f, _ in inner)
+      nbytes += times * sum(b for _, b in inner)
+  return flops, nbytes
+
+
+def jaxpr_flops(jaxpr) -> int:
+  """Matmul + convolution FLOPs of a (closed) jaxpr (see `jaxpr_cost`)."""
+  return jaxpr_cost(jaxpr)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,28 +423,51 @@ def parse_mesh(text: str, cfg) -> tuple[int, ...]:
 
 
 def compile_stage(cfg, stage_name: str, mesh) -> dict:
-  """Lowers and compiles one stage's step on `mesh`; memory, FLOPs and timings as a dict."""
+  """Lowers and compiles one stage's program for the devices of `mesh` (a target's, or fake CPU
+  devices); memory, FLOPs, bytes and timings as a dict."""
   t0 = time.perf_counter()
   # Built outside the mesh context: there, model construction would read the parameters'
   # logical names as mesh axes.
   stage = STAGES[stage_name](cfg, mesh)
   rng = jax.eval_shape(lambda: jax.random.key(0))
   with sharding.use_mesh(mesh):
-    jitted = jax.jit(stage.step, in_shardings=(stage.shardings, None, None),
-                     out_shardings=(stage.shardings, None), donate_argnums=0)
+    if stage.train:
+      jitted = jax.jit(stage.step, in_shardings=(stage.shardings, None, None),
+                       out_shardings=(stage.shardings, None), donate_argnums=0)
+    else:
+      jitted = jax.jit(stage.step, in_shardings=(stage.shardings, None, None))
     lowered = jitted.lower(stage.state, stage.batch, rng)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    options = {}
+    try:
+      compiled = lowered.compile()
+    except Exception as e:
+      # XLA:GPU without a device cannot autotune its Triton GEMMs: it takes one tiling per dot
+      # from a default table, and for some small f32 dots (the conditioner's [154, 64] of
+      # configs/tiny.py on 4 A100s) none is valid. A GPU's autotuner would try others and cuBLAS;
+      # here cuBLAS alone, recorded in the row.
+      if "Couldn't find output tile sizes" not in str(e):
+        raise
+      options = {"xla_gpu_enable_triton_gemm": False}
+      compiled = lowered.compile(options)
     t2 = time.perf_counter()
-    flops = jaxpr_flops(jax.make_jaxpr(stage.step)(stage.state, stage.batch, rng))
+    flops, nbytes = jaxpr_cost(jax.make_jaxpr(stage.step)(stage.state, stage.batch, rng))
   mem = compiled.memory_analysis()
+  # The communication the compiler planned: what the sharding costs between chips.
+  ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                   r"(?:-start)?\(", compiled.as_text() or "")
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  # The step's buffers: what HBM must hold. The executable's code is loaded once per program and
+  # is tiny next to them on a GPU; a deviceless TPU compile reports tens of MB for it.
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-          + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+          + mem.temp_size_in_bytes)
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  devices = int(mesh.devices.size)
   return {
-      "stage": stage_name, "mesh": dict(mesh.shape), "devices": int(mesh.devices.size),
+      "stage": stage_name, "mesh": dict(mesh.shape), "devices": devices,
+      "compiler": mesh.devices.flat[0].platform, "device_kind": mesh.devices.flat[0].device_kind,
+      "compiler_options": options,
       "global_batch": stage.global_batch, "grad_accum": stage.grad_accum,
       "micro_batch_per_device": stage.global_batch / stage.grad_accum / batch_devices,
       "trained_params": stage.trained_params, "total_params": stage.total_params,
@@ -302,62 +475,74 @@ def compile_stage(cfg, stage_name: str, mesh) -> dict:
                            "outputs": int(mem.output_size_in_bytes),
                            "aliased": int(mem.alias_size_in_bytes),
                            "temporaries": int(mem.temp_size_in_bytes),
-                           "peak": int(peak)},
-      "flops_per_step": int(flops), "flops_per_device": int(flops // mesh.devices.size),
-      "xla_cost_analysis_flops_per_device": float(cost.get("flops", float("nan"))),
+                           "peak": int(peak),
+                           "generated_code": int(mem.generated_code_size_in_bytes)},
+      "collectives": {op: ops.count(op) for op in sorted(set(ops))},
+      "flops_per_step": int(flops), "flops_per_device": int(flops // devices),
+      "matmul_bytes_per_device": int(nbytes // devices),
+      # None where the target's compiler does not answer (XLA:GPU)
+      "xla_cost_analysis_flops_per_device": cost.get("flops"),
+      "xla_cost_analysis_bytes_per_device": cost.get("bytes accessed"),
       "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
   }
 
 
-def row_key(row: dict) -> tuple[str, str, int]:
-  return row["stage"], row["mesh_request"], row["devices"]
+def row_key(row: dict) -> tuple[str, str, str]:
+  return row["stage"], row["mesh_request"], row["target"]
 
 
-def judge(row: dict, targets: tuple[Target, ...]) -> dict:
-  """row["targets"]: for each target with the row's chip count, whether the step fits it."""
-  row["targets"] = {}
-  for t in targets:
-    if t.chips == row["devices"]:
-      row["targets"][t.name] = None if "error" in row else bool(
-          row["bytes_per_device"]["peak"] <= HEADROOM * t.hbm_gib * GIB)
+def judge(row: dict) -> dict:
+  """Fits and roofline of a compiled row on its target (from the target table, so rows kept
+  from an earlier plan are judged by today's numbers)."""
+  t = target_of(row["target"])
+  row["fits"] = None
+  row["roofline_s"] = None
+  if "error" in row or t.platform == "cpu":
+    return row
+  row["hbm_bytes"] = t.hbm_bytes
+  row["fits"] = bool(row["bytes_per_device"]["peak"] <= HEADROOM * t.hbm_bytes)
+  compute = row["flops_per_device"] / t.peak_flops
+  memory = max(row["matmul_bytes_per_device"],
+               row["bytes_per_device"]["arguments"] + row["bytes_per_device"]["outputs"]
+               ) / t.hbm_bandwidth
+  row["roofline_s"] = max(compute, memory)
+  row["roofline_bound"] = "compute" if compute >= memory else "memory"
   return row
 
 
 def plan(cfg, stages=("vllm", "ldm", "vae"), meshes=("config",),
-         targets: tuple[Target, ...] = TARGETS, log: Callable[[str], None] = print,
+         targets: tuple[Target, ...] = (), log: Callable[[str], None] = print,
          done: tuple[dict, ...] = (), on_row: Callable[[dict], None] = lambda row: None
          ) -> list[dict]:
-  """One row per (stage, mesh, device count) with the targets it fits; compile failures (e.g.
-  a batch that does not split over the devices) are rows with an "error".
+  """One row per (stage, mesh, target); compile failures (e.g. a batch that does not split over
+  the devices, an op the target's compiler rejects) are rows with an "error".
 
-  A compiled row of `done` (an earlier run's, same config) is taken as it is, its fits judged
-  again for `targets`; rows with an error are tried again. `on_row` sees every row once it is
-  finished, so a caller can save it before the next compile (a full-size row takes minutes)."""
+  A compiled row of `done` (an earlier run's, same config) is taken as it is, judged again;
+  rows with an error are tried again. `on_row` sees every row once it is finished, so a caller
+  can save it before the next compile (a full-size row takes minutes to hours)."""
   for s in stages:
     if s not in STAGES:
       raise ValueError(f"unknown stage {s!r} (one of {sorted(STAGES)})")
-  available = jax.devices()
   finished = {row_key(r): r for r in done if "error" not in r}
   rows = []
-  for stage_name in stages:
-    for mesh_text in meshes:
-      for chips in sorted({t.chips for t in targets}):
-        key = (stage_name, mesh_text, chips)
+  for target in targets:
+    for stage_name in stages:
+      for mesh_text in meshes:
+        key = (stage_name, mesh_text, target.name)
         if key in finished:
-          row = judge(dict(finished[key]), targets)
+          row = judge(dict(finished[key]))
           log(format_row(row) + " (from plan.json)")
           rows.append(row)
           continue
-        row = {"stage": stage_name, "mesh_request": mesh_text, "devices": chips}
-        if chips > len(available):
-          row["error"] = f"needs {chips} devices, {len(available)} available"
-        else:
-          try:
-            mesh = sharding.make_mesh(parse_mesh(mesh_text, cfg), devices=available[:chips])
-            row.update(compile_stage(cfg, stage_name, mesh))
-          except Exception as e:  # a plan reports what does not compile and goes on
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        judge(row, targets)
+        row = {"stage": stage_name, "mesh_request": mesh_text, "target": target.name,
+               "devices": target.chips}
+        try:
+          devices = target_devices(target)
+          mesh = sharding.make_mesh(parse_mesh(mesh_text, cfg), devices=devices)
+          row.update(compile_stage(cfg, stage_name, mesh))
+        except Exception as e:  # a plan reports what does not compile and goes on
+          row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        judge(row)
         log(format_row(row))
         on_row(row)
         rows.append(row)
@@ -371,19 +556,30 @@ def _si(x: float, unit: str) -> str:
   return f"{x:.0f} {unit}"
 
 
+def _time(seconds: float) -> str:
+  for scale, unit in ((1, "s"), (1e-3, "ms"), (1e-6, "us")):
+    if seconds >= scale:
+      return f"{seconds / scale:.3g} {unit}"
+  return f"{seconds / 1e-9:.3g} ns"
+
+
 def format_row(row: dict) -> str:
-  head = f"{row['stage']:5s} mesh {row.get('mesh', row['mesh_request'])} on {row['devices']:2d} devices"
+  head = (f"{row['stage']:6s} {row['target']:11s} mesh "
+          f"{row.get('mesh', row['mesh_request'])}")
   if "error" in row:
     return f"{head}: does not compile: {row['error']}"
   b = row["bytes_per_device"]
-  fits = ", ".join(f"{name}: {'fits' if ok else 'NO'}" for name, ok in row["targets"].items())
-  return (f"{head}: micro-batch {row['micro_batch_per_device']:g}/device "
-          f"(global {row['global_batch']}, accum {row['grad_accum']}); per device "
-          f"{b['peak'] / GIB:.2f} GiB (args {b['arguments'] / GIB:.2f}, temps "
-          f"{b['temporaries'] / GIB:.2f}); {_si(row['flops_per_step'], 'FLOP')}/step "
-          f"({_si(row['flops_per_device'], 'FLOP')}/device; XLA cost analysis "
-          f"{_si(row['xla_cost_analysis_flops_per_device'], 'FLOP')}); compile "
-          f"{row['compile_s']:.0f} s | {fits}")
+  xla = row.get("xla_cost_analysis_flops_per_device")
+  fits = "" if row["fits"] is None else (
+      f" | {'fits' if row['fits'] else 'DOES NOT FIT'} {row['hbm_bytes'] / GIB:.0f} GiB"
+      f"; roofline >= {_time(row['roofline_s'])}/step ({row['roofline_bound']})")
+  return (f"{head} ({row['compiler']} compiler): micro-batch "
+          f"{row['micro_batch_per_device']:g}/device (global {row['global_batch']}, accum "
+          f"{row['grad_accum']}); per device {b['peak'] / GIB:.2f} GiB (args "
+          f"{b['arguments'] / GIB:.2f}, temps {b['temporaries'] / GIB:.2f}; code "
+          f"{b['generated_code'] / 2**20:.0f} MiB apart); {_si(row['flops_per_device'], 'FLOP')}"
+          f"/device (XLA cost analysis {'-' if xla is None else _si(xla, 'FLOP')}); "
+          f"compile {row['compile_s']:.0f} s{fits}")
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -406,27 +602,29 @@ def saved_rows(path: Path, config: dict) -> list[dict]:
   if differ:
     raise ConfigError(f"{path} holds a plan of another config (differs in {', '.join(differ[:8])}"
                       f"{' ...' if len(differ) > 8 else ''}): use another --workdir or remove it")
-  return saved["rows"]
+  return [r for r in saved["rows"] if "target" in r]  # rows of plans before targets: again
 
 
 def main(cfg, workdir: Path) -> int:
   from lego_jax import config as config_lib
   from lego_jax.train import checkpoint as ckpt_lib
 
-  names = _TARGETS.value or [t.name for t in TARGETS]
-  unknown = [n for n in names if n not in {t.name for t in TARGETS}]
-  if unknown:
-    raise ConfigError(f"--plan_targets: unknown {unknown} (known: {[t.name for t in TARGETS]})")
-  targets = tuple(t for t in TARGETS if t.name in names)
+  targets = tuple(target_of(n) for n in _TARGETS.value)
+  for t in targets:  # before any compile: a missing extra is a one-line error, not an hour later
+    missing = compiler_missing(t)
+    if missing:
+      print(f"lego-jax plan: error: {missing}", file=sys.stderr)
+      return 1  # the environment's, not the command line's
   meshes = tuple(_MESHES.value)
   for m in meshes:
     parse_mesh(m, cfg)
   out = Path(workdir) / "plan.json"
   config = config_lib.to_dict(cfg)
+  config["plan_sample_batch"] = _SAMPLE_BATCH.value
   rows = saved_rows(out, config)
-  print(f"plan: config {cfg.name}, {len(jax.devices())} fake {jax.devices()[0].platform} "
-        f"devices; HBM budget {HEADROOM:.0%} of each chip; {out}: "
-        f"{sum('error' not in r for r in rows)} rows done before")
+  print(f"plan: config {cfg.name}, targets {', '.join(t.name for t in targets)}; HBM budget "
+        f"{HEADROOM:.0%} of each chip; {out}: {sum('error' not in r for r in rows)} rows done "
+        "before")
 
   def save(row: dict) -> None:
     # Every finished row is on disk before the next compile starts (atomically: a plan stopped
