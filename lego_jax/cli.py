@@ -22,6 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lego_jax import config as config_lib
+from lego_jax.errors import UserError
 
 # command -> (module, one-line help). The module has `main(cfg, workdir) -> int | None`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -66,10 +67,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --coordinator_addre
 _DATA_SHARDS = flags.DEFINE_integer(
     "data_shards", None, "split the training data into this many shards (default: one per "
     "process); runs with equal counts see equal global batches on any number of hosts")
-
-
-class UserError(Exception):
-  """A mistake in the user's input: reported as one line, exit code 2."""
 
 
 # Exceptions that mean "the user gave something wrong", not "the code is broken".

@@ -235,7 +235,7 @@ def load_examples(cfg, workdir: Path, generated_json: Path) -> list[dict]:
       raise RuntimeError(f"test record {entry['index']} is {r['id']}, generated.json says "
                          f"{entry['id']}")
     if not r["mask_png"]:
-      from lego_jax.cli import UserError
+      from lego_jax.errors import UserError
 
       raise UserError("the demo's action-region scores need the synthetic scenes' action masks; "
                       f"test record {r['id']} has none (use cfg.data.source='synthetic')")

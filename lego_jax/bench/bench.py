@@ -726,7 +726,7 @@ def which_bench(argv: list[str]) -> str:
   words = [a for a in argv[1:] if not a.startswith("-")]
   picked = [w for w in words if w in WHATS]
   if not picked:
-    from lego_jax.cli import UserError
+    from lego_jax.errors import UserError
 
     raise UserError(f"which bench? `lego-jax bench <{'|'.join(WHATS)}>` (or --what=...)")
   return picked[0]

@@ -305,7 +305,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def main(cfg, workdir: Path) -> int:
-  from lego_jax.cli import UserError
+  from lego_jax.errors import UserError
 
   logging.set_verbosity(logging.ERROR)  # bad records are listed in the summary instead
   try:

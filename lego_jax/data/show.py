@@ -108,7 +108,7 @@ def contact_sheet(records_dir: str | Path, split: str = "train", num: int = 16) 
 
 
 def main(cfg, workdir: Path) -> int:
-  from lego_jax.cli import UserError
+  from lego_jax.errors import UserError
 
   # --split and --out are shared by several commands and defined in lego_jax/cli.py.
   out = Path(flags.FLAGS.out) if flags.FLAGS.out else Path(workdir) / "show_data.png"

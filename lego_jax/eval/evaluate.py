@@ -383,7 +383,7 @@ def write_results_table(eval_dir: str | os.PathLike, runs: str = "", dataset: st
 
 
 def main(cfg, workdir) -> int:
-  from lego_jax.cli import UserError
+  from lego_jax.errors import UserError
 
   eval_dir = Path(workdir) / "eval"
   gen, ref = _GENERATED(), _REFERENCE()

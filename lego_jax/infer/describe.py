@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from absl import flags
 
-from lego_jax.cli import UserError
+from lego_jax.errors import UserError
 from lego_jax.data import images
 from lego_jax.infer import extract
 from lego_jax.train import vllm

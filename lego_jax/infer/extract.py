@@ -223,7 +223,7 @@ def _example(src, i: int, split: str, size: int) -> dict:
   try:
     frame = images.decode_rgb(r["input_jpeg"])
   except images.ImageError as e:
-    from lego_jax.cli import UserError
+    from lego_jax.errors import UserError
 
     raise UserError(f"{split} record {i} ({r['id']}): input frame: {e}; nothing was written for "
                     "its part") from None

@@ -335,7 +335,7 @@ def training_sample_callback(cfg, workdir: Path, graphdefs, num: int = 4):
 
 
 def main(cfg, workdir: Path) -> int:
-  from lego_jax.cli import UserError
+  from lego_jax.errors import UserError
 
   FLAGS = flags.FLAGS
   if FLAGS.image or FLAGS.action:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from lego_jax.cli import UserError
+from lego_jax.errors import UserError
 from lego_jax.data import images
 from lego_jax.infer import describe as describe_lib
 from lego_jax.infer import generate as generate_lib

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from absl import flags
 
-from lego_jax.cli import UserError
+from lego_jax.errors import UserError
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on (0.0.0.0: every "
                             "interface, reachable from other machines)")

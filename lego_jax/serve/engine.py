@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from lego_jax.cli import UserError
+from lego_jax.errors import UserError
 from lego_jax.data import images, pipeline, records
 from lego_jax.data.prompts import human_turn
 from lego_jax.infer import describe as describe_lib

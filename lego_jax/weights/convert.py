@@ -196,7 +196,7 @@ def _sizes(module) -> dict:
 
 
 def main(cfg, workdir: Path) -> int:
-  from lego_jax.cli import UserError
+  from lego_jax.errors import UserError
 
   if not _SOURCE.value or not _KIND.value:
     raise UserError("convert needs --source=FILE_OR_DIR and --kind=" + "|".join(_KIND.enum_values))

@@ -151,7 +151,7 @@ def test_config_mistakes_are_named(tmp_path):
     prepare.prepare(cfg, tmp_path)
   assert not (tmp_path / "records").exists()
   # Through the command's entry point the same mistakes become one-line user errors.
-  from lego_jax.cli import UserError
+  from lego_jax.errors import UserError
 
   with pytest.raises(UserError, match="source='lego_json' needs"):
     prepare.main(_cfg(source="lego_json"), tmp_path)

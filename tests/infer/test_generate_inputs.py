@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lego_jax.cli import UserError
+from lego_jax.errors import UserError
 from lego_jax.infer import generate, single
 
 
