@@ -19,9 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.data.action_normalisation = "project"   # the demo's records as measured (see ldm_train)
   cfg.data.image_size = 64            # frames squashed to 64x64 for the LDM
   cfg.data.vllm_image_size = 32       # CLIP view for the VLLM
-  # One object per scene: where it stands and so which hand acts are still only in the frame (the
-  # VLLM must look), without the binding problem of finding which of 2-4 objects the text names,
-  # which the 2-layer tiny LLaMA did not learn in minutes (README, "Does the VLLM learn to look?").
+  # One object per scene: its place and so the acting hand are only in the frame (the VLLM must
+  # look), without finding which of 2-4 objects the text names (docs/experiments/vllm-looks.md).
   cfg.data.synthetic = dict(num_train=512, num_val=32, num_test=64, seed=0, frame_size=64,
                             objects=(1, 1))
   cfg.data.num_shards = 2
@@ -30,10 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.data.hflip_prob = 0.0
   cfg.data.tokenizer_vocab_size = 512
 
-  # No pretrained CLIP exists offline: the random tower trains briefly with the VLLM
-  # (vllm_train.frozen="" below). A position table of std 1 (not 0.02) makes its patch features
-  # say where each patch is; a projector drawn at 0.02x lets H_i enter near the text embeddings'
-  # norm instead of ~100x it. Frozen, or without either change, the tiny VLLM did not look.
+  # No pretrained CLIP offline: the random tower trains with the VLLM (frozen="" below), its
+  # position table at std 1 so patch features say where they are, the projector at 0.02x so H_i
+  # enters near the text embeddings' norm; without these it did not look
+  # (docs/experiments/vllm-looks.md).
   cfg.clip_vision.update(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                          image_size=32, patch_size=8, projection_dim=32, position_init_std=1.0)
   cfg.clip_text.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -46,9 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
                   layers_per_block=1, num_heads=4, context_dim=64, norm_groups=16)
   cfg.conditioner.update(llm_dim=128, context_dim=64, num_heads=4, ffn_dim=128)
 
-  # Batch 8: half the images of 16 (train-vae 121-163 s in the demo against 379 s on a partly
-  # shared machine), 24.3 dB held-out reconstruction against 25.8, still above what the briefly
-  # trained LDM draws (~21 dB).
+  # Batch 8: under half the time of 16, its reconstructions still well above what the briefly
+  # trained LDM draws (docs/experiments/tiny-demo.md).
   cfg.vae_train.update(batch_size=8, num_steps=400, lr=2e-3, l2_weight=1.0, log_every=50,
                        ckpt_every=300)
   cfg.vllm_train.update(batch_size=16, grad_accum=1, num_steps=600, frozen="", lr=1e-3, max_length=160,
@@ -56,18 +54,16 @@ def get_config() -> ml_collections.ConfigDict:
                         log_every=20, ckpt_every=100, compute_dtype="float32")
   cfg.vllm_generate.update(max_new_tokens=48, part_size=64, compute_dtype="float32")
   # cache_frozen: the frozen VAE and CLIP text run once, not in every step. scale_by_std: the
-  # tiny VAE (KL weight 1e-6) makes latents of std ~1.3, so SD's 0.18215 would leave the diffusion
-  # 0.24-std data under a schedule made for std 1 (sigma up to 14.6): LDM's 1/std rule instead.
-  # 320 steps of 8: 40% of the samples of 400 of 16, the same scores within noise (README,
-  # "The demo").
+  # tiny VAE's latents are far from SD's scale, so LDM's 1/std rule gives the schedule unit-variance
+  # data. 320 steps of 8 score as 400 of 16 did at less cost (docs/experiments/tiny-demo.md).
   # ema_scope "trained" (EMA of the conditioner too), postprocess / image_format below and
-  # action_normalisation "project" keep the demo as it was measured (README, "The demo").
+  # action_normalisation "project" keep the demo as it was measured (docs/experiments/tiny-demo.md).
   cfg.ldm_train.update(batch_size=8, grad_accum=1, num_steps=320, lr=5e-4, ema_decay=0.999,
                        ema_scope="trained",
                        log_every=40, ckpt_every=160, sample_every=160, init="random",
                        scale_by_std=True, cache_frozen=True)
   # Guidance off and clamped output: on the briefly trained tiny LDM, the paper's 7.5 / 1.5 and
-  # per-image min-max stretched errors into washed-out frames (README, "The demo").
+  # per-image min-max stretched errors into washed-out frames (docs/experiments/tiny-demo.md).
   # Lossless PNGs and the project's post-processing order keep the demo's frames (and its
   # published scores) as they were; the paper configs write as the release does.
   cfg.sampler.update(num_steps=20, text_guidance=1.0, image_guidance=1.0, output_norm="clamp",
