@@ -32,7 +32,9 @@ import numpy as np
 from absl import flags
 from tqdm.auto import tqdm
 
+from lego_jax.config import ConfigError
 from lego_jax.data import features, pipeline, records
+from lego_jax.errors import UserError
 
 _IMAGE = flags.DEFINE_string("image_features", None,
                              "import-features: root of the release's H_i .npy files of the split")
@@ -93,8 +95,6 @@ def annotation_examples(annotation_path: str | Path) -> dict[str, tuple[str, str
 def import_split(cfg, workdir: Path, split: str, image_root: Path, text_root: Path,
                  part_size: int = 64, progress: bool = True) -> dict:
   """Writes WORKDIR/features/<split> from the release's .npy files; returns its info."""
-  from lego_jax.config import ConfigError
-
   annotation = cfg.data.get(f"annotation_{split}", "")
   if not annotation:
     raise ConfigError(f"cfg.data.annotation_{split} is empty: the feature files are found by the "
@@ -157,8 +157,6 @@ def import_split(cfg, workdir: Path, split: str, image_root: Path, text_root: Pa
 
 
 def main(cfg, workdir: Path) -> int:
-  from lego_jax.cli import UserError
-
   split = flags.FLAGS.split
   if not split or not _IMAGE.value or not _TEXT.value:
     raise UserError("pass --split=SPLIT --image_features=DIR --text_features=DIR (the release's "

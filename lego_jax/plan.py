@@ -19,10 +19,11 @@ For every stage, mesh shape and target it reports
   - per-device memory from the target compiler (`compiled.memory_analysis()`: arguments +
     outputs - donated aliases + temporaries; the generated code is reported apart, it is not in
     HBM's working set the way buffers are) and whether it fits the chip's HBM with 10% headroom;
-  - FLOPs per step: matmul and convolution FLOPs counted on the step's jaxpr, scanned layers
-    times their trip count and rematerialised forwards included (XLA's `cost_analysis()`, also
-    printed where the target answers (not XLA:GPU), counts a scanned layer's body once, so it
-    under-reports deep models), and the bytes those matmuls and convolutions read and write;
+  - FLOPs per step: matmul and convolution FLOPs counted on the step's jaxpr by
+    lego_jax/bench/flops.py, scanned layers times their trip count and rematerialised forwards
+    included (XLA's `cost_analysis()`, also printed where the target answers (not XLA:GPU),
+    counts a scanned layer's body once, so it under-reports deep models), and the bytes those
+    matmuls and convolutions read and write;
   - a roofline bound on the step time: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip,
     with the peaks of `TARGETS` (sources beside them), so no faster than that on the target;
   - the micro-batch per device: global batch / grad_accum / (data x fsdp devices).
@@ -51,6 +52,7 @@ from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lego_jax.bench import flops as flop_count
 from lego_jax.config import ConfigError
 from lego_jax.parallel import sharding
 
@@ -347,67 +349,6 @@ STAGES: dict[str, Callable[[Any, Any], Stage]] = {"vae": vae_stage, "vllm": vllm
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPs on the jaxpr (XLA's cost analysis counts a loop body once).
-
-def _dot_flops(eqn) -> int:
-  lhs, rhs = (v.aval for v in eqn.invars[:2])
-  (_, rc), (_, rb) = eqn.params["dimension_numbers"]
-  rhs_free = [d for i, d in enumerate(rhs.shape) if i not in rc and i not in rb]
-  return 2 * math.prod(lhs.shape) * math.prod(rhs_free)
-
-
-def _conv_flops(eqn) -> int:
-  rhs = eqn.invars[1].aval
-  out = eqn.outvars[0].aval
-  spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, *spatial)
-  window = math.prod(rhs.shape[d] for d in spec[2:])
-  return 2 * math.prod(out.shape) * rhs.shape[spec[1]] * window
-
-
-def _sub_jaxprs(value):
-  if isinstance(value, jax.extend.core.ClosedJaxpr):
-    yield value.jaxpr
-  elif isinstance(value, jax.extend.core.Jaxpr):
-    yield value
-  elif isinstance(value, (tuple, list)):
-    for v in value:
-      yield from _sub_jaxprs(v)
-
-
-def _io_bytes(eqn) -> int:
-  return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
-             for v in (*eqn.invars[:2], *eqn.outvars))
-
-
-def jaxpr_cost(jaxpr) -> tuple[int, int]:
-  """(FLOPs, bytes) of the matmuls and convolutions of a (closed) jaxpr: FLOPs as the MXU /
-  tensor cores do them, bytes = their operands read and results written once each; scans count
-  `length` times, conds their most expensive branch."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  flops = nbytes = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      flops, nbytes = flops + _dot_flops(eqn), nbytes + _io_bytes(eqn)
-    elif name == "conv_general_dilated":
-      flops, nbytes = flops + _conv_flops(eqn), nbytes + _io_bytes(eqn)
-    elif name == "cond":
-      f, b = max(jaxpr_cost(j) for j in eqn.params["branches"])
-      flops, nbytes = flops + f, nbytes + b
-    else:
-      inner = [jaxpr_cost(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
-      times = eqn.params["length"] if name == "scan" else 1
-      flops += times * sum(f for f, _ in inner)
-      nbytes += times * sum(b for _, b in inner)
-  return flops, nbytes
-
-
-def jaxpr_flops(jaxpr) -> int:
-  """Matmul + convolution FLOPs of a (closed) jaxpr (see `jaxpr_cost`)."""
-  return jaxpr_cost(jaxpr)[0]
-
-
-# ---------------------------------------------------------------------------------------------
 
 def parse_mesh(text: str, cfg) -> tuple[int, ...]:
   if text == "config":
@@ -451,7 +392,8 @@ def compile_stage(cfg, stage_name: str, mesh) -> dict:
       options = {"xla_gpu_enable_triton_gemm": False}
       compiled = lowered.compile(options)
     t2 = time.perf_counter()
-    flops, nbytes = jaxpr_cost(jax.make_jaxpr(stage.step)(stage.state, stage.batch, rng))
+    counted = flop_count.count_flops(stage.step, stage.state, stage.batch, rng)
+    flops, nbytes = counted.total, counted.bytes
   mem = compiled.memory_analysis()
   # The communication the compiler planned: what the sharding costs between chips.
   ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"

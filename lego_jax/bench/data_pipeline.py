@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import os
 import tempfile
 import time
 from pathlib import Path
 
 from absl import app, flags
+from PIL import Image
+
+from lego_jax.data import images, pipeline, records, synthetic
 
 _WORKERS = flags.DEFINE_integer("workers", 2, "Grain worker processes")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "pairs per batch")
@@ -39,10 +43,7 @@ _SKIP_LOCAL = flags.DEFINE_boolean("skip_in_process", False, "skip the 0-worker 
 
 
 def write_records(records_dir: Path, num: int, height: int, width: int) -> None:
-  from PIL import Image
-
-  from data_prep import tfds_builder
-  from lego_jax.data import images, records, synthetic
+  from data_prep import tfds_builder  # imports tensorflow_datasets: seconds, only when writing
 
   if records.is_complete(records_dir, records.PAIRS):
     return
@@ -64,8 +65,6 @@ def write_records(records_dir: Path, num: int, height: int, width: int) -> None:
 
 def _cpu_seconds() -> float:
   """CPU time of this process and its live children (Grain workers), Linux /proc."""
-  import multiprocessing
-
   total = time.process_time()
   tick = os.sysconf("SC_CLK_TCK")
   for child in multiprocessing.active_children():
@@ -78,8 +77,6 @@ def _cpu_seconds() -> float:
 
 
 def measure(records_dir: Path, workers: int) -> dict:
-  from lego_jax.data import pipeline
-
   loader = pipeline.pair_loader(
       records_dir, "train", batch_size=_BATCH.value, image_size=_SIZE.value,
       vllm_image_size=224 if _CLIP.value else None, hflip_prob=0.5, seed=0, shuffle=True,

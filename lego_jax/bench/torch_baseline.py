@@ -28,7 +28,12 @@ import contextlib
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+
+from lego_jax.bench.harness import Impl
+from lego_jax.bench.workloads import context_length, latent_size, num_patches
+from lego_jax.train import ldm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +58,7 @@ def compile_supported(what: str) -> bool:
 
 
 def _torch():
-  import torch
+  import torch  # optional (the torch extra): only --baseline=torch needs it
 
   return torch
 
@@ -79,7 +84,7 @@ def _dtype(spec: Spec):
 
 
 def diffusers_unet(cfg):
-  from diffusers import UNet2DConditionModel
+  from diffusers import UNet2DConditionModel  # optional: only --baseline=torch needs it
 
   u = cfg.unet
   attention = tuple(bool(a) for a in u.attention_levels)
@@ -94,7 +99,7 @@ def diffusers_unet(cfg):
 
 
 def diffusers_vae(cfg):
-  from diffusers import AutoencoderKL
+  from diffusers import AutoencoderKL  # optional: only --baseline=torch needs it
 
   v = cfg.vae
   n = len(v.block_out_channels)
@@ -107,7 +112,7 @@ def diffusers_vae(cfg):
 
 
 def clip_text_model(cfg):
-  import transformers
+  import transformers  # optional: only --baseline=torch needs it
 
   c = cfg.clip_text
   return transformers.CLIPTextModel(transformers.CLIPTextConfig(
@@ -139,28 +144,14 @@ def conditioner_module(cfg):
 
 
 def _alphas_cumprod(cfg):
-  from lego_jax.train import ldm
-
   return ldm.schedule_of(cfg).alphas_cumprod
-
-
-def _context_length(cfg) -> int:
-  from lego_jax.bench.bench import context_length
-
-  return context_length(cfg)
-
-
-def _num_patches(cfg) -> int:
-  return (cfg.clip_vision.image_size // cfg.clip_vision.patch_size) ** 2
 
 
 # --- benches ----------------------------------------------------------------------------------
 
 
 def build(spec: Spec, compiled: bool):
-  """The `Impl` of one baseline (imported lazily: torch is only needed with --baseline=torch)."""
-  from lego_jax.bench.bench import Impl
-
+  """The `Impl` of one baseline (torch is imported here: only --baseline=torch needs it)."""
   torch = _torch()
   if spec.device == "cpu":
     torch.set_num_threads(spec.threads)
@@ -192,13 +183,9 @@ def _compile(module, compiled: bool):
   return _torch().compile(module) if compiled else module
 
 
-
-
 def _unet_train(spec: Spec, compiled: bool):
   torch = _torch()
   cfg, dev, b = spec.cfg, spec.device, spec.batch
-  from lego_jax.bench.bench import latent_size
-
   unet = diffusers_unet(cfg).to(dev).train()
   net = _compile(unet, compiled)
   opt = torch.optim.AdamW(unet.parameters(), lr=cfg.ldm_train.lr,
@@ -206,7 +193,7 @@ def _unet_train(spec: Spec, compiled: bool):
   size, half = latent_size(cfg), cfg.unet.out_channels
   target = torch.randn(b, half, size, size, device=dev)
   cond = torch.randn(b, cfg.unet.in_channels - half, size, size, device=dev)
-  context = torch.randn(b, _context_length(cfg), cfg.unet.context_dim, device=dev)
+  context = torch.randn(b, context_length(cfg), cfg.unet.context_dim, device=dev)
   acp = torch.as_tensor(_alphas_cumprod(cfg), device=dev)
 
   def step():
@@ -241,7 +228,7 @@ def _ldm_train(spec: Spec, compiled: bool):
   images_out = torch.rand(b, 3, size, size, device=dev) * 2 - 1
   ids = torch.randint(1, vocab, (b, text_len), device=dev)
   empty = torch.randint(1, vocab, (1, text_len), device=dev)
-  h_img = torch.randn(b, _num_patches(cfg), llm, device=dev)
+  h_img = torch.randn(b, num_patches(cfg), llm, device=dev)
   h_txt = torch.randn(b, text_len, llm, device=dev)
   acp = torch.as_tensor(_alphas_cumprod(cfg), device=dev)
   scale = cfg.vae.scaling_factor
@@ -276,7 +263,7 @@ def _ldm_train(spec: Spec, compiled: bool):
 
 
 def llava_model(spec: Spec):
-  import transformers
+  import transformers  # optional: only --baseline=torch needs it
 
   cfg = spec.cfg
   v, l = cfg.clip_vision, cfg.llama
@@ -288,13 +275,13 @@ def llava_model(spec: Spec):
           image_size=v.image_size, patch_size=v.patch_size, projection_dim=v.projection_dim,
           layer_norm_eps=v.layer_norm_eps),
       text_config=llama_config(cfg), image_token_index=image_token,
-      image_seq_length=_num_patches(cfg), vision_feature_layer=-2,
+      image_seq_length=num_patches(cfg), vision_feature_layer=-2,
       vision_feature_select_strategy="default")
   return transformers.LlavaForConditionalGeneration(config), image_token
 
 
 def llama_config(cfg):
-  import transformers
+  import transformers  # optional: only --baseline=torch needs it
 
   l = cfg.llama
   return transformers.LlamaConfig(
@@ -316,7 +303,7 @@ def _vllm_train(spec: Spec, compiled: bool):
   net = _compile(model, compiled)
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                           lr=cfg.vllm_train.lr, weight_decay=cfg.vllm_train.weight_decay)
-  patches = _num_patches(cfg)
+  patches = num_patches(cfg)
   ids = torch.randint(1, cfg.llama.vocab_size - 1, (b, t), device=dev)
   ids[:, 4:4 + patches] = image_token
   labels = ids.clone()
@@ -338,7 +325,7 @@ def _vllm_train(spec: Spec, compiled: bool):
 
 def _vllm_decode(spec: Spec, compiled: bool):
   torch = _torch()
-  import transformers
+  import transformers  # optional: only --baseline=torch needs it
 
   cfg, dev, b = spec.cfg, spec.device, spec.batch
   g = cfg.vllm_generate
@@ -363,10 +350,6 @@ def _vllm_decode(spec: Spec, compiled: bool):
 
 def _sample(spec: Spec, compiled: bool):
   torch = _torch()
-  import jax.numpy as jnp
-
-  from lego_jax.train import ldm
-
   cfg, dev, b = spec.cfg, spec.device, spec.batch
   dt = _dtype(spec)
   unet = diffusers_unet(cfg).to(dev, dt).eval()
@@ -382,7 +365,7 @@ def _sample(spec: Spec, compiled: bool):
   images = (torch.rand(b, 3, size, size, device=dev) * 2 - 1).to(dt)
   ids = torch.randint(1, vocab, (b, text_len), device=dev)
   empty = torch.randint(1, vocab, (1, text_len), device=dev)
-  h_img = torch.randn(b, _num_patches(cfg), llm, device=dev, dtype=dt)
+  h_img = torch.randn(b, num_patches(cfg), llm, device=dev, dtype=dt)
   h_txt = torch.randn(b, text_len, llm, device=dev, dtype=dt)
   s = cfg.sampler
   scale = cfg.vae.scaling_factor

@@ -23,7 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import av
 import numpy as np
+from absl import app, flags
+
+from data_prep import videos
+from data_prep.video_frames import PairSpec, Position, VideoReader, encode_jpeg, resized_size
 
 LEGO_PAIRS = 85_000 + 62_000
 HOST_CORES = 32
@@ -32,7 +37,6 @@ HOST_CORES = 32
 def make_video(path: Path, *, height: int, seconds: float, fps: int, gop: int) -> Path:
   """A panning textured scene with a moving object: compresses like footage (unlike noise),
   and every frame differs. Frames are views into one wide image, so making them costs little."""
-  import av
 
   width = 2 * round(height * 16 / 9 / 2)
   count = int(seconds * fps)
@@ -63,8 +67,6 @@ def make_video(path: Path, *, height: int, seconds: float, fps: int, gop: int) -
 
 
 def random_pairs(num_frames: int, fps: float, count: int, seed: int = 0):
-  from data_prep.video_frames import PairSpec, Position
-
   rng = np.random.default_rng(seed)
   pairs = []
   for k in range(count):
@@ -77,8 +79,6 @@ def random_pairs(num_frames: int, fps: float, count: int, seed: int = 0):
 
 
 def run_worker(video: Path, pairs, out: Path, **options) -> dict:
-  from data_prep import videos
-
   job = videos.VideoJob("bench", f"bench_{len(list(out.iterdir()))}", str(video), pairs)
   (out / "bench").mkdir(exist_ok=True)
   marker = videos.process_video(job, videos.ExtractOptions(**options), str(out), None)
@@ -90,9 +90,7 @@ def run_worker(video: Path, pairs, out: Path, **options) -> dict:
 def decode_everything(video: Path, wanted: set[int]) -> tuple[float, float, int, int]:
   """The naive way: decode every frame, keep the wanted ones.
   -> (wall s, cpu s, decoded frames, wanted frames)."""
-  import av
 
-  from data_prep.video_frames import encode_jpeg, resized_size
 
   wall, cpu = time.perf_counter(), time.process_time()
   n = 0
@@ -110,9 +108,7 @@ def decode_everything(video: Path, wanted: set[int]) -> tuple[float, float, int,
 
 def main(argv) -> None:
   del argv
-  import av
 
-  from data_prep.video_frames import VideoReader
 
   FLAGS = flags.FLAGS
   load_before = os.getloadavg()
@@ -178,8 +174,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-
   flags.DEFINE_string("video", None, "benchmark this video file instead of a synthetic one")
   flags.DEFINE_integer("height", 720, "synthetic video height (16:9)")
   flags.DEFINE_float("seconds", 30.0, "synthetic video length")

@@ -27,6 +27,7 @@ import grain
 import ml_dtypes
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from lego_jax.data import records
 
@@ -63,8 +64,6 @@ def decode(blob: bytes) -> dict:
 
 def write_part(features_dir: str | Path, split: str, part: int, blobs: Iterable[bytes]) -> Path:
   """Writes one complete part atomically (temporary file, then rename)."""
-  from array_record.python.array_record_module import ArrayRecordWriter
-
   final = part_path(features_dir, split, part)
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = final.with_name(final.name + ".tmp")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 CLIP_MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073), np.float32)
@@ -48,8 +49,6 @@ def check_jpeg(data: bytes, mode: str) -> None:
   by more than 10 grey levels on average, 54% of those between 1 and 10, 1% of those below 1
   (docs/data-faults.md): damage that decodes without a warning cannot be told from content.
   """
-  import simplejpeg
-
   try:
     simplejpeg.decode_jpeg(data, colorspace=_JPEG_CHECK_COLORSPACE.get(mode, "RGB"), strict=True)
   except ValueError as e:
@@ -188,6 +187,7 @@ def frames_to_unit_range(x):
     return x
   if isinstance(x, np.ndarray):
     return to_unit_range(x)
+  # jax only for device arrays: the data_prep converters use this module without importing jax.
   import jax.numpy as jnp
 
   return x.astype(jnp.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)

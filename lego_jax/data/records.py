@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
 
 BUILDER_NAME = "lego"
 VERSION = "1.0.0"
@@ -51,8 +52,6 @@ def check_files(paths, num_records=None, *, redo: str) -> None:
   """Opens each ArrayRecord file's footer and index (cheap: no record is read) so that a
   truncated or damaged file is named when a reader opens it, not as a Riegeli traceback minutes
   into a run. `num_records`: the count each file should hold; `redo` says how to rewrite it."""
-  from array_record.python.array_record_module import ArrayRecordReader
-
   for i, path in enumerate(paths):
     path = str(path)
     try:
@@ -72,7 +71,7 @@ def check_files(paths, num_records=None, *, redo: str) -> None:
 def features(kind: str):
   """The tfds FeaturesDict of a record kind. Bytes are stored as-is (object Tensors): no
   tensorflow is needed to encode or decode them."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # seconds to import: only writers and builders need it
 
   def blob():
     return tfds.features.Tensor(shape=(), dtype=np.object_)
@@ -99,7 +98,7 @@ def is_complete(records_dir: str | Path, kind: str) -> bool:
 
 
 def _builder(records_dir: str | Path, kind: str):
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # seconds to import: only writers and builders need it
 
   path = dataset_dir(records_dir, kind)
   if not is_complete(records_dir, kind):

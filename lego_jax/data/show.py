@@ -14,6 +14,7 @@ from absl import flags
 from PIL import Image, ImageDraw, ImageFont
 
 from lego_jax.data import records
+from lego_jax.errors import UserError
 from lego_jax.data.pipeline import records_dir_of
 
 # Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
@@ -108,8 +109,6 @@ def contact_sheet(records_dir: str | Path, split: str = "train", num: int = 16) 
 
 
 def main(cfg, workdir: Path) -> int:
-  from lego_jax.errors import UserError
-
   # --split and --out are shared by several commands and defined in lego_jax/cli.py.
   out = Path(flags.FLAGS.out) if flags.FLAGS.out else Path(workdir) / "show_data.png"
   split = flags.FLAGS.split or "train"

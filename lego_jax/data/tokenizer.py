@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import sentencepiece as spm
 
 from lego_jax.data.prompts import IMAGE_PLACEHOLDER
 
@@ -46,8 +47,6 @@ class Tokenizer:
   """A SentencePiece model with LLaMA's id conventions."""
 
   def __init__(self, model_file: str | Path):
-    import sentencepiece as spm
-
     self.path = Path(model_file)
     self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
     self.vocab_size = self.sp.get_piece_size()
@@ -93,8 +92,6 @@ def train_tokenizer(lines: Iterable[str], out_dir: str | Path, vocab_size: int) 
   """Trains a BPE SentencePiece model on `lines` (offline, single-threaded: the same lines give
   the same file) and writes out_dir/tokenizer.model atomically. The vocabulary may come out
   smaller than `vocab_size` when the corpus has fewer merges to offer."""
-  import sentencepiece as spm
-
   if vocab_size < MIN_TRAINED_VOCAB:
     raise ValueError(f"tokenizer_vocab_size={vocab_size} is too small for a trained tokenizer "
                      f"(at least {MIN_TRAINED_VOCAB})")
@@ -153,7 +150,7 @@ def load_clip_hf(directory: str | Path) -> ClipTokenizer:
       (d / "vocab.json").is_file() and (d / "merges.txt").is_file())
   if not has_files:
     raise TokenizerError(f"CLIP tokenizer not found in {d}: {CLIP_HELP}")
-  from transformers import CLIPTokenizer
+  from transformers import CLIPTokenizer  # seconds to import: only this fallback needs it
 
   return ClipTokenizer(hf=CLIPTokenizer.from_pretrained(str(d), local_files_only=True))
 

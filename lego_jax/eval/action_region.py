@@ -34,6 +34,7 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 SCALE_RANGE = (0.7, 1.3)
 
@@ -108,8 +109,6 @@ def region_crops(frames: Sequence[np.ndarray], masks: Sequence[np.ndarray], size
                  min_size: int = 24) -> np.ndarray:
   """The square box around each mask, cut from each frame and resized to size x size (bilinear):
   (N, size, size, 3) float32 in [0, 1], what region LPIPS compares."""
-  from PIL import Image
-
   out = []
   for frame, mask in zip(frames, masks):
     x0, y0, x1, y1 = mask_box(mask, min_size)

@@ -44,10 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
+from lego_jax.eval import egovlp as ev
+from lego_jax.eval.egovlp import cosine
+from lego_jax.eval.weight_files import MissingWeightsError, find_weights
 from lego_jax.weights import io as weights_io
 from lego_jax.weights import state as weights_state
-from lego_jax.weights.mapping import Kind, Rule, torch_to_jax
+from lego_jax.weights.mapping import Kind, KeyMappingError, Rule, torch_to_jax
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -456,8 +460,6 @@ def caption_tokens(model: BlipCaptioner, pixels: np.ndarray, prompt: tuple[int, 
 
 def blip_pixels(paths: Sequence[str | Path], size: int = 384) -> np.ndarray:
   """Image files -> (B, size, size, 3) CLIP-normalised: PIL bicubic squash of the RGB image."""
-  from PIL import Image
-
   out = []
   for p in paths:
     with Image.open(p) as im:
@@ -623,8 +625,7 @@ def find_tokenizer_dir(root: str | Path) -> Path | None:
 
 
 def load_tokenizer(directory: str | Path, what: str):
-  from lego_jax.eval.weight_files import MissingWeightsError
-  import transformers
+  import transformers  # heavy (seconds): only the BLIP tokenizers need it
 
   found = find_tokenizer_dir(directory)
   if found is None:
@@ -635,8 +636,6 @@ def load_tokenizer(directory: str | Path, what: str):
 
 def build_blip(weights_dir: str, variant: str, **overrides) -> tuple[BlipCaptioner, Path]:
   """variant "blip_b" or "blip_l" -> (captioner, the file or directory it came from)."""
-  from lego_jax.eval.weight_files import find_weights
-
   path = find_weights(weights_dir, variant)
   sd = _unwrap(weights_io.read_state_dict(path))
   hf_config = None
@@ -650,9 +649,6 @@ def build_blip(weights_dir: str, variant: str, **overrides) -> tuple[BlipCaption
 
 def build_egovlp_text(weights_dir: str, dataset: str):
   """EgoVLP's text tower from egovlp.pth (Ego4D) / epic_mir_plus.pth (EPIC), sizes off the file."""
-  from lego_jax.eval import egovlp as ev
-  from lego_jax.eval.weight_files import find_weights
-
   key = "egovlp_epickitchens" if dataset.startswith("epic") else "egovlp_ego4d"
   path = find_weights(weights_dir, key)
   sd = {k.removeprefix("module."): v for k, v in weights_io.read_state_dict(path).items()}
@@ -726,8 +722,6 @@ class BlipScore:
     """metric -> per-pair cosine (len(keys),) of caption vs description EgoVLP text embeddings.
 
     The image batch is padded to `pad_to` (repeating the last) so that one shape compiles."""
-    from lego_jax.eval.egovlp import cosine
-
     desc = text_embeddings(self.text_model, self.text_tokenizer,
                            [self.descriptions[k] for k in keys])
     out = {}
@@ -748,9 +742,6 @@ def build_blip_score(weights_dir: str, dataset: str, variants: Sequence[str],
                      descriptions: Mapping[str, str],
                      settings: DecodeSettings = DecodeSettings()) -> tuple[BlipScore | None, dict]:
   """The scorer for the variants whose weights load; the others in `skipped` with the reason."""
-  from lego_jax.eval.weight_files import MissingWeightsError, find_weights
-  from lego_jax.weights.mapping import KeyMappingError
-
   expected = (MissingWeightsError, weights_io.WeightFileError, KeyMappingError)
   skipped = {}
   try:

@@ -24,6 +24,7 @@ from flax import nnx
 from lego_jax.eval.images import resize
 from lego_jax.models.clip_vision import (CLIP_MEAN, CLIP_STD, CLIPVision, CLIPVisionConfig,
                                          detect_vision_layout, load_clip_vision)
+from lego_jax.eval.weight_files import find_weights
 from lego_jax.weights import io as weights_io
 
 
@@ -69,8 +70,6 @@ def config_from_state_dict(sd: Mapping[str, np.ndarray], hf_config: dict | None 
 
 
 def build_clip(weights_dir: str, **overrides) -> CLIPVision:
-  from lego_jax.eval.weight_files import find_weights
-
   path = find_weights(weights_dir, "clip")
   sd = weights_io.read_state_dict(path)
   hf_config = None

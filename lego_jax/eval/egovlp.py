@@ -25,6 +25,7 @@ keys carry DataParallel's `module.` prefix: `video_model.*`, `vid_proj.0.*`, and
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import jax
@@ -33,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from lego_jax.eval.images import center_crop, resize, short_side_size
+from lego_jax.eval.weight_files import find_weights
 from lego_jax.weights import io as weights_io
 from lego_jax.weights import state as weights_state
 from lego_jax.weights.mapping import Kind, Rule, torch_to_jax
@@ -324,8 +326,6 @@ def abstract_egovlp(cfg: EgoVLPConfig) -> EgoVLPVideo:
 def config_from_state_dict(sd: Mapping[str, np.ndarray], num_frames: int, **overrides) -> EgoVLPConfig:
   """Sizes read off the (unwrapped) weights; heads are not stored, ViT's 64 per head is assumed
   unless `num_heads` is given."""
-  import re
-
   patch = sd["video_model.patch_embed.proj.weight"]
   d, p = int(patch.shape[0]), int(patch.shape[-1])
   grid = int(round((sd["video_model.pos_embed"].shape[1] - 1) ** 0.5))
@@ -341,8 +341,6 @@ def config_from_state_dict(sd: Mapping[str, np.ndarray], num_frames: int, **over
 
 def build_egovlp(weights_dir: str, dataset: str, num_frames: int, **overrides) -> EgoVLPVideo:
   """egovlp.pth for Ego4D, epic_mir_plus.pth for EPIC-Kitchens (as the release)."""
-  from lego_jax.eval.weight_files import find_weights
-
   key = "egovlp_epickitchens" if dataset.startswith("epic") else "egovlp_ego4d"
   path = find_weights(weights_dir, key)
   sd = _unwrap(weights_io.read_state_dict(path))

@@ -38,11 +38,27 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from PIL import Image
+from tqdm import tqdm
 
+from lego_jax.config import ConfigError
+from lego_jax.errors import UserError
+from lego_jax.eval import fid as fid_lib
 from lego_jax.eval import images as im
+from lego_jax.eval import inception as inception_lib
 from lego_jax.eval import table as table_lib
+from lego_jax.eval.blip import build_blip_score, description_for
+from lego_jax.eval.clip_score import build_clip, clip_embeddings
+from lego_jax.eval.egovlp import build_egovlp, cosine, egovlp_embed, egovlp_plus_embed
+from lego_jax.eval.lpips import NETS, build_lpips, lpips_distance
+from lego_jax.eval.psnr import psnr
+from lego_jax.eval.weight_files import MissingWeightsError, find_weights
+from lego_jax.weights.io import WeightFileError
+from lego_jax.weights.mapping import KeyMappingError
 
 # Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
 CONFIG_SECTIONS = ("data", "eval")
@@ -92,14 +108,9 @@ def build_networks(metrics: Sequence[str], weights_dir: str, dataset: str, egovl
                    have_inputs: bool, num_pairs: int, descriptions: dict | None = None,
                    no_description: str = "") -> tuple[Networks, dict[str, str]]:
   """Every requested network that can be built; the others land in `skipped` with the reason."""
-  from lego_jax.eval.weight_files import MissingWeightsError, find_weights
-  from lego_jax.weights.io import WeightFileError
-  from lego_jax.weights.mapping import KeyMappingError
-
   expected = (MissingWeightsError, WeightFileError, KeyMappingError)
   nets, skipped = Networks(lpips={}), {}
   if "lpips" in metrics:
-    from lego_jax.eval.lpips import NETS, build_lpips
     for net in NETS:
       try:
         nets.lpips[net] = build_lpips(net, weights_dir)
@@ -109,14 +120,12 @@ def build_networks(metrics: Sequence[str], weights_dir: str, dataset: str, egovl
     if num_pairs < 2:
       skipped["fid"] = f"FID needs at least 2 images per set, got {num_pairs}"
     else:
-      from lego_jax.eval.inception import build_inception
       try:
-        nets.inception = build_inception(weights_dir)
+        nets.inception = inception_lib.build_inception(weights_dir)
         nets.inception_weights = find_weights(weights_dir, "fid")
       except expected as e:
         skipped["fid"] = str(e)
   if "clip" in metrics:
-    from lego_jax.eval.clip_score import build_clip
     try:
       nets.clip = build_clip(weights_dir)
     except expected as e:
@@ -126,7 +135,6 @@ def build_networks(metrics: Sequence[str], weights_dir: str, dataset: str, egovl
     skipped["egovlp_plus"] = "EgoVLP+ needs the input frames: pass --inputs=DIR"
     wants_ego.remove("egovlp_plus")
   if wants_ego:
-    from lego_jax.eval.egovlp import build_egovlp
     try:
       nets.egovlp = build_egovlp(weights_dir, dataset, egovlp_frames)
     except expected as e:
@@ -138,7 +146,6 @@ def build_networks(metrics: Sequence[str], weights_dir: str, dataset: str, egovl
                                 "pass --edit_file=<LEGO annotation JSON>")
     skipped.update({m: reason for m in wants_blip})
   elif wants_blip:
-    from lego_jax.eval.blip import build_blip_score
     nets.blip, reasons = build_blip_score(weights_dir, dataset, wants_blip, descriptions)
     skipped.update(reasons)
   return nets, skipped
@@ -167,8 +174,6 @@ def _by_shape(arrays: Sequence[np.ndarray], fn: Callable, batch: int, *more) -> 
 def check_images(pairs: Sequence[im.Pair], limit: int = 20) -> list[str]:
   """Opens every file's header (cheap): unreadable ones raise one error listing them all; pairs
   whose sizes differ are returned as note lines."""
-  from PIL import Image
-
   bad, resized = [], []
   for p in pairs:
     sizes = {}
@@ -192,34 +197,28 @@ def check_images(pairs: Sequence[im.Pair], limit: int = 20) -> list[str]:
 def _score_chunk(chunk, nets: Networks, metrics, egovlp_frames: int, batch: int, put,
                  gen_acts: list, ref_acts: list, need_ref_acts: bool) -> None:
   """Every per-image metric for one chunk of pairs; pool3 activations appended to the lists."""
-  import jax.numpy as jnp
-
   gens = [im.to_unit(im.read_rgb(p.generated)) for p in chunk]
   refs = [im.to_unit(im.read_rgb(p.reference)) for p in chunk]
   # The release resizes the generated image to the reference's size before pixel metrics.
   gen_at_ref = [g if g.shape == r.shape else np.asarray(im.resize(jnp.asarray(g), r.shape[:2]))
                 for g, r in zip(gens, refs)]
   if "psnr" in metrics:
-    from lego_jax.eval.psnr import psnr
     put("psnr", _by_shape(refs, lambda r, g: psnr(g, r), batch, gen_at_ref))
   for net, model in nets.lpips.items():
-    from lego_jax.eval.lpips import lpips_distance
     for release in (False, True):
       vals = _by_shape(refs, lambda r, g: lpips_distance(model, g, r, release_range=release),
                        batch, gen_at_ref)
       put(f"lpips_{net}" + ("_release_range" if release else ""), vals)
   if nets.clip is not None:
-    from lego_jax.eval.clip_score import clip_embeddings
     eg = _by_shape(gens, lambda x: clip_embeddings(nets.clip, x), batch)
     er = _by_shape(refs, lambda x: clip_embeddings(nets.clip, x), batch)
     put("clip", np.sum(eg * er, axis=-1))
   if nets.inception is not None:
-    from lego_jax.eval.inception import pool3_features
-    gen_acts.append(_by_shape(gens, lambda x: pool3_features(nets.inception, x), batch))
+    pool3 = lambda x: inception_lib.pool3_features(nets.inception, x)  # noqa: E731
+    gen_acts.append(_by_shape(gens, pool3, batch))
     if need_ref_acts:
-      ref_acts.append(_by_shape(refs, lambda x: pool3_features(nets.inception, x), batch))
+      ref_acts.append(_by_shape(refs, pool3, batch))
   if nets.egovlp is not None:
-    from lego_jax.eval.egovlp import cosine, egovlp_embed, egovlp_plus_embed
     if "egovlp" in metrics:
       eg = _by_shape(gens, lambda x: egovlp_embed(nets.egovlp, x, egovlp_frames), batch)
       er = _by_shape(refs, lambda x: egovlp_embed(nets.egovlp, x, egovlp_frames), batch)
@@ -245,10 +244,6 @@ def score_pairs(pairs: Sequence[im.Pair], nets: Networks, metrics: Sequence[str]
 
   Returns (per-image columns, set-level values (FID), FID details).
   """
-  import jax
-
-  from lego_jax.eval import fid as fid_lib
-
   per: dict[str, list[float]] = {}
   gen_acts, ref_acts = [], []
   fid_info: dict = {}
@@ -264,7 +259,6 @@ def score_pairs(pairs: Sequence[im.Pair], nets: Networks, metrics: Sequence[str]
 
   chunks = range(0, len(pairs), batch)
   if progress:
-    from tqdm import tqdm
     chunks = tqdm(chunks, desc="evaluate", unit="batch", file=sys.stderr)
   # Full fp32 matmuls/convs: GPUs otherwise default to TF32-like precision, which moves FID and
   # LPIPS away from the PyTorch numbers they are compared with.
@@ -295,7 +289,6 @@ def run_evaluation(generated: str, reference: str, out_dir: str | os.PathLike, *
   """Scores one generated set; writes `<out_dir>/<name>/metrics.json` and `per_image.csv`."""
   unknown = sorted(set(metrics) - set(METRICS))
   if unknown:
-    from lego_jax.config import ConfigError
     raise ConfigError(f"unknown metrics {unknown} in cfg.eval.metrics; known: {list(METRICS)}")
   pairs = im.match_sets(generated, reference, inputs, allow_missing=allow_missing)
   notes = check_images(pairs)
@@ -346,8 +339,6 @@ def _descriptions(pairs: Sequence[im.Pair], edit_file: str | None,
   """pair key -> enriched description from the annotation JSON, or the reason there are none."""
   if not edit_file:
     return None, ""
-  from lego_jax.eval.blip import description_for
-
   try:
     edits = json.loads(Path(edit_file).read_text())
   except (OSError, json.JSONDecodeError) as e:
@@ -383,8 +374,6 @@ def write_results_table(eval_dir: str | os.PathLike, runs: str = "", dataset: st
 
 
 def main(cfg, workdir) -> int:
-  from lego_jax.errors import UserError
-
   eval_dir = Path(workdir) / "eval"
   gen, ref = _GENERATED(), _REFERENCE()
   if not gen and not _RUNS():

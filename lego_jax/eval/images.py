@@ -16,6 +16,7 @@ from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -120,8 +121,6 @@ def match_sets(generated: str | os.PathLike, reference: str | os.PathLike,
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
   """An image file as uint8 RGB (H, W, 3); grey/alpha/palette images are converted to RGB."""
-  from PIL import Image
-
   try:
     with Image.open(path) as im:
       return np.asarray(im.convert("RGB"), dtype=np.uint8)

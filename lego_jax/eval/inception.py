@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from lego_jax.eval.images import resize
+from lego_jax.eval.weight_files import find_weights
 from lego_jax.weights import io as weights_io
 from lego_jax.weights import state as weights_state
 from lego_jax.weights.mapping import Kind, Rule, torch_to_jax
@@ -253,8 +254,6 @@ def load_inception(model: FIDInceptionV3, state_dict, source: str = "FID Incepti
 
 
 def build_inception(weights_dir: str) -> FIDInceptionV3:
-  from lego_jax.eval.weight_files import find_weights
-
   path = find_weights(weights_dir, "fid")
   return load_inception(abstract_inception(), weights_io.read_state_dict(path), source=path.name)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lego_jax.eval.weight_files import find_weights
 from lego_jax.weights import io as weights_io
 from lego_jax.weights import state as weights_state
 from lego_jax.weights.mapping import Kind, Rule, torch_to_jax
@@ -253,8 +254,6 @@ def abstract_lpips(net: str) -> LPIPS:
 
 def build_lpips(net: str, weights_dir: str) -> LPIPS:
   """The network with real weights from `weights_dir` (heads also from an installed lpips)."""
-  from lego_jax.eval.weight_files import find_weights
-
   backbone_path = find_weights(weights_dir, f"lpips_{net}")
   extra = [d for d in [installed_heads_dir()] if d is not None]
   head_path = find_weights(weights_dir, f"lpips_{net}_head", extra_dirs=extra)

@@ -18,9 +18,11 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
-from lego_jax.models.clip_vision import (Encoder, Layout, as_state_dict, detect_layout,
-                                         encoder_rules, layer_norm, outside_prefix)
+from lego_jax.models.clip_vision import (Encoder, Layout, detect_layout, encoder_rules,
+                                         outside_prefix)
+from lego_jax.models.layers import layer_norm
 from lego_jax.parallel.sharding import constrain
+from lego_jax.weights import io as weights_io
 from lego_jax.weights import pretrained
 from lego_jax.weights.mapping import Kind, Rule, jax_to_torch, torch_to_jax
 from lego_jax.weights.state import flat_params, load_params, param_shapes
@@ -57,7 +59,7 @@ class CLIPText(nnx.Module):
     self.encoder = Encoder(cfg.num_layers, d, cfg.intermediate_size, cfg.num_heads,
                            cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, remat=cfg.remat,
                            attention_impl=cfg.attention_impl, rngs=rngs)
-    self.final_norm = layer_norm(d, cfg.layer_norm_eps, dt, pdt, rngs)
+    self.final_norm = layer_norm(d, cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
 
   def __call__(self, input_ids: jax.Array) -> jax.Array:
     """input_ids (B, T) int, T <= max_position -> last_hidden_state (B, T, D) after the final LN.
@@ -181,7 +183,7 @@ def load_clip_text(model: CLIPText, source: Mapping[str, Any] | str | os.PathLik
   prefix must map; a missing, unexpected or mis-shaped one raises KeyMappingError. `model` may be
   abstract (`nnx.eval_shape(lambda: CLIPText(cfg, rngs=...))`): no random init is spent then.
   """
-  state_dict, name = as_state_dict(source)
+  state_dict, name = weights_io.as_state_dict(source)
   if layout == "auto":
     layout = detect_text_layout(state_dict)
   arrays = torch_to_jax(state_dict, text_rules(layout), param_shapes(model),
@@ -237,7 +239,7 @@ def from_pretrained(path: str | os.PathLike, **overrides) -> CLIPText:
   filled CLIPText with the sizes of its config.json."""
   cfg_path = pretrained.require_config(path, "CLIP text")
   config = clip_text_config_from_hf(pretrained.read_json(cfg_path), str(cfg_path), **overrides)
-  state_dict, _ = as_state_dict(path)
+  state_dict = weights_io.read_state_dict(path)
   layout = detect_text_layout(state_dict)
   pretrained.check_weights(dataclasses.asdict(config), state_dict,
                            text_weight_facts(TEXT_LAYOUTS[layout].prefix), str(path))

@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
+from lego_jax.models.layers import attention_impl, dense, layer_norm
 from lego_jax.parallel.sharding import constrain
 from lego_jax.weights import io as weights_io
 from lego_jax.weights import pretrained
@@ -67,40 +69,9 @@ class CLIPVisionConfig:
     return n
 
 
-_dense_init = nnx.initializers.lecun_normal()
-_zeros = nnx.initializers.zeros_init()
-_ones = nnx.initializers.ones_init()
-
-
-def layer_norm(dim, eps, dtype, param_dtype, rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                       scale_init=nnx.with_partitioning(_ones, ("norm",)),
-                       bias_init=nnx.with_partitioning(_zeros, ("norm",)), rngs=rngs)
-
-
-def _linear(d_in, d_out, names, dtype, param_dtype, rngs, use_bias=True) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nnx.with_partitioning(_dense_init, names),
-                    bias_init=nnx.with_partitioning(_zeros, names[-1:]), rngs=rngs)
-
-
 def quick_gelu(x: jax.Array) -> jax.Array:
   """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x) (not the erf/tanh GELU)."""
   return x * jax.nn.sigmoid(1.702 * x)
-
-
-def attention_impl(choice: str | None, dtype, head_dim: int) -> str | None:
-  """The `implementation` for jax.nn.dot_product_attention: "auto" -> cuDNN where it applies.
-
-  jax runs XLA's attention when `implementation` is None; cuDNN's fused (flash) kernel must be
-  asked for, and only takes half precision with head sizes that are multiples of 8 up to 128.
-  """
-  if choice != "auto":
-    return choice
-  if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-      and head_dim % 8 == 0 and head_dim <= 128):
-    return "cudnn"
-  return None
 
 
 class Attention(nnx.Module):
@@ -113,7 +84,7 @@ class Attention(nnx.Module):
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
     self.impl = attention_impl(impl, dtype, self.head_dim)
-    make = lambda names: _linear(dim, dim, names, dtype, param_dtype, rngs)
+    make = lambda names: dense(dim, dim, names, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.query = make(("embed", "heads"))
     self.key = make(("embed", "heads"))
     self.value = make(("embed", "heads"))
@@ -134,12 +105,12 @@ class EncoderLayer(nnx.Module):
 
   def __init__(self, dim: int, mlp_dim: int, num_heads: int, eps: float, *, dtype, param_dtype,
                attention_impl: str | None, rngs: nnx.Rngs):
-    self.norm1 = layer_norm(dim, eps, dtype, param_dtype, rngs)
-    self.attn = Attention(dim, num_heads, dtype=dtype, param_dtype=param_dtype,
-                          impl=attention_impl, rngs=rngs)
-    self.norm2 = layer_norm(dim, eps, dtype, param_dtype, rngs)
-    self.fc1 = _linear(dim, mlp_dim, ("embed", "mlp"), dtype, param_dtype, rngs)
-    self.fc2 = _linear(mlp_dim, dim, ("mlp", "embed"), dtype, param_dtype, rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = layer_norm(dim, eps, **kw)
+    self.attn = Attention(dim, num_heads, impl=attention_impl, **kw)
+    self.norm2 = layer_norm(dim, eps, **kw)
+    self.fc1 = dense(dim, mlp_dim, ("embed", "mlp"), **kw)
+    self.fc2 = dense(mlp_dim, dim, ("mlp", "embed"), **kw)
 
   def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
     x = x + self.attn(self.norm1(x), causal)
@@ -197,7 +168,8 @@ class CLIPVision(nnx.Module):
     self.patch_embedding = nnx.Conv(
         3, d, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, padding="VALID",
         use_bias=False, dtype=dt, param_dtype=pdt,
-        kernel_init=nnx.with_partitioning(_dense_init, (None, None, "conv_in", "embed")),
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                          (None, None, "conv_in", "embed")),
         rngs=rngs)
     class_init = nnx.with_partitioning(nnx.initializers.normal(d ** -0.5), ("embed",))
     self.class_embedding = nnx.Param(class_init(rngs.params(), (d,), pdt))
@@ -205,14 +177,14 @@ class CLIPVision(nnx.Module):
                                           ("length", "embed"))
     self.position_embedding = nnx.Param(
         position_init(rngs.params(), (cfg.num_patches + 1, d), pdt))
-    self.pre_norm = layer_norm(d, cfg.layer_norm_eps, dt, pdt, rngs)
+    self.pre_norm = layer_norm(d, cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
     self.encoder = Encoder(cfg.num_layers, d, cfg.intermediate_size, cfg.num_heads,
                            cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, remat=cfg.remat,
                            attention_impl=cfg.attention_impl, rngs=rngs)
-    self.post_norm = layer_norm(d, cfg.layer_norm_eps, dt, pdt, rngs)
+    self.post_norm = layer_norm(d, cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
     if cfg.with_projection:
-      self.projection = _linear(d, cfg.projection_dim, ("embed", None), dt, pdt, rngs,
-                                use_bias=False)
+      self.projection = dense(d, cfg.projection_dim, ("embed", None), dtype=dt, param_dtype=pdt,
+                              rngs=rngs, use_bias=False)
 
   def embed(self, pixels: jax.Array) -> jax.Array:
     """pixels (B, S, S, 3) normalised -> pre-LN tokens (B, 1 + num_patches, D), CLS first."""
@@ -263,8 +235,6 @@ class CLIPVision(nnx.Module):
 
 
 def _to_pil(image):
-  from PIL import Image
-
   if isinstance(image, Image.Image):
     return image.convert("RGB")
   arr = np.asarray(image)
@@ -284,8 +254,6 @@ def preprocess_one(image, image_size: int = 224, mode: str = "crop") -> np.ndarr
   int(S * long / short), then a center crop at ((h - S) // 2, (w - S) // 2).
   mode "squash" (the CLIP-score metric): bicubic resize straight to S x S.
   """
-  from PIL import Image
-
   img = _to_pil(image)
   w, h = img.size
   if mode == "crop":
@@ -439,10 +407,6 @@ def vision_ignore(layout: str, with_projection: bool = False) -> list[str]:
   return ignore
 
 
-def as_state_dict(source) -> tuple[Mapping[str, Any], str]:
-  return weights_io.as_state_dict(source)
-
-
 def load_clip_vision(model: CLIPVision, source: Mapping[str, Any] | str | os.PathLike,
                      layout: str = "auto") -> CLIPVision:
   """Fills `model` from a PyTorch state dict or a weight file/directory (any VISION_LAYOUTS).
@@ -451,7 +415,7 @@ def load_clip_vision(model: CLIPVision, source: Mapping[str, Any] | str | os.Pat
   prefix must map; a missing, unexpected or mis-shaped one raises KeyMappingError. `model` may be
   abstract (`nnx.eval_shape(lambda: CLIPVision(cfg, rngs=...))`): no random init is spent then.
   """
-  state_dict, name = as_state_dict(source)
+  state_dict, name = weights_io.as_state_dict(source)
   if layout == "auto":
     layout = detect_vision_layout(state_dict)
   wp = model.cfg.with_projection

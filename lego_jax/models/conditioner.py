@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lego_jax.models.layers import layer_norm
 from lego_jax.parallel.sharding import constrain
 from lego_jax.weights import io as weights_io
 from lego_jax.weights.mapping import Kind, Rule, jax_to_torch, torch_to_jax
@@ -78,11 +79,9 @@ def _linear(cfg: ConditionerConfig, n_in: int, n_out: int, names: tuple[str | No
       rngs=rngs)
 
 
-def _layer_norm(cfg: ConditionerConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(
-      cfg.context_dim, epsilon=LAYER_NORM_EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)), rngs=rngs)
+def _layer_norm(cfg: ConditionerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return layer_norm(cfg.context_dim, LAYER_NORM_EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    rngs=rngs)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array, deterministic: bool) -> jax.Array:
@@ -143,9 +142,9 @@ class EncoderLayer(nnx.Module):
 
   def __init__(self, cfg: ConditionerConfig, *, rngs: nnx.Rngs):
     self.dropout = cfg.dropout
-    self.norm1 = _layer_norm(cfg, rngs=rngs)
+    self.norm1 = _layer_norm(cfg, rngs)
     self.attn = MultiHeadSelfAttention(cfg, rngs=rngs)
-    self.norm2 = _layer_norm(cfg, rngs=rngs)
+    self.norm2 = _layer_norm(cfg, rngs)
     self.ffn_in = _linear(cfg, cfg.context_dim, cfg.ffn_dim, ("embed", "mlp"), rngs=rngs)
     self.ffn_out = _linear(cfg, cfg.ffn_dim, cfg.context_dim, ("mlp", "embed"), rngs=rngs)
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lego_jax.models.layers import attention_impl
 from lego_jax.parallel.sharding import constrain
 from lego_jax.weights import io, mapping, pretrained
 from lego_jax.weights.mapping import Kind, Rule
@@ -130,22 +131,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _attention_impl(choice: str | None, dtype, head_dim: int) -> str | None:
-  # jax.nn.dot_product_attention runs XLA unless cuDNN is asked for explicitly, and cuDNN's
-  # fused kernel only takes half precision with head sizes that are multiples of 8 up to 128.
-  if choice != "auto":
-    return choice
-  if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-      and head_dim % 8 == 0 and head_dim <= 128):
-    return "cudnn"
-  return None
-
-
 class LlamaAttention(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.impl = _attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim)
+    self.impl = attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim)
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dense = lambda i, o, names: nnx.Linear(i, o, use_bias=False, dtype=cfg.dtype,
                                            param_dtype=cfg.param_dtype,

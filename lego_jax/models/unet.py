@@ -29,12 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lego_jax.models.vae import (
-    CONV_TABLE, IMAGE_AXES, NORM_TABLE, Block, ResnetBlock, TableRow, as_dtype, as_state_dict,
-    block_rules, conv2d, dense, export_mapped, find_prefix, group_norm, load_mapped, norm_rows,
-    param_rows, resize_nearest, resnet_table, same)
+from lego_jax.models.layers import (IMAGE_AXES, ResnetBlock, as_dtype, conv2d, dense, group_norm,
+                                    layer_norm, resize_nearest, resnet_table)
 from lego_jax.parallel.sharding import constrain
+from lego_jax.weights import io as weight_io
 from lego_jax.weights import pretrained
+from lego_jax.weights.keymap import (CONV_TABLE, NORM_TABLE, Block, TableRow, block_rules,
+                                     export_mapped, find_prefix, load_mapped, norm_rows,
+                                     param_rows, same)
 from lego_jax.weights.mapping import Kind, KeyMappingError, Rule
 from lego_jax.weights.state import load_params
 
@@ -169,25 +171,17 @@ class FeedForward(nnx.Module):
     return self.out(a * jax.nn.gelu(gate, approximate=False))
 
 
-def _layer_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(
-      dim, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
-      rngs=rngs)
-
-
 class TransformerBlock(nnx.Module):
   """(B, T, dim), context (B, S, context_dim) -> (B, T, dim); pre-LN, residual after each part."""
 
   def __init__(self, dim: int, context_dim: int, heads: int, *, dtype, param_dtype,
                rngs: nnx.Rngs, attention_impl: str | None = None):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm1 = _layer_norm(dim, **kw)
+    self.norm1 = layer_norm(dim, 1e-5, fast_variance=False, **kw)
     self.attn1 = Attention(dim, dim, heads, impl=attention_impl, **kw)
-    self.norm2 = _layer_norm(dim, **kw)
+    self.norm2 = layer_norm(dim, 1e-5, fast_variance=False, **kw)
     self.attn2 = Attention(dim, context_dim, heads, impl=attention_impl, **kw)
-    self.norm3 = _layer_norm(dim, **kw)
+    self.norm3 = layer_norm(dim, 1e-5, fast_variance=False, **kw)
     self.ff = FeedForward(dim, **kw)
 
   def __call__(self, x: Array, context: Array) -> Array:
@@ -423,7 +417,7 @@ def widen_input(params_or_model: UNet | Mapping[str, Any], new_in_channels: int 
 
 
 # ---------------------------------------------------------------------------------------------
-# Key maps as data (see lego_jax.models.vae for the table/walk scheme)
+# Key maps as data (the table/walk scheme: lego_jax.weights.keymap)
 
 UNET_RESNET_COMPVIS = dict(norm1="in_layers.0", conv1="in_layers.2", norm2="out_layers.0",
                            conv2="out_layers.3", time="emb_layers.1", shortcut="skip_connection")
@@ -561,7 +555,7 @@ def load_unet(model: UNet, state_dict: Mapping[str, Any] | str | os.PathLike,
   Raises:
     KeyMappingError listing unexpected, missing and mis-shaped keys.
   """
-  sd = as_state_dict(state_dict)
+  sd, _ = weight_io.as_state_dict(state_dict)
   if ema:
     if layout not in ("auto", "compvis"):
       raise ValueError("ema=True reads CompVis single files (LitEma); layout must be compvis")
@@ -758,7 +752,7 @@ def from_pretrained(path: str | os.PathLike, widen_input_channels: int | None = 
   """
   cfg_path = pretrained.require_config(path, "UNet")
   config = unet_config_from_hf(pretrained.read_json(cfg_path), str(cfg_path), **overrides)
-  state_dict = as_state_dict(path)
+  state_dict = weight_io.read_state_dict(path)
   pretrained.check_weights(dataclasses.asdict(config), state_dict, unet_weight_facts(),
                            str(path))
   widen = widen_input_channels is not None and widen_input_channels > config.in_channels

@@ -10,34 +10,34 @@ strided downsampling with SD's asymmetric (0, 1, 0, 1) zero padding, nearest-2x 
 Weights load from both layouts users hold (diffusers `AutoencoderKL` and the CompVis single-file
 `first_stage_model.*`); the key maps are data computed from the config (`vae_rules`).
 
-The building blocks (`conv2d`, `group_norm`, `ResnetBlock`, `resize_nearest`) and the key-map
-helpers (`block_rules`, `load_mapped`, `export_mapped`) are shared with the UNet.
+The building blocks it shares with the UNet (`conv2d`, `group_norm`, `ResnetBlock`,
+`resize_nearest`) are in models/layers.py; the key-map helpers (`block_rules`, `load_mapped`,
+`export_mapped`) in weights/keymap.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lego_jax.models.layers import (IMAGE_AXES, ResnetBlock, as_dtype, conv2d, dense, group_norm,
+                                    resize_nearest, resnet_table)
 from lego_jax.parallel.sharding import constrain
 from lego_jax.weights import io as weight_io
 from lego_jax.weights import pretrained
-from lego_jax.weights.mapping import Kind, KeyMappingError, Rule, jax_to_torch, torch_to_jax
-from lego_jax.weights.state import flat_params, load_params, param_shapes
+from lego_jax.weights.keymap import (CONV_TABLE, NORM_TABLE, Block, TableRow, block_rules,
+                                     export_mapped, find_prefix, load_mapped, norm_rows,
+                                     param_rows, same)
+from lego_jax.weights.mapping import Kind, Rule
+from lego_jax.weights.state import load_params
 
 Array = jax.Array
-IMAGE_AXES = ("batch", "height", "width", None)
-
-
-def as_dtype(d):
-  """Config dtypes may arrive as strings ("bfloat16") from config files."""
-  return jnp.dtype(d) if isinstance(d, str) else d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,83 +62,7 @@ class VAEConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building blocks (shared with the UNet)
-
-
-def conv2d(cin: int, cout: int, kernel: int, *, dtype, param_dtype, rngs: nnx.Rngs,
-           stride: int = 1, padding: Any = None) -> nnx.Conv:
-  """A PyTorch-style Conv2d on NHWC: explicit symmetric padding k//2 unless given.
-
-  Explicit padding matters: flax's "SAME" pads stride-2 convs (0, 1), PyTorch's padding=1 (1, 1).
-  """
-  if padding is None:
-    padding = ((kernel // 2, kernel // 2),) * 2
-  return nnx.Conv(
-      cin, cout, (kernel, kernel), strides=stride, padding=padding, dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
-                                        (None, None, "conv_in", "conv_out")),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
-      rngs=rngs)
-
-
-def dense(din: int, dout: int, names: tuple[str | None, str | None], *, dtype, param_dtype,
-          rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-  return nnx.Linear(
-      din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
-      rngs=rngs)
-
-
-def group_norm(channels: int, groups: int, eps: float, *, dtype, param_dtype,
-               rngs: nnx.Rngs) -> nnx.GroupNorm:
-  # Two-pass variance: E[x^2]-E[x]^2 loses digits on large activations and breaks 1e-4 parity.
-  return nnx.GroupNorm(
-      channels, num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-      use_fast_variance=False,
-      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
-      rngs=rngs)
-
-
-def resize_nearest(x: Array, height: int, width: int) -> Array:
-  """PyTorch `interpolate(mode="nearest")` to (height, width): source index floor(i * in / out).
-
-  For an exact 2x this is a repeat; other sizes occur in the UNet when a latent side is not a
-  multiple of 2**downsamplings (the upsampled map must match its skip connection).
-  """
-  _, h, w, _ = x.shape
-  if (height, width) == (2 * h, 2 * w):
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  rows = np.floor(np.arange(height) * (h / height)).astype(np.int32)
-  cols = np.floor(np.arange(width) * (w / width)).astype(np.int32)
-  return x[:, rows][:, :, cols]
-
-
-class ResnetBlock(nnx.Module):
-  """GroupNorm-SiLU-conv3x3 twice, an optional time-embedding add, a 1x1 shortcut if widths differ.
-
-  (B, H, W, cin) [, temb (B, temb_dim)] -> (B, H, W, cout)
-  """
-
-  def __init__(self, cin: int, cout: int, *, groups: int, eps: float, temb_dim: int | None,
-               dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm1 = group_norm(cin, groups, eps, **kw)
-    self.conv1 = conv2d(cin, cout, 3, **kw)
-    self.time_emb_proj = dense(temb_dim, cout, ("embed", "conv_out"), **kw) if temb_dim else None
-    self.norm2 = group_norm(cout, groups, eps, **kw)
-    self.conv2 = conv2d(cout, cout, 3, **kw)
-    self.conv_shortcut = conv2d(cin, cout, 1, **kw) if cin != cout else None
-
-  def __call__(self, x: Array, temb: Array | None = None) -> Array:
-    h = self.conv1(jax.nn.silu(self.norm1(x)))
-    if self.time_emb_proj is not None:
-      h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
-    h = self.conv2(jax.nn.silu(self.norm2(h)))
-    skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-    return constrain(skip + h, IMAGE_AXES)
+# The autoencoder's own blocks (the shared ones are in layers.py)
 
 
 class SpatialSelfAttention(nnx.Module):
@@ -294,48 +218,7 @@ class VAE(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Key maps as data. A block table row is (jax suffix, {layout: torch suffix}, {layout: Kind});
-# a model is walked block by block from its config, giving (jax prefix, {layout: torch prefix},
-# table, stack placeholder); `block_rules` joins them into `Rule`s.
-
-LAYOUTS = ("diffusers", "compvis")
-
-TableRow = tuple[str, dict[str, str], Kind | dict[str, Kind]]
-
-
-def param_rows(jax_name: str, torch_names: dict[str, str], kind: Kind | dict[str, Kind],
-               weight: str = "kernel", bias: bool = True) -> list[TableRow]:
-  """Rows for one layer: its weight (`kernel`/`scale`) and, if it has one, its bias."""
-  rows = [(f"{jax_name}.{weight}", {k: f"{v}.weight" for k, v in torch_names.items()}, kind)]
-  if bias:
-    rows.append((f"{jax_name}.bias", {k: f"{v}.bias" for k, v in torch_names.items()},
-                 Kind.IDENTITY))
-  return rows
-
-
-def same(name: str) -> dict[str, str]:
-  return {layout: name for layout in LAYOUTS}
-
-
-def norm_rows(jax_name: str, torch_names: dict[str, str]) -> list[TableRow]:
-  return param_rows(jax_name, torch_names, Kind.IDENTITY, weight="scale")
-
-
-def resnet_table(compvis: dict[str, str], shortcut: bool, time: bool) -> list[TableRow]:
-  """A ResnetBlock's rows; `compvis` names its norm1/conv1/norm2/conv2/shortcut/time layers."""
-  rows = []
-  for name in ("norm1", "norm2"):
-    rows += norm_rows(name, {"diffusers": name, "compvis": compvis[name]})
-  for name in ("conv1", "conv2"):
-    rows += param_rows(name, {"diffusers": name, "compvis": compvis[name]}, Kind.CONV2D)
-  if time:
-    rows += param_rows("time_emb_proj", {"diffusers": "time_emb_proj", "compvis": compvis["time"]},
-                       Kind.LINEAR)
-  if shortcut:
-    rows += param_rows("conv_shortcut", {"diffusers": "conv_shortcut",
-                                         "compvis": compvis["shortcut"]}, Kind.CONV2D)
-  return rows
-
+# Key maps as data (the table/walk scheme: lego_jax.weights.keymap)
 
 VAE_RESNET_COMPVIS = dict(norm1="norm1", conv1="conv1", norm2="norm2", conv2="conv2",
                           shortcut="nin_shortcut")
@@ -347,29 +230,6 @@ VAE_ATTENTION_TABLE: list[TableRow] = (
                                   ("to_v", "to_v", "v"), ("to_out", "to_out.0", "proj_out"))
        for row in param_rows(jax_name, {"diffusers": d, "compvis": c},
                              {"diffusers": Kind.LINEAR, "compvis": Kind.CONV1X1_LINEAR})])
-
-CONV_TABLE: list[TableRow] = param_rows("", same(""), Kind.CONV2D)
-NORM_TABLE: list[TableRow] = norm_rows("", same(""))
-
-Block = tuple[str, dict[str, str], list[TableRow], str | None]
-
-
-def _join(prefix: str, suffix: str) -> str:
-  return ".".join(p.strip(".") for p in (prefix, suffix) if p.strip("."))
-
-
-def block_rules(blocks: Sequence[Block], layout: str) -> list[Rule]:
-  """`Rule`s for `layout` from the walked blocks (see the comment above `LAYOUTS`)."""
-  if layout not in LAYOUTS:
-    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-  rules = []
-  for jax_prefix, torch_prefixes, table, stack in blocks:
-    for jax_suffix, torch_suffixes, kind in table:
-      kind = kind[layout] if isinstance(kind, dict) else kind
-      rules.append(Rule(_join(torch_prefixes[layout], torch_suffixes[layout]),
-                        _join(jax_prefix, jax_suffix), kind, stack=stack))
-  return rules
-
 
 def _vae_blocks(cfg: VAEConfig) -> Iterator[Block]:
   ch = cfg.block_out_channels
@@ -435,48 +295,7 @@ VAE_PREFIX = {"diffusers": "", "compvis": "first_stage_model."}
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading and export (shared with the UNet)
-
-
-def as_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
-  if isinstance(source, (str, os.PathLike)):
-    return weight_io.read_state_dict(source)
-  return dict(source)
-
-
-def find_prefix(state_dict: Mapping[str, Any], anchors: Mapping[str, str],
-                prefix: str | None, what: str) -> tuple[str, str]:
-  """(layout, prefix) of `what` in `state_dict`, found from each layout's anchor key.
-
-  `anchors` maps layout -> a key that only that layout has (relative to the model's prefix).
-  With `prefix` given only that prefix is considered.
-  """
-  found = []
-  for layout, anchor in anchors.items():
-    for key in state_dict:
-      if key.endswith(anchor) and (prefix is None or key == prefix + anchor):
-        found.append((layout, key[: len(key) - len(anchor)]))
-  if len(found) != 1:
-    hint = "none" if not found else ", ".join(f"{lay} at {p!r}" for lay, p in found)
-    raise KeyMappingError(
-        f"cannot tell where the {what} is in this checkpoint (candidates: {hint}); "
-        "pass layout= and prefix=")
-  return found[0]
-
-
-def load_mapped(model: nnx.Module, state_dict: Mapping[str, Any], rules: Sequence[Rule],
-                prefix: str, ignore: Sequence[str], source: str,
-                shape_overrides: Mapping[str, tuple[int, ...]] | None = None,
-                ) -> dict[str, np.ndarray]:
-  """Maps the keys under `prefix` of `state_dict` onto `model`'s parameter paths (checked)."""
-  sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-  shapes = dict(param_shapes(model))
-  shapes.update(shape_overrides or {})
-  return torch_to_jax(sub, rules, shapes, ignore=ignore, source=source)
-
-
-def export_mapped(model: nnx.Module, rules: Sequence[Rule], prefix: str) -> dict[str, np.ndarray]:
-  return {prefix + k: v for k, v in jax_to_torch(flat_params(model), rules).items()}
+# Loading and export
 
 
 def load_vae(model: VAE, state_dict: Mapping[str, Any] | str | os.PathLike,
@@ -492,7 +311,7 @@ def load_vae(model: VAE, state_dict: Mapping[str, Any] | str | os.PathLike,
   Raises:
     KeyMappingError listing unexpected, missing and mis-shaped keys.
   """
-  sd = as_state_dict(state_dict)
+  sd, _ = weight_io.as_state_dict(state_dict)
   anchors = {"diffusers": "encoder.down_blocks.0.resnets.0.conv1.weight",
              "compvis": "encoder.down.0.block.0.conv1.weight"}
   if layout != "auto":

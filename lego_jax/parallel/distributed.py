@@ -21,11 +21,15 @@ every shard's iterator state, gathered from all processes).
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 from typing import Any, Callable, Mapping
 
+import grain
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
@@ -52,7 +56,6 @@ def _on_tpu_vm() -> bool:
   # have libtpu installed; jax then reads the pod's workers from the metadata server.
   if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
     return False
-  import importlib.util
 
   return importlib.util.find_spec("libtpu") is not None
 
@@ -62,8 +65,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """Starts the JAX distributed runtime when this is a multi-process run; returns what was done.
 
   Call before any JAX computation. Explicit arguments must come together (all three)."""
-  import jax
-
   explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit) and any(v is None for v in explicit):
     raise ValueError("--coordinator_address, --num_processes and --process_id go together "
@@ -91,11 +92,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 def allgather_bytes(payload: bytes) -> list[bytes]:
   """Every process's `payload`, in process order (a collective: all processes must call it)."""
-  import jax
-
   if jax.process_count() == 1:
     return [payload]
-  from jax.experimental import multihost_utils
 
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(payload)], np.int64)))
   sizes = sizes.reshape(-1)
@@ -110,8 +108,6 @@ def gather_data_states(state: Any) -> Any:
 
   ShardedLoader states merge into one dict holding every shard; anything else is kept per
   process as {"per_process": [...]} (restorable only on the same number of processes)."""
-  import jax
-
   if jax.process_count() == 1:
     return state
   states = [json.loads(b) for b in allgather_bytes(json.dumps(to_jsonable(state)).encode())]
@@ -125,8 +121,6 @@ def gather_data_states(state: Any) -> Any:
 
 def this_process_data_state(state: Any) -> Any:
   """The part of a gathered data state this process restores (see `gather_data_states`)."""
-  import jax
-
   if isinstance(state, dict) and "per_process" in state:
     states = state["per_process"]
     if len(states) != jax.process_count():
@@ -163,8 +157,6 @@ def set_data_shards(num_shards: int | None) -> None:
 
 
 def data_shards() -> int:
-  import jax
-
   return _DATA_SHARDS[0] or jax.process_count()
 
 
@@ -200,9 +192,6 @@ class ShardedLoader:
 
 class ShardedIterator:
   def __init__(self, loader: ShardedLoader, num_shards: int):
-    import grain
-    import jax
-
     count, index = jax.process_count(), jax.process_index()
     if num_shards % count:
       raise ValueError(f"{num_shards} data shards cannot be split over {count} processes "
@@ -234,8 +223,6 @@ class ShardedIterator:
 
   def set_state(self, state: dict) -> None:
     if not (isinstance(state, dict) and "shards" in state):
-      import jax
-
       # A checkpoint of a loader that read one shard per host (train-vllm and train-ldm before
       # they had data shards): it is this process's shard of process_count.
       state = {"num_shards": jax.process_count(), "shards": {str(jax.process_index()): state}}

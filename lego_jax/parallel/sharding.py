@@ -13,7 +13,10 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lego_jax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -74,8 +77,7 @@ def make_mesh(shape: Sequence[int] | dict[str, int] | None = None,
   if -1 in shape:
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices) or min(shape) < 1:
-    from lego_jax.config import ConfigError  # a ValueError: the config asks for other devices
-
+    # A ConfigError (a ValueError): the config asks for other devices than there are.
     raise ConfigError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
                       f"{len(devices)} available: set --config.mesh.shape to axes whose product "
                       f"is {len(devices)} (or -1 in one place, e.g. (-1,1,1))")
@@ -133,8 +135,6 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def state_shardings(mesh: Mesh, state):
   """NamedShardings for an NNX state whose variables carry logical `out_sharding` names
   (dimensions the mesh cannot divide stay whole, see `fit_spec`)."""
-  from flax import nnx
-
   specs, treedef = jax.tree.flatten(nnx.get_partition_spec(state),
                                     is_leaf=lambda x: isinstance(x, P))
   values = jax.tree.leaves(state)

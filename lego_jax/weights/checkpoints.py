@@ -9,13 +9,23 @@ read by its model's own key map; the file is read once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+import yaml
+from flax import nnx
 
+from lego_jax.models.clip_text import (CLIPText, CLIPTextConfig, clip_text_to_torch,
+                                       load_clip_text)
+from lego_jax.models.conditioner import (Conditioner, ConditionerConfig, conditioner_state_dict,
+                                         load_conditioner)
+from lego_jax.models.unet import UNet, load_unet, unet_config_from_compvis, unet_to_torch
+from lego_jax.models.vae import VAE, load_vae, vae_config_from_compvis, vae_to_torch
 from lego_jax.weights import io as weights_io
+from lego_jax.weights.pretrained import PretrainedConfigError
 
 WHERE_TO_GET = {
     "sd15": ("the Stable Diffusion 1.5 single file v1-5-pruned-emaonly.ckpt or .safetensors "
@@ -38,24 +48,16 @@ def load_ldm_single_file(source: str | os.PathLike | Mapping[str, np.ndarray], *
     widen_from_sd: SD-1.5 -> LEGO: the 4-channel conv_in is widened to the model's 8 channels
       with the new channels zero-initialised.
   """
-  from lego_jax.models.unet import load_unet
-
   sd = source if isinstance(source, Mapping) else weights_io.read_state_dict(source)
   has_ema = any(k.startswith("model_ema.") and k not in ("model_ema.num_updates", "model_ema.decay")
                 for k in sd)
   load_unet(unet, sd, layout="compvis", ema=use_ema and has_ema,
             widen_input_channels=widen_from_sd)
   if vae is not None:
-    from lego_jax.models.vae import load_vae
-
     load_vae(vae, sd, layout="compvis")
   if clip_text is not None:
-    from lego_jax.models.clip_text import load_clip_text
-
     load_clip_text(clip_text, sd, layout="compvis")
   if conditioner is not None:
-    from lego_jax.models.conditioner import load_conditioner
-
     load_conditioner(conditioner, {k: v for k, v in sd.items()
                                    if k.startswith(("projection_img.", "projection_txt.",
                                                     "self_attn_mix."))})
@@ -66,17 +68,11 @@ def export_ldm_single_file(path: str | os.PathLike, *, unet, vae, clip_text,
                            conditioner=None, ema_unet=None) -> Path:
   """Writes the models under CompVis names as one safetensors file the PyTorch release reads
   (with `model_ema.*` from `ema_unet` when given)."""
-  from lego_jax.models.clip_text import clip_text_to_torch
-  from lego_jax.models.unet import unet_to_torch
-  from lego_jax.models.vae import vae_to_torch
-
   out = {}
   out.update(unet_to_torch(unet, "compvis"))
   out.update(vae_to_torch(vae, "compvis"))
   out.update(clip_text_to_torch(clip_text, "compvis"))
   if conditioner is not None:
-    from lego_jax.models.conditioner import conditioner_state_dict
-
     out.update(conditioner_state_dict(conditioner))
   if ema_unet is not None:
     for k, v in unet_to_torch(ema_unet, "compvis").items():
@@ -91,13 +87,6 @@ def ldm_configs_from_yaml(path: str | os.PathLike, overrides: Mapping[str, Mappi
   a single file (model.params.unet_config / first_stage_config / scale_factor). The text encoder
   is ldm's FrozenCLIPEmbedder, CLIP ViT-L/14's text tower (CLIPTextConfig's defaults).
   `overrides` = {section: {field: value}}; those of fields the yaml states must agree."""
-  import yaml
-
-  from lego_jax.models.clip_text import CLIPTextConfig
-  from lego_jax.models.unet import unet_config_from_compvis
-  from lego_jax.models.vae import vae_config_from_compvis
-  from lego_jax.weights.pretrained import PretrainedConfigError
-
   overrides = overrides or {}
   try:
     params = yaml.safe_load(Path(path).read_text())["model"]["params"]
@@ -122,21 +111,15 @@ def ldm_parts_from_yaml(path: str | os.PathLike, kind: str,
   """Abstract models (no random init) for an sd15 / lego single file, sized by its yaml. SD-1.5's
   UNet is built with LEGO's 8 input channels (the file's 4 are widened on loading); LEGO's
   conditioner takes the `conditioner` overrides over ConditionerConfig's release sizes."""
-  import dataclasses
-
-  from flax import nnx
-
-  from lego_jax.models import clip_text, conditioner, unet, vae
-
   configs = ldm_configs_from_yaml(path, overrides)
   if kind == "sd15":
     configs["unet"] = dataclasses.replace(configs["unet"], in_channels=max(
         configs["unet"].in_channels, 8))
-  make = {"unet": lambda: unet.UNet(configs["unet"], rngs=nnx.Rngs(0)),
-          "vae": lambda: vae.VAE(configs["vae"], rngs=nnx.Rngs(0)),
-          "clip_text": lambda: clip_text.CLIPText(configs["clip_text"], rngs=nnx.Rngs(0))}
+  make = {"unet": lambda: UNet(configs["unet"], rngs=nnx.Rngs(0)),
+          "vae": lambda: VAE(configs["vae"], rngs=nnx.Rngs(0)),
+          "clip_text": lambda: CLIPText(configs["clip_text"], rngs=nnx.Rngs(0))}
   if kind == "lego":
-    cond = conditioner.ConditionerConfig(**{"context_dim": configs["unet"].context_dim,
-                                            **dict((overrides or {}).get("conditioner", {}))})
-    make["conditioner"] = lambda: conditioner.Conditioner(cond, rngs=nnx.Rngs(0))
+    cond = ConditionerConfig(**{"context_dim": configs["unet"].context_dim,
+                                **dict((overrides or {}).get("conditioner", {}))})
+    make["conditioner"] = lambda: Conditioner(cond, rngs=nnx.Rngs(0))
   return {name: nnx.eval_shape(m) for name, m in make.items()}

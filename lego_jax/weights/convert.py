@@ -25,6 +25,7 @@ and filled from the file, so a 13B conversion holds one copy of the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,6 +33,12 @@ import jax
 import orbax.checkpoint as ocp
 from absl import flags
 from flax import nnx
+from ml_collections import config_flags
+
+from lego_jax.errors import UserError
+from lego_jax.models import clip_text, clip_vision, conditioner, llama, llava, unet, vae
+from lego_jax.weights import checkpoints, pretrained
+from lego_jax.weights.io import read_state_dict
 
 # Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
 CONFIG_SECTIONS = ("vae", "unet", "clip_text", "clip_vision", "llama", "llava", "conditioner",
@@ -57,8 +64,6 @@ def _abstract(make):
 
 def build_parts(cfg, kind: str) -> dict:
   """Abstract models for the parts a kind holds."""
-  from lego_jax.models import clip_text, clip_vision, conditioner, llama, unet, vae
-
   makers = {
       "unet": lambda: unet.UNet(unet.UNetConfig(**cfg.unet), rngs=nnx.Rngs(0)),
       "vae": lambda: vae.VAE(vae.VAEConfig(**cfg.vae), rngs=nnx.Rngs(0)),
@@ -70,10 +75,10 @@ def build_parts(cfg, kind: str) -> dict:
       "llama": lambda: llama.Llama(llama.LlamaConfig(**cfg.llama), rngs=nnx.Rngs(0)),
   }
   if kind == "llava":
-    from lego_jax.models.llava import Llava, LlavaConfig
-
-    return {"llava": _abstract(lambda: Llava(LlavaConfig.from_config(cfg), rngs=nnx.Rngs(0)))}
-  parts = {"sd15": ("unet", "vae", "clip_text"), "lego": ("unet", "vae", "clip_text", "conditioner")}
+    return {"llava": _abstract(lambda: llava.Llava(llava.LlavaConfig.from_config(cfg),
+                                                   rngs=nnx.Rngs(0)))}
+  parts = {"sd15": ("unet", "vae", "clip_text"),
+           "lego": ("unet", "vae", "clip_text", "conditioner")}
   return {p: _abstract(makers[p]) for p in parts.get(kind, (kind,))}
 
 
@@ -81,10 +86,6 @@ def _from_pretrained(cfg, kind: str, source: str, vision_source: str | None,
                      overrides: dict) -> dict:
   """{part: module} built from the config.json beside the weights (see lego_jax/weights/
   pretrained.py); `overrides` = {section: {field: value}} stated on the command line."""
-  import importlib
-
-  from lego_jax.models import clip_vision, llama, llava
-
   def over(section: str, stated) -> dict:
     # The section's fields the checkpoint does not state (dtype, remat, with_projection, ...),
     # then the command line's flags, which must agree with what it does state.
@@ -96,7 +97,8 @@ def _from_pretrained(cfg, kind: str, source: str, vision_source: str | None,
     return {"llava": llava.from_pretrained(
         source, vision_source, vision=over("clip_vision", (*clip_vision.HF_CONFIG, "select_layer")),
         llama=over("llama", llama.HF_CONFIG), **over("llava", derived))}
-  module = importlib.import_module(f"lego_jax.models.{kind}")
+  module = {"unet": unet, "vae": vae, "clip_text": clip_text, "clip_vision": clip_vision,
+            "llama": llama}[kind]
   kw = over(SECTIONS[kind], module.HF_CONFIG)
   if kind == "unet":
     # LEGO's UNet reads 8 channels: an SD unet/ folder (4) is widened to the config's width.
@@ -113,9 +115,6 @@ def convert(cfg, kind: str, source: str, vision_source: str | None = None,
   value}}, must agree with them); a CompVis single file with its yaml (`source_config`, or the
   .yaml beside it); anything else with the sizes of `cfg`'s sections.
   """
-  from lego_jax.weights import checkpoints, pretrained
-  from lego_jax.weights.io import read_state_dict
-
   overrides = overrides or {}
   if kind not in ("sd15", "lego") and pretrained.config_file(source) is not None and (
       Path(source).is_dir()):
@@ -138,29 +137,17 @@ def convert(cfg, kind: str, source: str, vision_source: str | None = None,
     return parts
   sd = read_state_dict(source)
   if kind == "unet":
-    from lego_jax.models.unet import load_unet
-
-    load_unet(parts["unet"], sd, widen_input_channels=True)
+    unet.load_unet(parts["unet"], sd, widen_input_channels=True)
   elif kind == "vae":
-    from lego_jax.models.vae import load_vae
-
-    load_vae(parts["vae"], sd)
+    vae.load_vae(parts["vae"], sd)
   elif kind == "clip_text":
-    from lego_jax.models.clip_text import load_clip_text
-
-    load_clip_text(parts["clip_text"], sd)
+    clip_text.load_clip_text(parts["clip_text"], sd)
   elif kind == "clip_vision":
-    from lego_jax.models.clip_vision import load_clip_vision
-
-    load_clip_vision(parts["clip_vision"], sd)
+    clip_vision.load_clip_vision(parts["clip_vision"], sd)
   elif kind == "llama":
-    from lego_jax.models.llama import load_llama
-
-    load_llama(parts["llama"], sd)
+    llama.load_llama(parts["llama"], sd)
   elif kind == "llava":
-    from lego_jax.models.llava import load_llava
-
-    load_llava(parts["llava"], sd, vision_source)
+    llava.load_llava(parts["llava"], sd, vision_source)
   return parts
 
 
@@ -189,22 +176,16 @@ def restore_converted(out: Path, parts: dict) -> dict:
 
 def _sizes(module) -> dict:
   """The config a part was built with, as JSON (the sizes to build it again for restoring)."""
-  import dataclasses
-
   config = getattr(module, "config", None) or getattr(module, "cfg")
   return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
 def main(cfg, workdir: Path) -> int:
-  from lego_jax.errors import UserError
-
   if not _SOURCE.value or not _KIND.value:
     raise UserError("convert needs --source=FILE_OR_DIR and --kind=" + "|".join(_KIND.enum_values))
   if not Path(_SOURCE.value).exists():
     raise FileNotFoundError(f"--source {_SOURCE.value} does not exist")
   out = Path(flags.FLAGS.out or Path(workdir) / "converted" / _KIND.value)
-  from ml_collections import config_flags
-
   overrides = {}
   for key, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
     section, _, field = key.partition(".")

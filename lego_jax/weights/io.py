@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pth", ".pt")
@@ -28,11 +30,9 @@ class UnsafeCheckpointError(WeightFileError):
 
 def _to_numpy(t) -> np.ndarray:
   # bf16 has no numpy dtype in torch's .numpy(); go through fp32 and keep the values exact.
-  import torch
+  import torch  # optional (the torch extra): only PyTorch pickles and bf16 tensors need it
 
   if t.dtype == torch.bfloat16:
-    import ml_dtypes
-
     return t.float().numpy().astype(ml_dtypes.bfloat16)
   return t.detach().cpu().numpy()
 
@@ -49,21 +49,19 @@ def _flatten(tree, prefix="") -> dict[str, object]:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
-
   try:
     return dict(load_file(str(path)))
   except Exception as e:  # bf16 safetensors cannot be read by the numpy backend of old versions
     if "bfloat16" not in str(e) and "BF16" not in str(e):
       raise WeightFileError(f"{path}: not a readable safetensors file ({e})") from None
-    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import load_file as load_torch  # optional: needs torch
 
     return {k: _to_numpy(v) for k, v in load_torch(str(path)).items()}
 
 
 def _read_pickle(path: Path) -> dict[str, np.ndarray]:
   try:
-    import torch
+    import torch  # optional (the torch extra): reading pickles needs it, safetensors do not
   except ImportError:
     raise WeightFileError(
         f"{path}: reading PyTorch pickles needs torch (pip install 'lego-jax[torch]'), "
@@ -146,8 +144,6 @@ def as_state_dict(source) -> tuple[Mapping[str, np.ndarray], str]:
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None) -> Path:
   """Writes `tensors` atomically: a crash never leaves a half-written file at `path`."""
-  from safetensors.numpy import save_file
-
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lego_jax.weights.mapping import KeyMappingError
+
 
 def _dotted(path) -> str:
   return ".".join(str(p) for p in path)
@@ -32,8 +34,6 @@ def _cast(key: str, new: np.ndarray, dtype) -> jax.Array:
   """`new` in the parameter's dtype: widening is exact and narrowing is the dtype the config
   chose, but a value the narrower type cannot hold (inf from a finite float32 in float16) or a
   non-float source (int / bool: no weights) is refused, naming the parameter."""
-  from lego_jax.weights.mapping import KeyMappingError
-
   if new.dtype.kind in "biuc" and jnp.issubdtype(dtype, jnp.floating):
     raise KeyMappingError(f"{key}: the weights hold {new.dtype} values for a {jnp.dtype(dtype)} "
                           "parameter (refused: casting would invent weights)")

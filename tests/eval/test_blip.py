@@ -19,6 +19,7 @@ from PIL import Image
 
 from lego_jax.eval import blip
 from lego_jax.eval import evaluate as ev
+from helpers import rel_max
 
 WORDS = ["a", "picture", "of", "person", "cut", "the", "carrot", "knife", "board", "hand", "left",
          "right", "pick", "up", "bowl", "open", "door", "pan", "stir", "on", "table", "with"]
@@ -108,11 +109,6 @@ def _torch_px(x):
   return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
 
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
 def test_logits_parity_both_layouts(small, tmp_path):
   ref, ours, _, _ = small
   x = _pixels(1)
@@ -121,7 +117,7 @@ def test_logits_parity_both_layouts(small, tmp_path):
     want = ref(pixel_values=_torch_px(x), input_ids=torch.from_numpy(ids)).logits.numpy()
   got = np.asarray(nnx.jit(lambda m, p, i: m(p, i))(ours, x, ids))
   assert got.shape == want.shape == (2, 7, 120)
-  assert rel_err(got, want) <= 1e-4
+  assert rel_max(got, want) <= 1e-4
   # The original BLIP checkpoint layout (under "model", timm ViT names, LayerNorm eps 1e-6).
   sd = _to_original(ref.state_dict())
   torch.save({"model": sd}, tmp_path / "model_large_caption.pth")

@@ -12,6 +12,7 @@ import transformers
 
 from lego_jax.eval import egovlp as ev
 from lego_jax.weights.mapping import KeyMappingError
+from helpers import rel_max
 
 nn = torch.nn
 SMALL = dict(embed_dim=48, depth=2, num_heads=3, patch_size=8, image_size=32, projection_dim=16)
@@ -139,11 +140,6 @@ def pair(tmp_path_factory):
   return ref, ours, d
 
 
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
-
-
 def _torch(video):
   return torch.from_numpy(video.transpose(0, 1, 4, 2, 3).copy())
 
@@ -157,7 +153,7 @@ def test_video_embedding_parity(pair, frames):
   from flax import nnx
   got = np.asarray(nnx.jit(lambda m, v: m(v))(ours, video))
   assert got.shape == want.shape == (2, 16)
-  assert rel_err(got, want) <= 1e-4
+  assert rel_max(got, want) <= 1e-4
 
 
 def _release_frame(img):
@@ -235,4 +231,4 @@ def test_text_tower_parity_with_transformers_distilbert(pair):
                             attention_mask=torch.from_numpy(mask)).last_hidden_state[:, 0]
     want = ref.txt_proj(hidden).numpy()
   got = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(text, ids, mask))
-  assert rel_err(got, want) <= 1e-4
+  assert rel_max(got, want) <= 1e-4

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lego_jax.eval import fid
 from lego_jax.eval import inception as inc
+from helpers import rel_max
 
 nn = torch.nn
 
@@ -167,11 +168,6 @@ def reference(tmp_path_factory):
   return net, inc.build_inception(str(d))
 
 
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
-
-
 def test_inception_pool3_parity_small_input(reference):
   net, model = reference
   x = np.random.default_rng(0).uniform(-1, 1, (2, 75, 83, 3)).astype(np.float32)
@@ -181,7 +177,7 @@ def test_inception_pool3_parity_small_input(reference):
   got = np.asarray(nnx.jit(lambda m, v: m(v))(model, x))
   assert got.shape == want.shape == (2, 2048)
   assert np.std(want) > 1e-2  # the features are not degenerate
-  assert rel_err(got, want) <= 1e-4
+  assert rel_max(got, want) <= 1e-4
 
 
 def test_pool3_features_resize_and_normalise_like_pytorch_fid(reference):
@@ -192,7 +188,7 @@ def test_pool3_features_resize_and_normalise_like_pytorch_fid(reference):
                       mode="bilinear", align_corners=False)
     want = net(2 * t - 1).numpy()
   got = inc.pool3_features_np(model, img)
-  assert rel_err(got, want) <= 1e-4
+  assert rel_max(got, want) <= 1e-4
 
 
 def test_key_map_covers_every_parameter_and_rejects_strays(reference):

@@ -18,6 +18,7 @@ from lego_jax.eval.weight_files import MissingWeightsError
 from lego_jax.weights.io import read_state_dict
 from lego_jax.weights.mapping import KeyMappingError
 from lego_jax.weights.state import load_params, param_shapes
+from helpers import rel_max
 
 nn = torch.nn
 
@@ -105,11 +106,6 @@ def heads_for(net, rng):
 features = nnx.jit(lambda m, x: m.features(x))
 
 
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
-
-
 # Sizes chosen so every net keeps >= 1 pixel at its last tap; 51 px exercises ceil-mode pooling.
 @pytest.mark.parametrize("net,size", [("alex", 67), ("vgg", 34), ("squeeze", 51)])
 def test_lpips_parity_with_torch_reference(net, size, tmp_path):
@@ -135,11 +131,11 @@ def test_lpips_parity_with_torch_reference(net, size, tmp_path):
   for g, w in zip(got_taps, want_taps):
     w = w.numpy().transpose(0, 2, 3, 1)
     assert g.shape == w.shape
-    assert rel_err(g, w) <= 1e-4
+    assert rel_max(g, w) <= 1e-4
   got = np.asarray(nnx.jit(lambda m, a, b: m(a, b))(model, x0, x1))
   assert got.shape == (2,)
   assert np.all(want > 0)
-  assert rel_err(got, want) <= 1e-4
+  assert rel_max(got, want) <= 1e-4
   if real:  # the shipped heads are non-negative with known maxima (lpips v0.1)
     assert float(heads["lin0.model.1.weight"].min()) >= 0.0
 
@@ -178,7 +174,7 @@ def test_saved_lpips_module_layout_and_key_errors(tmp_path):
   x = rng.uniform(-1, 1, (1, 67, 67, 3)).astype(np.float32)
   with torch.no_grad():
     want = torch_taps(ref.features, "alex", torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))[-1]
-  assert rel_err(features(model, x)[-1], want.numpy().transpose(0, 2, 3, 1)) <= 1e-4
+  assert rel_max(features(model, x)[-1], want.numpy().transpose(0, 2, 3, 1)) <= 1e-4
 
   broken = dict(saved)
   del broken["net.net.slice3.6.weight"]

@@ -25,14 +25,10 @@ from lego_jax.models.llava import Llava, load_llava
 from lego_jax.train import vllm
 from lego_jax.weights import io as weights_io
 from lego_jax.weights.state import flat_params
+from helpers import rel_l2
 
 tfds.display_progress_bar(False)
 VOCAB, HF_IMAGE_TOKEN = 256, 0  # transformers needs the image token inside the vocabulary: unk
-
-
-def rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def small_cfg(records_dir, tokenizer_dir, **generate):
@@ -145,8 +141,8 @@ def test_feature_records_hold_what_transformers_generates(data, reference, tmp_p
     np.testing.assert_array_equal(r["tokens"], tokens)
     assert r["description"] == tok.decode(tokens)
     assert r["h_txt"].shape == (len(tokens), 32) and r["n_txt"] == len(tokens)
-    assert rel(r["h_txt"], hidden) <= 1e-4
-    assert r["h_img"].shape == (4, 32) and rel(r["h_img"], h_img) <= 1e-4
+    assert rel_l2(r["h_txt"], hidden) <= 1e-4
+    assert r["h_img"].shape == (4, 32) and rel_l2(r["h_img"], h_img) <= 1e-4
     lengths.add(len(tokens))
   assert len(lengths) > 1 and min(lengths) < 6   # some rows stopped at EOS, others ran on
   accuracy = json.loads((tmp_path / "features" / "test" / "accuracy.json").read_text())

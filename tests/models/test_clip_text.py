@@ -23,6 +23,7 @@ from lego_jax.weights.io import read_state_dict, write_safetensors
 from lego_jax.weights.mapping import KeyMappingError
 from lego_jax.weights.pretrained import PretrainedConfigError
 from lego_jax.weights.state import abstract_param_shapes
+from helpers import rel_l2
 
 # An odd head count with a short window; SD's full 77-token window at a small width.
 CONFIGS = {
@@ -55,11 +56,6 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
       else:
         p.copy_(noise / float(np.prod(p.shape[1:])) ** 0.5)
   return model.eval()
-
-
-def _rel(out, ref) -> float:
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def _ids(c: dict, batch: int, length: int, seed: int) -> np.ndarray:
@@ -96,7 +92,7 @@ def test_clip_text_model_parity_and_export(name, tmp_path):
     ids = _ids(c, 2, length, seed=length)
     out = _forward(model, jnp.asarray(ids))
     assert out.shape == (2, length, c["hidden_size"])
-    assert _rel(out, _ref(hf, ids)) <= 1e-4
+    assert rel_l2(out, _ref(hf, ids)) <= 1e-4
   back = clip_text_to_torch(model, "clip_tower")
   assert set(back) == set(sd)
   for k, v in sd.items():
@@ -153,7 +149,7 @@ def test_bf16_compute_against_fp32_reference(tmp_path):
   ids = _ids(c, 2, 77, seed=4)
   out = _forward(model, jnp.asarray(ids))
   assert out.dtype == jnp.bfloat16
-  err = _rel(out.astype(jnp.float32), _ref(hf, ids))
+  err = rel_l2(out.astype(jnp.float32), _ref(hf, ids))
   assert 1e-4 < err <= 3e-2, err
 
 
@@ -171,7 +167,7 @@ def test_clip_model_and_with_projection_files(tmp_path):
   assert detect_text_layout(sd) == "clip"
   model = load_clip_text(_ours(c), sd)
   ids = _ids(c, 2, 16, seed=6)
-  assert _rel(_forward(model, jnp.asarray(ids)), _ref(clip.text_model, ids)) <= 1e-4
+  assert rel_l2(_forward(model, jnp.asarray(ids)), _ref(clip.text_model, ids)) <= 1e-4
   back = clip_text_to_torch(model, "clip")
   assert set(back) == {k for k in sd if k.startswith("text_model.") and "position_ids" not in k}
   for k in back:
@@ -193,7 +189,7 @@ def test_clip_model_and_with_projection_files(tmp_path):
     clip_text_lib.from_pretrained(tmp_path / "proj")
   with torch.no_grad():
     ref = proj(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
-  assert _rel(_forward(model, jnp.asarray(ids)), ref) <= 1e-4
+  assert rel_l2(_forward(model, jnp.asarray(ids)), ref) <= 1e-4
 
 
 def test_compvis_checkpoint_layout(tmp_path):
@@ -214,7 +210,7 @@ def test_compvis_checkpoint_layout(tmp_path):
   assert detect_text_layout(ckpt) == "compvis"
   model = load_clip_text(_ours(c), tmp_path / "sd.safetensors")
   ids = _ids(c, 2, 77, seed=9)
-  assert _rel(_forward(model, jnp.asarray(ids)), _ref(hf, ids)) <= 1e-4
+  assert rel_l2(_forward(model, jnp.asarray(ids)), _ref(hf, ids)) <= 1e-4
   back = clip_text_to_torch(model, "compvis")
   expected = {prefix + k: v for k, v in tower.items()}
   assert set(back) == set(expected)

@@ -23,6 +23,7 @@ from lego_jax.weights.io import read_state_dict
 from lego_jax.weights.mapping import KeyMappingError
 from lego_jax.weights.pretrained import PretrainedConfigError
 from lego_jax.weights.state import abstract_param_shapes, param_shapes
+from helpers import rel_l2
 
 # Small towers: an odd head count, image sizes that are no multiple of the patch or of 32.
 CONFIGS = {
@@ -55,11 +56,6 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
       else:
         p.copy_(noise / float(np.prod(p.shape[1:])) ** 0.5)
   return model.eval()
-
-
-def _rel(out, ref) -> float:
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def _pixels(c: dict, batch: int = 2, seed: int = 0) -> np.ndarray:
@@ -104,12 +100,12 @@ def test_clip_vision_model_parity(name, tmp_path):
   feats = out["features"]
   num_patches = (c["image_size"] // c["patch_size"]) ** 2
   assert feats.shape == (2, num_patches, c["hidden_size"])
-  assert _rel(feats, ref.hidden_states[-2][:, 1:].numpy()) <= 1e-4
-  assert _rel(out["last_hidden_state"], ref.last_hidden_state.numpy()) <= 1e-4
-  assert _rel(out["pooled"], ref.pooler_output.numpy()) <= 1e-4
+  assert rel_l2(feats, ref.hidden_states[-2][:, 1:].numpy()) <= 1e-4
+  assert rel_l2(out["last_hidden_state"], ref.last_hidden_state.numpy()) <= 1e-4
+  assert rel_l2(out["pooled"], ref.pooler_output.numpy()) <= 1e-4
   assert out["hidden_states"].shape[0] == len(ref.hidden_states) == c["num_layers"] + 1
   for i, h in enumerate(ref.hidden_states):
-    assert _rel(out["hidden_states"][i], h.numpy()) <= 1e-4, i
+    assert rel_l2(out["hidden_states"][i], h.numpy()) <= 1e-4, i
   # export restores the file exactly: same keys, same values
   back = clip_vision_to_torch(model, "clip_tower")
   assert set(back) == set(sd)
@@ -125,7 +121,7 @@ def test_select_layer_matches_hidden_states_index(select_layer, tmp_path):
                            {k: v.numpy() for k, v in hf.state_dict().items()})
   px = _pixels(c, seed=3)
   ref = _ref_outputs(hf, px).hidden_states[select_layer][:, 1:].numpy()
-  assert _rel(nnx.jit(CLIPVision.features)(model, jnp.asarray(px)), ref) <= 1e-4
+  assert rel_l2(nnx.jit(CLIPVision.features)(model, jnp.asarray(px)), ref) <= 1e-4
 
 
 def test_features_skip_the_layers_after_the_selected_one():
@@ -155,9 +151,9 @@ def test_with_projection_parity_and_bf16(tmp_path):
     ref = hf(pixel_values=torch.from_numpy(px.transpose(0, 3, 1, 2)), output_hidden_states=True)
   out = _forward(model, jnp.asarray(px))
   assert out["image_embeds"].shape == (2, c["projection_dim"])
-  assert _rel(out["image_embeds"], ref.image_embeds.numpy()) <= 1e-4
+  assert rel_l2(out["image_embeds"], ref.image_embeds.numpy()) <= 1e-4
   feats_ref = ref.hidden_states[-2][:, 1:].numpy()
-  assert _rel(out["features"], feats_ref) <= 1e-4
+  assert rel_l2(out["features"], feats_ref) <= 1e-4
 
   back = clip_vision_to_torch(model, "clip")
   assert set(back) == set(sd)
@@ -169,14 +165,14 @@ def test_with_projection_parity_and_bf16(tmp_path):
   assert half.patch_embedding.kernel[...].dtype == jnp.float32
   out = _forward(half, jnp.asarray(px))
   assert out["image_embeds"].dtype == out["features"].dtype == jnp.bfloat16
-  err_emb = _rel(out["image_embeds"].astype(jnp.float32), ref.image_embeds.numpy())
-  err_feat = _rel(out["features"].astype(jnp.float32), feats_ref)
+  err_emb = rel_l2(out["image_embeds"].astype(jnp.float32), ref.image_embeds.numpy())
+  err_feat = rel_l2(out["features"].astype(jnp.float32), feats_ref)
   assert 1e-4 < err_emb <= 3e-2 and 1e-4 < err_feat <= 3e-2, (err_emb, err_feat)
 
   # LLaVA's tower from the same file: the projection is skipped on purpose, not an error
   plain = load_clip_vision(_ours(c), sd)
   assert not hasattr(plain, "projection")
-  assert _rel(nnx.jit(CLIPVision.features)(plain, jnp.asarray(px)), feats_ref) <= 1e-4
+  assert rel_l2(nnx.jit(CLIPVision.features)(plain, jnp.asarray(px)), feats_ref) <= 1e-4
 
 
 def test_clip_model_file_with_both_towers(tmp_path):
@@ -199,7 +195,7 @@ def test_clip_model_file_with_both_towers(tmp_path):
   with torch.no_grad():
     ref = hf.get_image_features(pixel_values=torch.from_numpy(px.transpose(0, 3, 1, 2)))
   ref = getattr(ref, "pooler_output", ref)  # transformers 5 returns an output object
-  assert _rel(nnx.jit(CLIPVision.image_embeds)(model, jnp.asarray(px)), ref.numpy()) <= 1e-4
+  assert rel_l2(nnx.jit(CLIPVision.image_embeds)(model, jnp.asarray(px)), ref.numpy()) <= 1e-4
   # The CLIPModel directory alone: the vision_config section and the top-level projection_dim.
   built = clip_vision_lib.from_pretrained(tmp_path, with_projection=True)
   assert built.cfg == model.cfg
@@ -247,7 +243,7 @@ def test_llava_layouts_load_and_export(layout):
   model = load_clip_vision(_ours(c), sd)
   px = _pixels(c, seed=9)
   ref = _ref_outputs(hf, px).hidden_states[-2][:, 1:].numpy()
-  assert _rel(nnx.jit(CLIPVision.features)(model, jnp.asarray(px)), ref) <= 1e-4
+  assert rel_l2(nnx.jit(CLIPVision.features)(model, jnp.asarray(px)), ref) <= 1e-4
   back = clip_vision_to_torch(model, layout)
   expected = {k: v for k, v in sd.items() if k.endswith(tuple(tower)) and "position_ids" not in k}
   assert set(back) == set(expected)
@@ -271,7 +267,7 @@ def test_transformers5_llava_file(tmp_path):
   model = load_clip_vision(_ours(c), tmp_path)
   px = _pixels(c, seed=10)
   ref = _ref_outputs(hf.model.vision_tower, px).hidden_states[-2][:, 1:].numpy()
-  assert _rel(nnx.jit(CLIPVision.features)(model, jnp.asarray(px)), ref) <= 1e-4
+  assert rel_l2(nnx.jit(CLIPVision.features)(model, jnp.asarray(px)), ref) <= 1e-4
   back = clip_vision_to_torch(model, "hf_llava")
   expected = {k: v for k, v in sd.items() if k.startswith("vision_tower.")}
   assert set(back) == set(expected)

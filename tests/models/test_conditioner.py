@@ -13,6 +13,7 @@ from lego_jax.models import conditioner as cond
 from lego_jax.weights import io
 from lego_jax.weights.mapping import KeyMappingError
 from lego_jax.weights.state import abstract_param_shapes, count_params
+from helpers import rel_l2
 
 NUM_IMAGE_TOKENS = 6
 
@@ -60,11 +61,6 @@ def _from_torch(cfg, sd):
 
 def _torch_sd(ref):
   return {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _small(**kw):
@@ -119,14 +115,14 @@ def test_parity_with_torch(tmp_path, cfg, t_len, fmt):
     want = ref(*map(torch.from_numpy, (clip, h_img, h_txt))).numpy()
   got = np.asarray(_apply(model, jnp.asarray(clip), jnp.asarray(h_img), jnp.asarray(h_txt)))
   assert got.shape == (2, 2 * cfg.text_len + NUM_IMAGE_TOKENS, cfg.context_dim) == want.shape
-  assert _rel(got, want) <= 1e-4, _rel(got, want)
+  assert rel_l2(got, want) <= 1e-4, rel_l2(got, want)
   # the padded rows of H_t are attended to, so the mixed block differs from mixing only T rows
   assert np.abs(want[:, -cfg.text_len:]).min() > 0
 
   low = _from_torch(cond.ConditionerConfig(**{**cfg.__dict__, "dtype": jnp.bfloat16}), sd)
   got16 = _apply(low, jnp.asarray(clip), jnp.asarray(h_img), jnp.asarray(h_txt))
   assert got16.dtype == jnp.bfloat16
-  assert _rel(np.asarray(got16.astype(jnp.float32)), want) <= 3e-2
+  assert rel_l2(np.asarray(got16.astype(jnp.float32)), want) <= 3e-2
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +167,7 @@ def test_export_round_trip_uses_release_names(initialised):
   with torch.no_grad():
     want_out = ref(*map(torch.from_numpy, (clip, h_img, h_txt))).numpy()
   got = np.asarray(_apply(model, jnp.asarray(clip), jnp.asarray(h_img), jnp.asarray(h_txt)))
-  assert _rel(got, want_out) <= 1e-4
+  assert rel_l2(got, want_out) <= 1e-4
   # the in_proj rows are [q; k; v]: the export is the packed kernel transposed, unsplit
   np.testing.assert_array_equal(
       exported["self_attn_mix.layers.2.self_attn.in_proj_weight"],
@@ -246,10 +242,10 @@ def test_dropout_only_when_not_deterministic():
   n = cfg.text_len + NUM_IMAGE_TOKENS
   # dropout lives in the mixer only: CLIP and image blocks are untouched
   np.testing.assert_array_equal(b[:, :n], a[:, :n])
-  assert _rel(b[:, n:], a[:, n:]) > 0.05 and _rel(c[:, n:], b[:, n:]) > 0.05
+  assert rel_l2(b[:, n:], a[:, n:]) > 0.05 and rel_l2(c[:, n:], b[:, n:]) > 0.05
   # an nnx.Rngs works as well: its `dropout` stream is drawn
   d = _apply(model, clip, h_img, h_txt, deterministic=False, rngs=nnx.Rngs(dropout=key(1)))
-  assert d.shape == a.shape and _rel(d[:, n:], a[:, n:]) > 0.05
+  assert d.shape == a.shape and rel_l2(d[:, n:], a[:, n:]) > 0.05
   with pytest.raises(ValueError, match="rngs"):
     model(clip, h_img, h_txt, deterministic=False)
 

@@ -23,6 +23,7 @@ from lego_jax.weights import io
 from lego_jax.weights.mapping import KeyMappingError
 from lego_jax.weights.pretrained import PretrainedConfigError
 from lego_jax.weights.state import abstract_param_shapes, count_params, flat_params
+from helpers import rel_l2
 
 # name -> (hidden, intermediate, layers, heads, kv_heads, vocab, tied)
 CONFIGS = {
@@ -30,11 +31,6 @@ CONFIGS = {
     "mqa_odd": (48, 40, 3, 3, 1, 50, False),    # odd head count, one kv head, odd vocab
     "mha_tied": (40, 72, 1, 5, 5, 70, True),    # 5 heads of 8, tied embeddings
 }
-
-
-def rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _configs(name, **overrides):
@@ -101,8 +97,8 @@ def test_logits_and_hidden_match_transformers(name, tmp_path_factory):
   logits, hidden, cache = model(jnp.asarray(ids))
   assert cache is None
   assert logits.shape == ref_logits.shape and hidden.shape == ref_last.shape
-  assert rel(logits, ref_logits) <= 1e-4
-  assert rel(hidden, ref_last) <= 1e-4
+  assert rel_l2(logits, ref_logits) <= 1e-4
+  assert rel_l2(hidden, ref_last) <= 1e-4
 
 
 def test_gradients_with_remat_match_torch(tmp_path_factory):
@@ -115,11 +111,11 @@ def test_gradients_with_remat_match_torch(tmp_path_factory):
   (hf(torch.as_tensor(ids)).logits * torch.from_numpy(weights)).sum().backward()
   grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(jnp.asarray(ids))[0] * weights)))(model)
   attn = hf.model.layers[1].self_attn
-  assert rel(grads["layers"]["self_attn"]["k_proj"]["kernel"].get_value()[1],
+  assert rel_l2(grads["layers"]["self_attn"]["k_proj"]["kernel"].get_value()[1],
              attn.k_proj.weight.grad.numpy().T) <= 1e-4
-  assert rel(grads["layers"]["input_layernorm"]["scale"].get_value()[2],
+  assert rel_l2(grads["layers"]["input_layernorm"]["scale"].get_value()[2],
              hf.model.layers[2].input_layernorm.weight.grad.numpy()) <= 1e-4
-  assert rel(grads["embed_tokens"]["embedding"].get_value(),
+  assert rel_l2(grads["embed_tokens"]["embedding"].get_value(),
              hf.model.embed_tokens.weight.grad.numpy()) <= 1e-4
   hf.zero_grad()
 
@@ -139,8 +135,8 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(tmp_path_factory):
     hids.append(hidden)
   np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 9])
   assert cache.k.shape == (2, 2, 12, 2, 8)
-  assert rel(jnp.concatenate(outs, 1), ref_logits) <= 1e-4
-  assert rel(jnp.concatenate(hids, 1), ref_hidden) <= 1e-4
+  assert rel_l2(jnp.concatenate(outs, 1), ref_logits) <= 1e-4
+  assert rel_l2(jnp.concatenate(hids, 1), ref_hidden) <= 1e-4
 
 
 def test_right_padded_batch_rows_equal_each_row_alone(tmp_path_factory):
@@ -161,8 +157,8 @@ def test_right_padded_batch_rows_equal_each_row_alone(tmp_path_factory):
   for b, n in enumerate(lengths):
     alone = np.concatenate([ids[b:b + 1, :n], nxt[b:b + 1]], axis=1)
     ref, _, _ = hf_run(hf, alone)
-    assert rel(logits[b, :n], ref[0, :n]) <= 1e-4
-    assert rel(step_logits[b, 0], ref[0, n]) <= 1e-4
+    assert rel_l2(logits[b, :n], ref[0, :n]) <= 1e-4
+    assert rel_l2(step_logits[b, 0], ref[0, n]) <= 1e-4
 
 
 def test_packed_segments_equal_separate_sequences(tmp_path_factory):
@@ -175,8 +171,8 @@ def test_packed_segments_equal_separate_sequences(tmp_path_factory):
   positions = np.array([list(range(5)) + list(range(4))])
   logits, _, _ = model(jnp.asarray(packed), segment_ids=jnp.asarray(segments),
                        positions=jnp.asarray(positions))
-  assert rel(logits[0, :5], hf_run(hf, a)[0][0]) <= 1e-4
-  assert rel(logits[0, 5:], hf_run(hf, b)[0][0]) <= 1e-4
+  assert rel_l2(logits[0, :5], hf_run(hf, a)[0][0]) <= 1e-4
+  assert rel_l2(logits[0, 5:], hf_run(hf, b)[0][0]) <= 1e-4
 
 
 def test_bf16_compute_with_fp32_params_stays_close(tmp_path_factory):
@@ -187,8 +183,8 @@ def test_bf16_compute_with_fp32_params_stays_close(tmp_path_factory):
   ref_logits, ref_hidden, _ = hf_run(hf, ids)
   logits, hidden, _ = model(jnp.asarray(ids))
   assert logits.dtype == jnp.bfloat16
-  assert rel(logits, ref_logits) <= 3e-2
-  assert rel(hidden, ref_hidden) <= 3e-2
+  assert rel_l2(logits, ref_logits) <= 3e-2
+  assert rel_l2(hidden, ref_hidden) <= 3e-2
 
 
 def test_bf16_generation_greedy_matches_fp32_reference_and_sampling_knobs(tmp_path_factory):
@@ -306,7 +302,7 @@ def test_sharded_forward_matches_single_device(tmp_path_factory):
   # The cache follows its logical axes too: batch over (data, fsdp), kv heads over tensor.
   expected = NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
   assert cache.k.sharding.is_equivalent_to(expected, cache.k.ndim)
-  assert rel(logits, ref) <= 1e-5
+  assert rel_l2(logits, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["gqa", "mqa_odd"])
@@ -319,7 +315,7 @@ def test_from_pretrained_directory_needs_no_sizes(name, tmp_path_factory):
   ids = np.random.default_rng(9).integers(0, CONFIGS[name][5], (2, 7))
   logits, hidden, _ = model(jnp.asarray(ids))
   ref_logits, ref_hidden, _ = hf_run(hf, ids)
-  assert rel(logits, ref_logits) <= 1e-5 and rel(hidden, ref_hidden) <= 1e-5
+  assert rel_l2(logits, ref_logits) <= 1e-5 and rel_l2(hidden, ref_hidden) <= 1e-5
   # The loader takes the directory's path as well as a state dict.
   again = llama_lib.load_llama(nnx.eval_shape(lambda: Llama(model.config, rngs=nnx.Rngs(1))),
                                str(_PATHS[name]))

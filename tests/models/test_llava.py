@@ -24,6 +24,7 @@ from lego_jax.weights import io
 from lego_jax.weights.mapping import KeyMappingError
 from lego_jax.weights.pretrained import PretrainedConfigError
 from lego_jax.weights.state import abstract_param_shapes, flat_params
+from helpers import rel_l2
 
 VOCAB, IMAGE_TOKEN, PATCHES = 80, 79, 4
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -31,11 +32,6 @@ TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_l
             max_position_embeddings=64)
 VISION = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=2,
               image_size=28, patch_size=14, projection_dim=8)
-
-
-def rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def our_config(projector="mlp2x_gelu") -> LlavaConfig:
@@ -127,12 +123,12 @@ def test_transformers_layouts_match_logits_with_image_tokens(reference, layout):
   ids, pixels = inputs(seed=1)
   ref_logits, ref_hidden = hf_forward(hf, ids, pixels)
   logits, hidden, _ = model(jnp.asarray(ids), nhwc(pixels))
-  assert rel(logits, ref_logits) <= 1e-4 and rel(hidden, ref_hidden) <= 1e-4
+  assert rel_l2(logits, ref_logits) <= 1e-4 and rel_l2(hidden, ref_hidden) <= 1e-4
   with torch.no_grad():
     ref_features = hf.get_image_features(pixel_values=torch.as_tensor(pixels)).pooler_output
   features = model.image_features(nhwc(pixels))
   assert features.shape == (2, PATCHES, 32)
-  assert rel(features, torch.stack(list(ref_features)).numpy()) <= 1e-4
+  assert rel_l2(features, torch.stack(list(ref_features)).numpy()) <= 1e-4
   # Export gives back exactly the keys and values of the layout.
   exported = llava_lib.llava_to_torch(model, layout)
   expected = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
@@ -152,7 +148,7 @@ def test_cached_prefill_with_image_then_text_steps(reference):
   for t in (7, 8):
     logits, _, cache = model(jnp.asarray(ids[:, t:t + 1]), cache=cache)
     steps.append(logits)
-  assert rel(jnp.concatenate(steps, axis=1), ref_logits) <= 1e-4
+  assert rel_l2(jnp.concatenate(steps, axis=1), ref_logits) <= 1e-4
 
 
 def test_original_llava_layout_linear_projector_and_separate_clip(reference, tmp_path):
@@ -210,7 +206,7 @@ def test_original_llava_layout_linear_projector_and_separate_clip(reference, tmp
   finally:
     hf.model.multi_modal_projector = mlp
   logits, hidden, _ = model(jnp.asarray(ids), nhwc(pixels))
-  assert rel(logits, ref_logits) <= 1e-4 and rel(hidden, ref_hidden) <= 1e-4
+  assert rel_l2(logits, ref_logits) <= 1e-4 and rel_l2(hidden, ref_hidden) <= 1e-4
 
   # Round trip through the original layout with the tower inside the file (mm_projector.{0,2}
   # for the MLP projector), and the errors for layouts that cannot hold a linear projector.
@@ -258,7 +254,7 @@ def test_greedy_generation_matches_transformers_tokens_and_hidden(reference):
     assert int(gen.num_tokens[row]) == n == len(ref_hidden)
     np.testing.assert_array_equal(np.asarray(gen.tokens[row, :n]), ref_tokens)
     np.testing.assert_array_equal(np.asarray(gen.tokens[row, n:]), 0)
-    assert rel(gen.hidden[row, :n], ref_hidden) <= 1e-4
+    assert rel_l2(gen.hidden[row, :n], ref_hidden) <= 1e-4
     assert not np.any(np.asarray(gen.hidden[row, n:]))
 
 

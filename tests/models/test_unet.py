@@ -26,6 +26,7 @@ from lego_jax.weights.io import read_state_dict, write_safetensors
 from lego_jax.weights.mapping import KeyMappingError
 from lego_jax.weights.pretrained import PretrainedConfigError
 from lego_jax.weights.state import flat_params, load_params, param_shapes
+from helpers import rel_l2, rel_max
 
 # (config, use_linear_projection of the reference, latent height x width)
 CASES = {
@@ -97,16 +98,6 @@ def _run_reference(ref, x, t, ctx) -> np.ndarray:
   return out.numpy().transpose(0, 2, 3, 1)
 
 
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _rel_l2(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def diffusers_to_compvis(sd: dict, layers_per_block: int) -> dict:
   """CompVis (ldm UNetModel) names of a diffusers UNet2DConditionModel state dict.
 
@@ -166,7 +157,7 @@ def test_diffusers_parity(saved, name):
   model = load_unet(_abstract(cfg), read_state_dict(path))  # layout and prefix found
   got = _apply(model, *inputs)
   assert got.shape == want.shape
-  assert _rel(got, want) <= 1e-4, _rel(got, want)
+  assert rel_max(got, want) <= 1e-4, rel_max(got, want)
 
 
 def test_compvis_single_file_and_ema_parity(saved, tmp_path):
@@ -186,7 +177,7 @@ def test_compvis_single_file_and_ema_parity(saved, tmp_path):
   single["alphas_cumprod"] = np.ones(10, np.float32)
   write_safetensors(single, tmp_path / "sd.safetensors")
   model = load_unet(_abstract(cfg), tmp_path / "sd.safetensors")
-  assert _rel(_apply(model, *inputs), want) <= 1e-4
+  assert rel_max(_apply(model, *inputs), want) <= 1e-4
   # Export back to CompVis reproduces the file's UNet keys and values.
   exported = unet_to_torch(model, "compvis")
   assert set(exported) == set(compvis)
@@ -197,7 +188,7 @@ def test_compvis_single_file_and_ema_parity(saved, tmp_path):
   live = {k: np.zeros_like(v) for k, v in compvis.items()}
   both = live | ema | {"model_ema.num_updates": np.array(7), "model_ema.decay": np.array(0.9999)}
   model = load_unet(_abstract(cfg), both, ema=True)
-  assert _rel(_apply(model, *inputs), want) <= 1e-4
+  assert rel_max(_apply(model, *inputs), want) <= 1e-4
 
 
 def test_export_round_trip_into_diffusers(saved):
@@ -220,7 +211,7 @@ def test_bf16_compute_close_to_fp32(saved):
   assert model.conv_in.kernel.get_value().dtype == jnp.float32  # params stay fp32
   got = _apply(model, *inputs)
   assert got.dtype == jnp.float32
-  assert 1e-4 < _rel_l2(got, want) <= 3e-2  # really computed in bf16, and still close
+  assert 1e-4 < rel_l2(got, want) <= 3e-2  # really computed in bf16, and still close
 
 
 def test_widen_4_to_8_channels(saved, tmp_path):
@@ -233,7 +224,7 @@ def test_widen_4_to_8_channels(saved, tmp_path):
   model = load_unet(_abstract(cfg8), tmp_path, widen_input_channels=True)
   kernel = np.asarray(model.conv_in.kernel.get_value())
   assert kernel.shape[2] == 8 and not kernel[:, :, 4:].any() and kernel[:, :, :4].any()
-  assert _rel(_apply(model, x8, t, ctx), want) <= 1e-4  # channels 4..7 hold noise: no effect
+  assert rel_max(_apply(model, x8, t, ctx), want) <= 1e-4  # channels 4..7 hold noise: no effect
   # Without the flag the narrower file is a shape error, not a silent widening.
   with pytest.raises(KeyMappingError, match="conv_in.kernel"):
     load_unet(_abstract(cfg8), tmp_path)
@@ -352,7 +343,7 @@ def test_from_pretrained_reads_sizes_and_per_level_heads(saved):
   model = unet_lib.from_pretrained(path)
   assert model.config == cfg and model.config.level_heads == (3, 4)
   assert model.mid_block.attentions[0].transformer_blocks.attn1.heads == 4
-  assert _rel(_apply(model, *inputs), want) <= 1e-4
+  assert rel_max(_apply(model, *inputs), want) <= 1e-4
 
 
 def test_from_pretrained_refuses_disagreements_by_field(saved, tmp_path):

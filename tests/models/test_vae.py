@@ -21,6 +21,7 @@ from lego_jax.weights.io import read_state_dict, write_safetensors
 from lego_jax.weights.mapping import KeyMappingError
 from lego_jax.weights.pretrained import PretrainedConfigError
 from lego_jax.weights.state import abstract_param_shapes
+from helpers import rel_l2, rel_max
 
 CONFIGS = {
     # two levels (one downsampling), one resnet per level, 8 groups, a 3-channel latent
@@ -59,16 +60,6 @@ def _reference(cfg: VAEConfig, seed: int) -> AutoencoderKL:
   return ref
 
 
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _rel_l2(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def _nhwc(t: torch.Tensor) -> np.ndarray:
   return t.detach().numpy().transpose(0, 2, 3, 1)
 
@@ -93,7 +84,7 @@ def _check(model: VAE, ref_out, x, z, tol):
   image = _decode(model, z)
   for got, want in zip((mean, logvar, image), ref_out):
     assert got.shape == want.shape
-    assert _rel(got, want) <= tol, _rel(got, want)
+    assert rel_max(got, want) <= tol, rel_max(got, want)
 
 
 def diffusers_to_compvis(sd: dict, num_levels: int) -> dict:
@@ -216,8 +207,8 @@ def test_bf16_compute_close_to_fp32(saved):
   assert model.encoder.conv_in.kernel.get_value().dtype == jnp.float32  # params stay fp32
   mean, _ = _encode(model, x)
   image = _decode(model, z)
-  assert 1e-4 < _rel_l2(mean, ref_out[0]) <= 3e-2  # really computed in bf16, and still close
-  assert _rel_l2(image, ref_out[2]) <= 3e-2
+  assert 1e-4 < rel_l2(mean, ref_out[0]) <= 3e-2  # really computed in bf16, and still close
+  assert rel_l2(image, ref_out[2]) <= 3e-2
 
 
 def test_sample_and_mode(saved):
@@ -228,7 +219,7 @@ def test_sample_and_mode(saved):
   sample, mode = jax.jit(lambda m, x, r: (m.sample(x, r), m.mode(x)))(model, x, rng)
   noise = (np.asarray(sample) - mean) / np.exp(0.5 * logvar)
   np.testing.assert_allclose(noise, jax.random.normal(rng, mean.shape), atol=2e-3)
-  assert _rel(mode, mean) <= 1e-4
+  assert rel_max(mode, mean) <= 1e-4
 
 
 def test_logvar_is_clamped(saved):

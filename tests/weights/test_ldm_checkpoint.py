@@ -19,6 +19,7 @@ from lego_jax.models.conditioner import Conditioner, ConditionerConfig, conditio
 from lego_jax.models.unet import UNet, UNetConfig, load_unet
 from lego_jax.models.vae import VAE, VAEConfig, load_vae
 from lego_jax.weights import checkpoints, io
+from helpers import rel_l2
 
 UNET4 = UNetConfig(in_channels=4, block_out_channels=(16, 32), attention_levels=(True, False),
                    layers_per_block=1, num_heads=2, context_dim=24, norm_groups=8)
@@ -31,10 +32,6 @@ COND = ConditionerConfig(llm_dim=20, context_dim=24, num_heads=2, ffn_dim=32, nu
 
 def _abstract(make):
   return nnx.eval_shape(make)
-
-
-def _rel(a, b):
-  return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +91,17 @@ def test_sd15_single_file_initialises_lego(refs, tmp_path):
   t = np.array([10, 700], np.int64)
   ctx = rng.normal(size=(2, 9, 24)).astype(np.float32)
   ours = unet(jnp.concatenate([x, extra], -1), jnp.asarray(t), jnp.asarray(ctx))
-  assert _rel(ours, _eps_ref(refs[0], x, t, ctx)) <= 1e-4
+  assert rel_l2(ours, _eps_ref(refs[0], x, t, ctx)) <= 1e-4
   assert np.all(np.asarray(unet.conv_in.kernel[...])[:, :, 4:] == 0)
 
   img = rng.uniform(-1, 1, size=(1, 16, 16, 3)).astype(np.float32)
   with torch.no_grad():
     mean_ref = refs[2].encode(torch.from_numpy(img.transpose(0, 3, 1, 2))).latent_dist.mean
-  assert _rel(vae.mode(jnp.asarray(img)), mean_ref.numpy().transpose(0, 2, 3, 1)) <= 1e-4
+  assert rel_l2(vae.mode(jnp.asarray(img)), mean_ref.numpy().transpose(0, 2, 3, 1)) <= 1e-4
   ids = rng.integers(0, 50, (1, 77))
   with torch.no_grad():
     ref_text = refs[3](torch.from_numpy(ids)).last_hidden_state.numpy()
-  assert _rel(text(jnp.asarray(ids, jnp.int32)), ref_text) <= 1e-4
+  assert rel_l2(text(jnp.asarray(ids, jnp.int32)), ref_text) <= 1e-4
 
 
 def test_lego_release_file_with_ema_and_conditioner(refs, tmp_path):

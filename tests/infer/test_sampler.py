@@ -17,6 +17,7 @@ from flax import nnx
 
 from lego_jax.infer import sampler
 from lego_jax.infer.schedule import NoiseSchedule, denoiser_scalings
+from helpers import rel_l2
 
 # --- references (float64 NumPy) ----------------------------------------------------------------
 
@@ -106,11 +107,6 @@ def ref_ddim(x_T, n, eps_at, eta=0.0, noises=None):
     if eta:
       x = x + sig[i] * noises[j]
   return x
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _problem(b=2, hw=4, length=3, c=5, seed=0):
@@ -214,7 +210,7 @@ def test_dual_guidance_is_one_batch_of_three():
   e_00 = unet(jnp.concatenate([x, np.zeros_like(img)], -1), tb, uncond)
   want = e_00 + 7.5 * (e_ti - e_0i) + 1.5 * (e_0i - e_00)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  assert _rel(e_ti, e_0i) > 1e-2 and _rel(e_0i, e_00) > 1e-2   # every branch matters here
+  assert rel_l2(e_ti, e_0i) > 1e-2 and rel_l2(e_0i, e_00) > 1e-2   # every branch matters here
   ones = sampler.dual_guidance_eps(unet, jnp.asarray(x), t, jnp.asarray(cond),
                                    jnp.asarray(uncond), jnp.asarray(img), 1.0, 1.0)
   np.testing.assert_allclose(ones, e_ti, rtol=1e-5, atol=1e-6)
@@ -234,7 +230,7 @@ def test_euler_ancestral_trajectory_matches_reference():
   noises = [_draw(sampler.fold_key(k, 1), i, img.shape) for i in range(n)]
   want = ref_euler_ancestral(x_T, noises, n, cond, uncond, img, 7.5, 1.5, w.astype(np.float64))
   assert got.shape == img.shape and got.dtype == jnp.float32
-  assert _rel(got, want) <= 1e-5, _rel(got, want)
+  assert rel_l2(got, want) <= 1e-5, rel_l2(got, want)
   # eta = 0 is plain Euler: no noise after the start, so another step key changes nothing
   e0 = sampler.euler_ancestral(lambda x, s: x * 0.5, jnp.asarray(x_T, jnp.float32),
                                NoiseSchedule().get_sigmas(n), key(1), eta=0.0)
@@ -252,7 +248,7 @@ def test_ddim_matches_reference_and_is_deterministic_at_eta_0():
   x_T = _draw(sampler.fold_key(k0, 0), 0, img.shape)
   want = ref_ddim(x_T, n, lambda x, t: ref_guided_eps(x, t, cond, uncond, img, 7.5, 1.5,
                                                       w.astype(np.float64)))
-  assert _rel(got, want) <= 1e-5, _rel(got, want)
+  assert rel_l2(got, want) <= 1e-5, rel_l2(got, want)
 
   eps = lambda x, t: 0.2 * x + 0.01 * t  # noqa: E731
   args = (jnp.asarray(x_T, jnp.float32), s.ddim_timesteps(n), s.alphas_cumprod)
@@ -265,7 +261,7 @@ def test_ddim_matches_reference_and_is_deterministic_at_eta_0():
   b = sampler.ddim(eps, *args, k, eta=1.0)
   want_b = ref_ddim(x_T, n, lambda x, t: 0.2 * x + 0.01 * t, eta=1.0,
                     noises=[_draw(k, j, img.shape) for j in range(n)])
-  assert _rel(b, want_b) <= 1e-5 and _rel(b, a) > 1e-2
+  assert rel_l2(b, want_b) <= 1e-5 and rel_l2(b, a) > 1e-2
 
 
 def test_sampler_is_one_program_compiled_once():
@@ -279,7 +275,7 @@ def test_sampler_is_one_program_compiled_once():
   a = sampler.sample(unet, img, cond, uncond, key(0), num_steps=8)
   b = sampler.sample(unet, img + 1, cond, uncond, key(1), num_steps=8, text_scale=3.0,
                      image_scale=1.2)
-  assert traces == [(6, 4, 4, 8)] and _rel(a, b) > 1e-2  # traced once, for all 8 steps
+  assert traces == [(6, 4, 4, 8)] and rel_l2(a, b) > 1e-2  # traced once, for all 8 steps
   hlo = jax.jit(functools.partial(sampler.sample, unet, num_steps=8)).lower(
       img, cond, uncond, key(0)).as_text()
   assert "stablehlo.while" in hlo
@@ -299,7 +295,7 @@ def test_sampler_is_one_program_compiled_once():
   model.w[...] = 2 * model.w[...]
   d = sampler.sample(model, img, cond, uncond, key(0), num_steps=8)
   # the weights are inputs of the program: new values are used without retracing
-  assert traces.count("module") == 1 and _rel(d, c) > 1e-3
+  assert traces.count("module") == 1 and rel_l2(d, c) > 1e-3
 
 
 def test_unguided_sampling_runs_one_row_and_equals_the_three_way_batch():
@@ -317,7 +313,7 @@ def test_unguided_sampling_runs_one_row_and_equals_the_three_way_batch():
     one = sampler.sample(unet, img, cond, uncond, key(3), num_steps=10, kind=kind,
                          text_scale=1.0, image_scale=1.0)
     assert shapes == [(6, 4, 4, 8), (2, 4, 4, 8)], shapes  # scales (1, 1): a third of the batch
-    assert _rel(one, three) <= 1e-5, _rel(one, three)
+    assert rel_l2(one, three) <= 1e-5, rel_l2(one, three)
   assert sampler.unguided(1, 1.0) and not sampler.unguided(1.0, 1.5)
   assert not sampler.unguided(jnp.float32(1.0), 1.0)  # traced values may change: stay guided
 
@@ -333,7 +329,7 @@ def test_per_frame_keys_make_frames_independent_of_the_batch():
   img2[0], cond2[0] = -img[0], 2 * cond[0]
   second = sampler.sample(unet, img2, cond2, uncond, jnp.stack([k[2], k[1]]), num_steps=6)
   np.testing.assert_allclose(second[1], first[1], rtol=1e-6, atol=1e-6)
-  assert _rel(second[0], first[0]) > 0.1
+  assert rel_l2(second[0], first[0]) > 0.1
   # raw uint32 keys (jax.random.PRNGKey) are accepted and mean the same keys
   typed = jax.random.split(jax.random.key(4), 2)
   np.testing.assert_array_equal(
