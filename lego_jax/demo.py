@@ -36,20 +36,29 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from lego_jax import config as config_lib
+from lego_jax.config import ConfigError
 from lego_jax.data import pipeline, records
 from lego_jax.data import prepare as prepare_stage
+from lego_jax.errors import UserError
 from lego_jax.eval import action_region
 from lego_jax.eval import evaluate as evaluate_stage
 from lego_jax.eval import report as report_lib
+from lego_jax.eval.lpips import build_lpips, lpips_distance
+from lego_jax.eval.weight_files import MissingWeightsError
 from lego_jax.infer import extract as extract_stage
 from lego_jax.infer import generate as generate_stage
 from lego_jax.train import ldm as ldm_stage
 from lego_jax.train import vae as vae_stage
 from lego_jax.train import vllm as vllm_stage
+from lego_jax.train.common import read_metrics
+from lego_jax.weights.io import WeightFileError
+from lego_jax.weights.mapping import KeyMappingError
 
 # Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
 CONFIG_SECTIONS = ("data", "vae", "vae_train", "clip_vision", "llama", "llava", "vllm_train",
@@ -87,14 +96,10 @@ def settings(cfg) -> dict:
   if "demo" in cfg:
     unknown = sorted(set(cfg.demo.keys()) - set(DEFAULTS))
     if unknown:
-      from lego_jax.config import ConfigError
-
       raise ConfigError(f"unknown config key(s) cfg.demo.{', cfg.demo.'.join(unknown)} "
                         f"(known: {', '.join(sorted(DEFAULTS))})")
     out.update({k: cfg.demo[k] for k in cfg.demo.keys()})
   if not out["scale"] > 0:
-    from lego_jax.config import ConfigError
-
     raise ConfigError(f"cfg.demo.scale={out['scale']} must be positive")
   return out
 
@@ -201,8 +206,6 @@ def vae_roundtrip(cfg, workdir: Path, reference_dir: Path, out: Path, files: lis
                   batch_size: int = 16) -> Path:
   """The ground-truth frames encoded (posterior mode) and decoded by the trained VAE, as PNGs in
   `out`: every generated frame is decoded by that VAE, so these score the ceiling."""
-  import jax
-
   model = vae_stage.load_trained(cfg, workdir)
   roundtrip = jax.jit(lambda m, x: m(x))
   out.mkdir(parents=True, exist_ok=True)
@@ -235,8 +238,6 @@ def load_examples(cfg, workdir: Path, generated_json: Path) -> list[dict]:
       raise RuntimeError(f"test record {entry['index']} is {r['id']}, generated.json says "
                          f"{entry['id']}")
     if not r["mask_png"]:
-      from lego_jax.errors import UserError
-
       raise UserError("the demo's action-region scores need the synthetic scenes' action masks; "
                       f"test record {r['id']} has none (use cfg.data.source='synthetic')")
     with Image.open(io.BytesIO(r["mask_png"])) as m:
@@ -248,18 +249,10 @@ def load_examples(cfg, workdir: Path, generated_json: Path) -> list[dict]:
 
 def region_lpips_fn(cfg) -> tuple[Callable | None, str | None]:
   """(LPIPS over [0, 1] crops, None) when its weights are there, else (None, why not)."""
-  from lego_jax.eval.weight_files import MissingWeightsError
-  from lego_jax.weights.io import WeightFileError
-  from lego_jax.weights.mapping import KeyMappingError
-
   try:
-    from lego_jax.eval.lpips import build_lpips, lpips_distance
-
     model = build_lpips(cfg.eval.lpips_net, cfg.eval.weights_dir)
   except (MissingWeightsError, WeightFileError, KeyMappingError) as e:
     return None, str(e)
-  import jax.numpy as jnp
-
   return (lambda a, b: np.asarray(lpips_distance(model, jnp.asarray(a), jnp.asarray(b)))), None
 
 
@@ -464,8 +457,6 @@ def encoders_note(cfg) -> str:
 
 
 def final_losses(workdir: Path, baseline_dir: Path) -> dict[str, float]:
-  from lego_jax.train.common import read_metrics
-
   out = {}
   for name, logdir in loss_logs(workdir, baseline_dir).items():
     rows = [r for r in read_metrics(logdir) if "loss" in r]
@@ -483,8 +474,6 @@ def write_plots(workdir: Path, baseline_dir: Path, runs: dict[str, Path], exampl
                 grid_rows: int) -> dict[str, str]:
   """Loss-curve PNGs (from each stage's logs/<stage>/metrics.jsonl) and the example grid PNG
   under WORKDIR/report; returns their paths relative to WORKDIR."""
-  from lego_jax.train.common import read_metrics
-
   report_dir = workdir / "report"
   report_dir.mkdir(parents=True, exist_ok=True)
   logs = {k: read_metrics(p) for k, p in loss_logs(workdir, baseline_dir).items()}

@@ -50,11 +50,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import topologies
 
+from lego_jax import config as config_lib
 from lego_jax.bench import flops as flop_count
 from lego_jax.config import ConfigError
+from lego_jax.infer import ldm as ldm_infer
+from lego_jax.infer import sampler as sampler_lib
+from lego_jax.models import lego_ldm
 from lego_jax.parallel import sharding
+from lego_jax.train import checkpoint as ckpt_lib
+from lego_jax.train import ldm, vllm
+from lego_jax.train import vae as vae_train
 
 # Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
 CONFIG_SECTIONS = ("data", "mesh", "vae", "vae_train", "clip_vision", "llama", "llava",
@@ -153,8 +160,6 @@ def target_devices(target: Target) -> list:
   missing = compiler_missing(target)
   if missing:
     raise ConfigError(missing)
-  from jax.experimental import topologies
-
   if target.platform == "tpu":
     # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU; a deviceless
     # compile drives none, and two plans (or a plan and a test) may run side by side.
@@ -213,38 +218,16 @@ def _count(tree) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def _opt_state(tx, trained, mesh):
-  # What jit gives tx.init of the placed parameters: Adam moments follow the parameters; the
-  # step counts, which depend on no input, come out on one device and are replicated instead.
-  compiled = jax.jit(tx.init).lower(trained).compile()
-  replicated = NamedSharding(mesh, P())
-  shardings = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated,
-                           compiled.output_shardings)
-  return _place(jax.eval_shape(tx.init, trained), shardings)
-
-
 def vae_stage(cfg, mesh) -> Stage:
-  from lego_jax.train import vae
-
   t = cfg.vae_train
-  made = {}
-
-  def init():
-    graphdef, state, shardings, tx = vae.init_state(cfg, mesh)
-    made.update(graphdef=graphdef, shardings=shardings, tx=tx)
-    return state
-
-  state = _place(jax.eval_shape(init), made["shardings"])
+  graphdef, state, shardings, tx = vae_train.init_state(cfg, mesh, abstract=True)
   s = cfg.data.image_size
-  return Stage("vae", vae.make_train_step(made["graphdef"], made["tx"], t.kl_weight, t.l2_weight),
-               state, made["shardings"],
-               _batch(mesh, {"images": ((t.batch_size, s, s, 3), jnp.float32)}),
-               t.batch_size, 1, _count(state["params"]), _count(state["params"]))
+  return Stage("vae", vae_train.make_train_step(graphdef, tx, t.kl_weight, t.l2_weight),
+               state, shardings, _batch(mesh, {"images": ((t.batch_size, s, s, 3), jnp.float32)}),
+               t.batch_size, 1, _count(state["trained"]), _count(state["trained"]))
 
 
 def vllm_stage(cfg, mesh) -> Stage:
-  from lego_jax.train import vllm
-
   t = cfg.vllm_train
   vllm.check_config(cfg, mesh)
   # The schedule's length changes learning-rate values only, never shapes or memory.
@@ -262,67 +245,36 @@ def vllm_stage(cfg, mesh) -> Stage:
 
 def _ldm_example(cfg) -> dict:
   """One row of the LDM trainer's batch arrays (features zero-filled), for shapes."""
-  from lego_jax.train import ldm
-
   class _Ids:  # the host-side text tokenizer, for shapes only: CLIP's context of 77
     def __call__(self, batch):
       return np.zeros((len(batch["input"]), 77), np.int32)
 
   s = cfg.data.image_size
   one = {"input": np.zeros((1, s, s, 3), np.uint8), "target": np.zeros((1, s, s, 3), np.uint8)}
-  return ldm.batch_arrays(cfg, one, _Ids())
+  return lego_ldm.batch_arrays(cfg, one, _Ids())
 
 
 def ldm_stage(cfg, mesh) -> Stage:
-  """train/ldm.py's state, built abstractly (its init_state reads the VAE from a workdir)."""
-  from lego_jax.train import common, ldm
-  from lego_jax.train import vae as vae_train
-
   t = cfg.ldm_train
-
-  def modules():
-    unet, conditioner = ldm.build_trainable(cfg, cfg.seed)
-    return unet, conditioner, ldm.build_text_encoder(cfg, cfg.seed), vae_train.build(cfg)
-
-  unet, conditioner, clip_text, vae_model = nnx.eval_shape(modules)
-  graphdefs, trained, frozen = {}, {}, {}
-  for name, module, trains in (("unet", unet, True), ("conditioner", conditioner,
-                                                      t.train_projections),
-                               ("vae", vae_model, False), ("clip_text", clip_text, False)):
-    graphdefs[name], params = nnx.split(module)
-    (trained if trains else frozen)[name] = params
-  tx = common.adamw(trained, t.lr, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps)
-  replicated = NamedSharding(mesh, P())
-  trained = _place(trained, sharding.state_shardings(mesh, trained))
-  frozen = _place(frozen, sharding.state_shardings(mesh, frozen))
-  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-  state = {"trained": trained, "frozen": frozen, "opt_state": _opt_state(tx, trained, mesh),
-           "ema": trained, "step": scalar, "nonfinite": scalar}
-  shardings = jax.tree.map(lambda x: x.sharding, state)
+  graphdefs, state, shardings, tx = ldm.init_state(cfg, None, mesh, abstract=True)
   example = _ldm_example(cfg)  # the trainer's own batch layout, one row
   text_len = example["text_ids"].shape[1]
   b = t.batch_size
   batch = _batch(mesh, {k: ((b,) + v.shape[1:], v.dtype) for k, v in example.items()})
-  step = ldm.make_train_step(cfg, graphdefs, tx, ldm.schedule_of(cfg),
+  step = ldm.make_train_step(cfg, graphdefs, tx, lego_ldm.schedule_of(cfg),
                              jnp.zeros((1, text_len), jnp.int32))
   return Stage("ldm", step, state, shardings, batch, b, max(int(t.grad_accum), 1),
-               _count(trained), _count([trained, frozen]))
+               _count(state["trained"]), _count([state["trained"], state["frozen"]]))
 
 
 def sample_stage(cfg, mesh) -> Stage:
   """`lego-jax generate`'s one program for a batch of --gen_batch_size frames: VAE encode, CLIP
   text, conditioner, the configured sampler (LEGO: 100 Euler-ancestral steps, dual guidance in a
   3-way UNet batch) and VAE decode; EMA weights as frozen inputs, frames split over the batch."""
-  from lego_jax.infer import generate, sampler as sampler_lib
-  from lego_jax.train import ldm
-  from lego_jax.train import vae as vae_train
-
-  def modules():
-    unet, conditioner = ldm.build_trainable(cfg, cfg.seed)
-    return unet, conditioner, ldm.build_text_encoder(cfg, cfg.seed), vae_train.build(cfg)
-
-  graphdefs, params = zip(*(nnx.split(m) for m in nnx.eval_shape(modules)))
-  params = _place(list(params), sharding.state_shardings(mesh, list(params)))
+  graphdefs, params = lego_ldm.abstract(cfg)
+  graphdefs = [graphdefs[n] for n in lego_ldm.NAMES]
+  params = [params[n] for n in lego_ldm.NAMES]
+  params = _place(params, sharding.state_shardings(mesh, params))
   s, t = cfg.sampler, cfg.ldm_train
   b = _SAMPLE_BATCH.value
   example = {k: v for k, v in _ldm_example(cfg).items() if k != "target"}
@@ -333,7 +285,7 @@ def sample_stage(cfg, mesh) -> Stage:
   def run(params, batch, key):
     unet, conditioner, clip_text, vae = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
     empty = jnp.zeros((1, text_len), jnp.int32)
-    frames = generate.generate_latents(
+    frames = ldm_infer.generate_latents(
         unet, conditioner, clip_text, vae, batch["input"], batch["text_ids"], empty,
         batch["h_img"], batch["h_txt"], key, s.text_guidance, s.image_guidance,
         num_steps=s.num_steps, kind=s.kind, use_image=t.use_image_embedding,
@@ -548,9 +500,6 @@ def saved_rows(path: Path, config: dict) -> list[dict]:
 
 
 def main(cfg, workdir: Path) -> int:
-  from lego_jax import config as config_lib
-  from lego_jax.train import checkpoint as ckpt_lib
-
   targets = tuple(target_of(n) for n in _TARGETS.value)
   for t in targets:  # before any compile: a missing extra is a one-line error, not an hour later
     missing = compiler_missing(t)

@@ -149,7 +149,7 @@ def test_train_vae_starts_from_init_checkpoint(tmp_path):
   cfg.vae_train.init_checkpoint = str(path)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device compiles fastest
   graphdef, state, _, tx = vae_train.init_state(cfg, mesh)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), jax.device_get(want))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["trained"]), jax.device_get(want))
 
   # The first step moves the weights by at most the learning rate (Adam's step), from F.
   images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8)
@@ -157,7 +157,7 @@ def test_train_vae_starts_from_init_checkpoint(tmp_path):
                                            cfg.vae_train.l2_weight))
   state, _ = step(state, {"images": jnp.asarray(images)}, jax.random.key(0))
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
-                       jax.device_get(state["params"]), jax.device_get(want))
+                       jax.device_get(state["trained"]), jax.device_get(want))
   assert 0 < max(jax.tree.leaves(moved)) <= 1.01e-3
 
   # Without a train-vae checkpoint the VAE used later is F itself; with one, the trained VAE.

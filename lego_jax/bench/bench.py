@@ -22,7 +22,7 @@ WORKDIR/bench/<what>.json). The figure is the MEDIAN step.
                H_t rows returned) of `--new_tokens` tokens after a `--prompt_len`-token prompt,
                sampling as vllm_generate says; end-of-sequence is disabled so every row makes
                exactly `--new_tokens` tokens.
-  sample       lego_jax/infer/generate.py's `generate_latents`: VAE encode, CLIP text, conditioner,
+  sample       lego_jax/infer/ldm.py's `generate_latents`: VAE encode, CLIP text, conditioner,
                `--sample_steps` Euler-ancestral steps with the 3-way dual-guidance batch, VAE decode.
   data         the training input pipeline (Grain, JPEG decode, resize, flip, batch) on synthetic
                records at the config's image sizes, `cfg.data.num_workers` worker processes.

@@ -33,7 +33,7 @@ import numpy as np
 
 from lego_jax.bench.harness import Impl
 from lego_jax.bench.workloads import context_length, latent_size, num_patches
-from lego_jax.train import ldm
+from lego_jax.models import lego_ldm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ def conditioner_module(cfg):
 
 
 def _alphas_cumprod(cfg):
-  return ldm.schedule_of(cfg).alphas_cumprod
+  return lego_ldm.schedule_of(cfg).alphas_cumprod
 
 
 # --- benches ----------------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def _sample(spec: Spec, compiled: bool):
   clip = clip_text_model(cfg).to(dev, dt).eval()
   cond = conditioner_module(cfg).to(dev, dt).eval()
   net = _compile(unet, compiled)
-  schedule = ldm.schedule_of(cfg)
+  schedule = lego_ldm.schedule_of(cfg)
   sigmas = np.asarray(schedule.get_sigmas(spec.sample_steps), np.float64)
   ts = np.asarray(schedule.sigma_to_t(jnp.asarray(sigmas[:-1], jnp.float32)), np.float64)
   size, text_len = cfg.data.image_size, cfg.conditioner.text_len

@@ -20,10 +20,12 @@ from flax import nnx
 from lego_jax.bench.harness import Impl, Program, param_count, random_batch, random_model
 from lego_jax.data import pipeline
 from lego_jax.data import tokenizer as tokenizer_lib
-from lego_jax.infer import decode, generate
+from lego_jax.infer import decode
+from lego_jax.infer import ldm as ldm_infer
 from lego_jax.models.clip_text import CLIPText, CLIPTextConfig
 from lego_jax.models.conditioner import Conditioner, ConditionerConfig
 from lego_jax.models.llama import Llama, LlamaConfig
+from lego_jax.models import lego_ldm
 from lego_jax.models.llava import Llava
 from lego_jax.models.unet import UNet, UNetConfig
 from lego_jax.models.vae import VAE, VAEConfig
@@ -72,7 +74,7 @@ def unet_train_program(cfg, batch: int, dtype, remat: bool, mesh, unet_attention
   graphdef, params = nnx.split(model)
   t = cfg.ldm_train
   tx = common.adamw(params, t.lr, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps)
-  schedule = ldm.schedule_of(cfg)
+  schedule = lego_ldm.schedule_of(cfg)
   params = jax.device_put(params, sharding.state_shardings(mesh, params))
   state = {"params": params, "opt_state": jax.jit(tx.init)(params)}
   shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -168,7 +170,7 @@ def ldm_train_program(cfg, batch: int, dtype, remat: bool, mesh, unet_attention:
       "h_img": ((batch, num_patches(cfg), llm), "normal", 1.0),
       "h_txt": ((batch, text_len, llm), "normal", 1.0)}), mesh)
   empty_ids = jnp.asarray(random_batch({"e": ((1, text_len), "int", vocab)}, seed=1)["e"])
-  schedule = ldm.schedule_of(cfg)
+  schedule = lego_ldm.schedule_of(cfg)
   step = ldm.make_train_step(cfg, graphdefs, tx, schedule, empty_ids)
   counting = (ldm.make_train_step(
       cfg, split(ldm_models(cfg, dtype, False, unet_attention=unet_attention))[0], tx, schedule,
@@ -288,7 +290,7 @@ def sample_program(cfg, batch: int, num_steps: int, dtype, param_dtype, mesh,
 
   def run(states, data, key):
     unet, conditioner, clip_text, vae = (nnx.merge(g, st) for g, st in zip(graphdefs, states))
-    return generate.generate_latents(
+    return ldm_infer.generate_latents(
         unet, conditioner, clip_text, vae, data["input"], data["text_ids"], empty_ids,
         data["h_img"], data["h_txt"], key, s.text_guidance, s.image_guidance,
         num_steps=num_steps,

@@ -2,7 +2,8 @@
 every example of every split, in record order, as the feature records the LDM stage reads
 (format: lego_jax/data/features.py; WORKDIR/features/<split>/part-*.array_record + info.json).
 
-Per example (facts file "Stage 1"): the prompt `chat_prompt(human_turn(action))` with the input
+Per example (as LEGO, Lai et al., ECCV 2024, arXiv 2312.03849, and its release
+github.com/BolinLai/LEGO extract them with LLaVA's generate): the prompt `chat_prompt(human_turn(action))` with the input
 frame's CLIP view; R sampled with the jitted KV-cache decoder (`lego_jax.infer.decode`: one
 prefill of the right-padded batch, then the fixed-shape decode loop; every row stops at its own
 EOS), `cfg.vllm_generate`: temperature 0.2, top-k/top-p, `greedy`, `max_new_tokens`, `seed`;
@@ -33,13 +34,16 @@ import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lego_jax.config import ConfigError
+from lego_jax.errors import UserError
 from lego_jax.data import features, images, pipeline, records
 from lego_jax.data.prompts import human_turn
 from lego_jax.data.tokenizer import Tokenizer
@@ -223,8 +227,6 @@ def _example(src, i: int, split: str, size: int) -> dict:
   try:
     frame = images.decode_rgb(r["input_jpeg"])
   except images.ImageError as e:
-    from lego_jax.errors import UserError
-
     raise UserError(f"{split} record {i} ({r['id']}): input frame: {e}; nothing was written for "
                     "its part") from None
   return {"index": i, "id": r["id"], "action": r["action"],
@@ -233,8 +235,6 @@ def _example(src, i: int, split: str, size: int) -> dict:
 
 def _part_records(features_dir: Path, split: str, num_parts: int):
   paths = [str(features.part_path(features_dir, split, k)) for k in range(num_parts)]
-  import grain
-
   return grain.sources.ArrayRecordDataSource(paths) if paths else []
 
 
@@ -319,8 +319,6 @@ def extract_split(cfg, workdir: Path, split: str, describer: Describer, settings
       if stop_after_parts is not None and written >= stop_after_parts:
         return dict(info, parts_written=written)
   if count > 1 and process_count is None:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices(f"lego_extract_{split}")
   if index != 0 or features.done_parts(features_dir, split) != set(range(num_parts)):
     return dict(info, parts_written=written)

@@ -15,10 +15,13 @@ import jax
 import numpy as np
 from PIL import Image
 
-from lego_jax.errors import UserError
 from lego_jax.data import images
+from lego_jax.errors import UserError
 from lego_jax.infer import describe as describe_lib
-from lego_jax.infer import generate as generate_lib
+from lego_jax.infer import extract
+from lego_jax.infer import ldm as ldm_infer
+from lego_jax.models import lego_ldm
+from lego_jax.train import vllm
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MIN_SIDE, MAX_SIDE = 16, 8192
@@ -42,8 +45,8 @@ def check_size(frame: np.ndarray, name: str) -> np.ndarray:
 def generate_frame(cfg, models, text_ids, frame: np.ndarray, described, action: str, key, *,
                    text_scale=None, image_scale=None, num_steps: int | None = None) -> np.ndarray:
   """One frame (H, W, 3) uint8, its VLLM output `described` and the action -> the LDM's frame
-  (S, S, 3) uint8 at the model's size S. `models`, `text_ids`: ldm.load_trained / ldm.TextIds of
-  the run the config describes (its text_source picks the description or the action); the
+  (S, S, 3) uint8 at the model's size S. `models`, `text_ids`: infer.ldm.load_trained /
+  lego_ldm.TextIds of the run the config describes (its text_source picks the description or the action); the
   sampler settings default to cfg.sampler's (run_batch)."""
   text = {"generated": described.description, "annotation": described.description,
           "action": action}[cfg.ldm_train.text_source]
@@ -53,17 +56,14 @@ def generate_frame(cfg, models, text_ids, frame: np.ndarray, described, action: 
       "h_img": described.h_img.astype(np.float32)[None],
       "h_txt": _pad(described.h_txt.astype(np.float32), cfg.conditioner.text_len)[None],
   }
-  decoded = generate_lib.run_batch(models, batch, text_ids.tokenize([text]), text_ids.empty(),
-                                   cfg, key, text_scale=text_scale, image_scale=image_scale,
-                                   num_steps=num_steps)
-  return generate_lib.to_uint8(np.asarray(decoded), cfg.sampler.output_norm)[0]
+  decoded = ldm_infer.run_batch(models, batch, text_ids.tokenize([text]), text_ids.empty(),
+                                cfg, key, text_scale=text_scale, image_scale=image_scale,
+                                num_steps=num_steps)
+  return ldm_infer.to_uint8(np.asarray(decoded), cfg.sampler.output_norm)[0]
 
 
 def generate_one(cfg, workdir: Path, image: str | None, action: str | None,
                  out: str | None) -> int:
-  from lego_jax.infer import extract
-  from lego_jax.train import ldm, vllm
-
   frame = check_frame(image)
   action = describe_lib.check_action(action)
   out_dir = Path(out) if out else Path(workdir) / "generated" / "single"
@@ -73,8 +73,8 @@ def generate_one(cfg, workdir: Path, image: str | None, action: str | None,
   described = describe_lib.describe(cfg, model, tok, frame, action, mesh)
   del model
 
-  models = ldm.load_trained(cfg, workdir, use_ema=cfg.sampler.use_ema)
-  gen = generate_frame(cfg, models, ldm.TextIds(cfg, workdir), frame, described, action,
+  models = ldm_infer.load_trained(cfg, workdir, use_ema=cfg.sampler.use_ema)
+  gen = generate_frame(cfg, models, lego_ldm.TextIds(cfg, workdir), frame, described, action,
                        jax.random.key(cfg.sampler.seed))
   h, w = frame.shape[:2]
   out_dir.mkdir(parents=True, exist_ok=True)

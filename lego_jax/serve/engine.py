@@ -25,11 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from lego_jax.errors import UserError
 from lego_jax.data import images, pipeline, records
 from lego_jax.data.prompts import human_turn
+from lego_jax.demo import BASELINE_DIR, baseline_config
+from lego_jax.errors import UserError
 from lego_jax.infer import describe as describe_lib
+from lego_jax.infer import extract
+from lego_jax.infer import ldm as ldm_infer
 from lego_jax.infer import single
+from lego_jax.models import lego_ldm
+from lego_jax.train import checkpoint as ckpt_lib
+from lego_jax.train import vllm
 
 MAX_UPLOAD_BYTES = 40 * 2**20
 MAX_ACTION_CHARS = 300
@@ -131,8 +137,6 @@ class Model:
 
 
 def model_paths(workdir: Path) -> dict[str, Path]:
-  from lego_jax.demo import BASELINE_DIR
-
   return {"VLLM": workdir / "checkpoints" / "vllm", "VAE": workdir / "checkpoints" / "vae",
           "LEGO LDM": workdir / "checkpoints" / "ldm",
           "baseline LDM": workdir / BASELINE_DIR / "checkpoints" / "ldm"}
@@ -141,8 +145,6 @@ def model_paths(workdir: Path) -> dict[str, Path]:
 def _finished(directory: Path) -> bool:
   if not directory.is_dir():
     return False
-  from lego_jax.train import checkpoint as ckpt_lib
-
   with ckpt_lib.Checkpointer(directory) as ckpt:
     return ckpt.latest_step() is not None
 
@@ -168,10 +170,6 @@ class Engine:
   """VLLM + LEGO LDM (+ the action-label-only baseline when WORKDIR has one), loaded once."""
 
   def __init__(self, cfg, workdir: Path, log: Callable[[str], None] = print):
-    from lego_jax.demo import BASELINE_DIR, baseline_config
-    from lego_jax.infer import extract
-    from lego_jax.train import ldm, vllm
-
     self.cfg, self.workdir = cfg, Path(workdir)
     self.image_size = int(cfg.data.image_size)
     self.compilations = CompileCounter()
@@ -179,14 +177,16 @@ class Engine:
     t0 = time.perf_counter()
     self.vllm, self.tok = vllm.load_trained(cfg, workdir, dtype=cfg.vllm_generate.compute_dtype,
                                             mesh=self.mesh)
-    self.ldms = [Model("LEGO", cfg, ldm.load_trained(cfg, workdir, use_ema=cfg.sampler.use_ema),
-                       ldm.TextIds(cfg, workdir))]
+    self.ldms = [Model("LEGO", cfg,
+                       ldm_infer.load_trained(cfg, workdir, use_ema=cfg.sampler.use_ema),
+                       lego_ldm.TextIds(cfg, workdir))]
     baseline_dir = self.workdir / BASELINE_DIR
     if _finished(model_paths(self.workdir)["baseline LDM"]):
       base_cfg = baseline_config(cfg, self.workdir)
       self.ldms.append(Model("action label only", base_cfg,
-                             ldm.load_trained(base_cfg, baseline_dir, use_ema=cfg.sampler.use_ema),
-                             ldm.TextIds(base_cfg, baseline_dir)))
+                             ldm_infer.load_trained(base_cfg, baseline_dir,
+                                                    use_ema=cfg.sampler.use_ema),
+                             lego_ldm.TextIds(base_cfg, baseline_dir)))
     log(f"serve: loaded {', '.join(['VLLM'] + [m.label for m in self.ldms])} in "
         f"{time.perf_counter() - t0:.0f} s")
     self.default_steps = int(cfg.sampler.num_steps)
@@ -212,8 +212,6 @@ class Engine:
 
   def check_prompt(self, action: str) -> None:
     """UserError when the action's prompt and the description would not fit the VLLM."""
-    from lego_jax.train import vllm
-
     n = len(vllm.prompt_ids(self.tok, human_turn(action), self.vllm.config.num_patches))
     limit = int(self.cfg.llama.max_position) - int(self.cfg.vllm_generate.max_new_tokens)
     if n > limit:

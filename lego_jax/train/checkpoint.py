@@ -104,8 +104,11 @@ class Checkpointer:
             config=ocp.args.JsonSave(config or {})),
         force=force)
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, Any]:
+  def restore(self, abstract_state: Any, step: int | None = None,
+              partial: bool = False) -> tuple[int, Any, Any]:
     """Restores (step, state, data_state); `abstract_state` carries the target shardings.
+    `partial`: `abstract_state` names a part of the saved state (e.g. the parameters without
+    the optimizer's moments), and only that part is read.
 
     Without `step`, the newest checkpoint that restores is used: a damaged one (a file missing,
     truncated or unreadable) is skipped with a one-line warning naming it and why, and listed in
@@ -121,11 +124,11 @@ class Checkpointer:
         restored = self.manager.restore(
             s,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=_restore_args(abstract_state, partial),
                 data=ocp.args.JsonRestore()))
         data = from_jsonable(restored["data"]["state"])
       except Exception as e:  # noqa: BLE001  (any failure is classified below)
-        misfit = self._misfit(s, abstract_state)
+        misfit = self._misfit(s, abstract_state, partial)
         if misfit is not None:
           raise CheckpointMismatchError(
               f"checkpoint {self.directory}/{s} does not fit the model of the current config "
@@ -149,7 +152,7 @@ class Checkpointer:
         + "; ".join(f"{d}: {r}" for d, r in self.damaged)
         + "): move the directory aside to start afresh, or restore it from a copy")
 
-  def _misfit(self, step: int, abstract_state: Any) -> str | None:
+  def _misfit(self, step: int, abstract_state: Any, partial: bool = False) -> str | None:
     """How the checkpoint's recorded arrays differ from `abstract_state`, or None when they fit
     (or the record itself is unreadable, which is damage)."""
     try:
@@ -161,7 +164,7 @@ class Checkpointer:
       return None
     wanted = _shapes(abstract_state)
     missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
+    extra = [] if partial else sorted(set(saved) - set(wanted))
     if missing or extra:
       return ("arrays " + ", ".join(missing[:3]) + " not in it" if missing else
               "it holds arrays " + ", ".join(extra[:3]) + " the model lacks")
@@ -211,6 +214,14 @@ class Checkpointer:
   def __exit__(self, *exc) -> bool:
     self.close()
     return False
+
+
+def _restore_args(abstract_state: Any, partial: bool):
+  if not partial:
+    return ocp.args.StandardRestore(abstract_state)
+  return ocp.args.PyTreeRestore(
+      item=abstract_state, partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:

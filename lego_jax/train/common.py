@@ -1,7 +1,10 @@
-"""Pieces every trainer shares: optimizer from config, freezing by regex, EMA, logging.
+"""Pieces every trainer shares: the train state's layout, optimizer from config, freezing by
+regex, EMA, logging.
 
 Trainers keep parameters as a plain pytree (from `nnx.split`) so that the step function is a pure
-function of (params, opt_state, batch, rng) that jits once with explicit shardings and donation.
+function of (state, batch, rng) that jits once with explicit shardings and donation. Every
+trainer's state is laid out by `make_state` (the checkpoints hold it as it is; the data
+iterator's state and the config are saved beside it, lego_jax/train/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
+
+from lego_jax.config import ConfigError
+from lego_jax.parallel import sharding
 
 
 def check_schedule(section: str, t, mesh, *, pairs: bool = False, epochs_allowed: bool = False) -> None:
@@ -25,8 +33,6 @@ def check_schedule(section: str, t, mesh, *, pairs: bool = False, epochs_allowed
   negative steps (-1 = epochs where `epochs_allowed`), or a batch that does not split evenly into
   grad_accum micro-batches over the mesh's batch devices (data x fsdp) and the hosts (`pairs`:
   the batch counts images, half input and half target frames, so it must also be even)."""
-  from lego_jax.config import ConfigError
-
   low = -1 if epochs_allowed else 0
   if int(t.num_steps) < low:
     raise ConfigError(f"{section}.num_steps={t.num_steps} is negative: give the number of steps "
@@ -44,6 +50,53 @@ def check_schedule(section: str, t, mesh, *, pairs: bool = False, epochs_allowed
         f"into grad_accum={accum} micro-batches over the {devices} device(s) of the mesh's batch "
         f"axes (data x fsdp) and {hosts} host(s); e.g. --config.{section}.batch_size="
         f"{max(unit, batch // unit * unit)}")
+
+
+def make_state(mesh, tx: optax.GradientTransformation, trained: Any, frozen: Any, *,
+               ema: bool = False, extra: dict[str, jax.Array] | None = None,
+               abstract: bool = False) -> tuple[dict, dict]:
+  """(state, shardings): the one train-state layout of every trainer, placed on `mesh`:
+
+    step       int32, updates applied (the loop's step count; non-finite steps are not counted)
+    nonfinite  int32, steps whose loss or gradients were not finite (left unapplied)
+    trained    the parameters the optimizer updates
+    frozen     every other variable of the models (frozen parameters, non-parameter state)
+    opt_state  `tx`'s state of `trained`
+    ema        (with `ema`) the exponential moving average of `trained`, starting as a copy
+    **extra    stage-specific arrays saved with the checkpoint (the LDM's latent scale),
+               replicated
+
+  Parameters and Adam's moments (which carry the parameters' logical names) shard by the one
+  rule table; the rest is replicated. `abstract`: ShapeDtypeStructs with those shardings
+  instead of arrays (restore and compile targets; nothing is allocated), from abstract or
+  concrete `trained` / `frozen` alike."""
+  replicated = NamedSharding(mesh, P())
+  opt_shapes = jax.eval_shape(tx.init, trained)
+  shardings = {"trained": sharding.state_shardings(mesh, trained),
+               "frozen": sharding.state_shardings(mesh, frozen),
+               "opt_state": sharding.state_shardings(mesh, opt_shapes)}
+  if ema:
+    shardings["ema"] = shardings["trained"]
+  scalars = {"step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32),
+             **(extra or {})}
+  shardings.update({k: replicated for k in scalars})
+  if abstract:
+    shapes = {"trained": trained, "frozen": frozen, "opt_state": opt_shapes, **scalars}
+    if ema:
+      shapes["ema"] = trained
+    state = {k: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), v, shardings[k])
+        for k, v in shapes.items()}
+    return state, shardings
+  state = jax.device_put({"trained": trained, "frozen": frozen},
+                         {"trained": shardings["trained"], "frozen": shardings["frozen"]})
+  # Explicit output shardings: left to jit, the step counts (which depend on no input) land on
+  # one device, off the mesh.
+  state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(state["trained"])
+  if ema:
+    state["ema"] = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(state["trained"])
+  state.update(jax.device_put(scalars, replicated))
+  return state, jax.tree.map(lambda x: x.sharding, state)
 
 
 class NonFiniteError(RuntimeError):
@@ -175,8 +228,6 @@ class MetricWriter:
     self._tb = None
     if self.enabled:
       self.logdir.mkdir(parents=True, exist_ok=True)
-      from tensorboardX import SummaryWriter
-
       path = self.logdir / "metrics.jsonl"
       purge = None
       if resume_step is not None and path.exists():

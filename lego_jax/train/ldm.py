@@ -1,4 +1,5 @@
-"""`lego-jax train-ldm`: LEGO's latent diffusion stage (paper Sec. 3.2; facts file "Stage 2").
+"""`lego-jax train-ldm`: LEGO's latent diffusion stage (Lai et al., ECCV 2024, arXiv 2312.03849,
+Sec. 3.2; its release github.com/BolinLai/LEGO, the latent diffusion training).
 
 Per example: input frame, target frame, text (the VLLM's generated description R by default),
 H_i and H_t (from `lego-jax extract`). In the step:
@@ -21,87 +22,60 @@ Ablations and baselines are the same trainer with switches: `text_source` ("gene
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
 
 from lego_jax.config import ConfigError
-from lego_jax.data import features as features_lib
 from lego_jax.data import images
 from lego_jax.data import pipeline
-from lego_jax.data.tokenizer import load_clip_tokenizer
+from lego_jax.infer import ldm as ldm_infer
 from lego_jax.infer.schedule import NoiseSchedule
-from lego_jax.models.clip_text import CLIPText, CLIPTextConfig
-from lego_jax.models.conditioner import Conditioner, ConditionerConfig
-from lego_jax.models.unet import UNet, UNetConfig
+from lego_jax.models import lego_ldm
+from lego_jax.models.lego_ldm import schedule_of
 from lego_jax.parallel import distributed, sharding
 from lego_jax.train import common, loop
-from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import ldm_cache
 from lego_jax.train import vae as vae_train
+from lego_jax.weights import checkpoints as ckpts
 
 # Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
 CONFIG_SECTIONS = ("data", "vae", "vae_train", "unet", "clip_text", "conditioner", "ldm_train",
                    "sampler", "mesh", "checkpoint", "seed")
 
 
-TEXT_SOURCES = ("generated", "annotation", "action")
-
-
-def uses_features(cfg) -> bool:
-  t = cfg.ldm_train
-  return t.use_image_embedding or t.use_text_embedding or t.text_source == "generated"
-
-
-def schedule_of(cfg) -> NoiseSchedule:
-  t = cfg.ldm_train
-  return NoiseSchedule(t.num_timesteps, t.beta_start, t.beta_end)
-
-
-def build_trainable(cfg, seed: int):
-  """UNet + conditioner at their initialisation (random; SD/LEGO weights are loaded after)."""
-  rngs = nnx.Rngs(seed)
-  unet = UNet(UNetConfig(**cfg.unet), rngs=rngs)
-  conditioner = Conditioner(ConditionerConfig(**cfg.conditioner), rngs=nnx.Rngs(seed + 23))
-  return unet, conditioner
-
-
-def build_text_encoder(cfg, seed: int) -> CLIPText:
-  return CLIPText(CLIPTextConfig(**cfg.clip_text), rngs=nnx.Rngs(seed + 7))
-
-
-def initialise(cfg, workdir: Path):
-  """(unet, conditioner, clip_text, vae) as the config's `init` says."""
+def initialise(cfg, workdir: Path) -> dict[str, nnx.Module]:
+  """{name: module} of lego_ldm.NAMES as the config's `init` says: random UNet and
+  conditioner with train-vae's VAE, or every weight from an SD-1.5 / LEGO file."""
   t = cfg.ldm_train
   if t.init == "random" and t.init_checkpoint:
     raise ConfigError(
         f"ldm_train.init_checkpoint={t.init_checkpoint!r} is read only with ldm_train.init=sd15 "
         "or lego (it says which weights the file holds); ldm_train.init='random' ignores it")
-  unet, conditioner = build_trainable(cfg, cfg.seed)
-  clip_text = build_text_encoder(cfg, cfg.seed)
+  modules = lego_ldm.build(cfg, cfg.seed, ("unet", "conditioner", "clip_text"))
+  unet, conditioner, clip_text = modules["unet"], modules["conditioner"], modules["clip_text"]
   if t.init == "random":
-    vae = vae_train.load_trained(cfg, workdir)
+    modules["vae"] = vae_train.load_trained(cfg, workdir)
   elif t.init in ("sd15", "lego"):
-    from lego_jax.weights import checkpoints as ckpts
-
     if not t.init_checkpoint:
       raise FileNotFoundError(
           f"ldm_train.init={t.init!r} needs --config.ldm_train.init_checkpoint: "
           + ckpts.WHERE_TO_GET[t.init])
-    vae = vae_train.build(cfg)
-    ckpts.load_ldm_single_file(t.init_checkpoint, unet=unet, vae=vae, clip_text=clip_text,
+    modules["vae"] = vae_train.build(cfg)
+    ckpts.load_ldm_single_file(t.init_checkpoint, unet=unet, vae=modules["vae"],
+                               clip_text=clip_text,
                                conditioner=conditioner if t.init == "lego" else None,
                                use_ema=t.init_use_ema, widen_from_sd=t.init == "sd15")
   else:
     raise ValueError(f"ldm_train.init={t.init!r}: one of random, sd15, lego")
-  return unet, conditioner, clip_text, vae
+  return modules
 
 
 def cfg_dropout(r: jax.Array, t) -> tuple[jax.Array, jax.Array]:
@@ -224,32 +198,25 @@ def ema_of(ema: dict, trained: dict, num_updates, decay: float, scope: str) -> d
   return new
 
 
-def init_state(cfg, workdir: Path, mesh):
+def init_state(cfg, workdir: Path, mesh, *, abstract: bool = False):
+  """(graphdefs, state, state_shardings, tx): the train state (common.make_state's layout, with
+  the EMA and the latent scale) placed on `mesh`. `abstract`: ShapeDtypeStructs with shardings
+  instead (plan's compile targets); nothing is initialised or read from disk."""
   t = cfg.ldm_train
-  if t.text_source not in TEXT_SOURCES:
-    raise ValueError(f"ldm_train.text_source={t.text_source!r}: one of {TEXT_SOURCES}")
-  unet, conditioner, clip_text, vae = initialise(cfg, workdir)
-  graphdefs, trained, frozen = {}, {}, {}
-  for name, module, trains in (("unet", unet, True), ("conditioner", conditioner, t.train_projections),
-                               ("vae", vae, False), ("clip_text", clip_text, False)):
-    graphdefs[name], params = nnx.split(module)
-    (trained if trains else frozen)[name] = params
+  lego_ldm.check(cfg)
+  if abstract:
+    graphdefs, params = lego_ldm.abstract(cfg)
+  else:
+    split = {n: nnx.split(m) for n, m in initialise(cfg, workdir).items()}
+    graphdefs, params = ({n: v[0] for n, v in split.items()}, {n: v[1] for n, v in split.items()})
+  trained_names = lego_ldm.trained_names(cfg)
+  trained = {n: params[n] for n in lego_ldm.NAMES if n in trained_names}
+  frozen = {n: params[n] for n in lego_ldm.NAMES if n not in trained_names}
   tx = common.adamw(trained, t.lr, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps)
-  replicated = NamedSharding(mesh, P())
-  trained = jax.device_put(trained, sharding.state_shardings(mesh, trained))
-  frozen = jax.device_put(frozen, sharding.state_shardings(mesh, frozen))
-  # Adam's moments carry the parameters' logical names: they shard exactly like them. Explicit:
-  # left to jit, the step counts (which depend on no input) land on one device, off the mesh.
-  opt_shardings = sharding.state_shardings(mesh, jax.eval_shape(tx.init, trained))
-  state = {"trained": trained, "frozen": frozen,
-           "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(trained),
-           "ema": jax.jit(lambda p: jax.tree.map(jnp.copy, p))(trained),
-           "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-           "nonfinite": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-           # Saved with the checkpoint: generation decodes with the factor training used.
-           "latent_scale": jax.device_put(jnp.asarray(cfg.vae.scaling_factor, jnp.float32),
-                                          replicated)}
-  shardings = jax.tree.map(lambda x: x.sharding, state)
+  # latent_scale is saved with the checkpoint: generation decodes with the factor training used.
+  state, shardings = common.make_state(
+      mesh, tx, trained, frozen, ema=True, abstract=abstract,
+      extra={"latent_scale": jnp.asarray(cfg.vae.scaling_factor, jnp.float32)})
   return graphdefs, state, shardings, tx
 
 
@@ -268,8 +235,6 @@ def scale_by_std(cfg, workdir: Path, graphdefs, frozen, num: int = 64) -> float:
     logvar = np.stack([r["target_logvar"] for r in rows]).astype(np.float64)
     z = mean + np.exp(0.5 * logvar) * np.random.default_rng(0).normal(size=mean.shape)
     return _inverse_std(float(np.std(z)), len(rows))
-  import grain
-
   loader = pipeline.pair_loader(
       pipeline.records_dir_of(cfg.data, workdir), "train", batch_size=num,
       image_size=cfg.data.image_size, vllm_image_size=None, shuffle=False, num_epochs=1,
@@ -293,72 +258,39 @@ def _inverse_std(value: float, num: int) -> float:
   return 1.0 / value
 
 
-def models_from(graphdefs, params: dict, latent_scale) -> tuple:
-  """(unet, conditioner, clip_text, vae) from split params; the VAE carries the latent scale
-  the LDM was trained with (as diffusers' vae.config.scaling_factor)."""
-  unet, conditioner, clip_text, vae = (nnx.merge(graphdefs[n], params[n])
-                                       for n in ("unet", "conditioner", "clip_text", "vae"))
-  vae.config = dataclasses.replace(vae.config, scaling_factor=float(latent_scale))
-  return unet, conditioner, clip_text, vae
-
-
-class TextIds:
-  """Host side: the chosen text of each example -> (B, 77) CLIP token ids."""
-
-  def __init__(self, cfg, workdir: Path):
-    self.tokenize = load_clip_tokenizer(cfg, workdir)
-    self.source = cfg.ldm_train.text_source
-    self.text_len = cfg.conditioner.text_len
-
-  def texts(self, batch: dict) -> list[str]:
-    key = {"generated": "generated", "annotation": "description", "action": "action"}[self.source]
-    return [str(s) for s in batch[key]]
-
-  def __call__(self, batch: dict) -> np.ndarray:
-    return self.tokenize(self.texts(batch))
-
-  def empty(self) -> np.ndarray:
-    return self.tokenize([""])
-
-
-def feature_extras(cfg, workdir: Path, split: str) -> tuple[dict, list]:
-  """The VLLM feature records zipped with the split's pairs, and their decoding operation."""
-  extras, ops = {}, []
-  if uses_features(cfg):
-    extras["features"] = features_lib.open_source(Path(workdir) / "features", split)
-    ops.append(features_lib.DecodeFeatures(cfg.conditioner.text_len))
-  return extras, ops
-
-
 def loader_for(cfg, workdir: Path, split: str, batch_size: int, train: bool,
                shard_options=None):
-  extras, ops = feature_extras(cfg, workdir, split)
-  views = ("ldm",)
+  """lego_ldm.loader_for, reading the frozen-encoder cache in training with `cache_frozen`."""
+  cache = None
   if train and cfg.ldm_train.cache_frozen:  # cached latents and text states replace the frames
-    extras["cache"] = ldm_cache.open_source(workdir, split)
-    ops.append(ldm_cache.DecodeCache())
-    views = ()
-  make = pipeline.train_pairs if train else pipeline.eval_pairs
-  return make(cfg, workdir, batch_size, split=split, views=views, extra_sources=extras,
-              extra_operations=ops, shard_options=shard_options)
+    cache = (ldm_cache.open_source(workdir, split), ldm_cache.DecodeCache())
+  return lego_ldm.loader_for(cfg, workdir, split, batch_size, train, shard_options, cache)
 
 
-def batch_arrays(cfg, batch: dict, text_ids: TextIds) -> dict:
-  """The numeric arrays one step needs (features zero-filled when the ablation drops them)."""
-  if "input_mean" in batch:  # ldm_train.cache_frozen: the frozen encoders' outputs
-    out = {k: batch[k] for k in ldm_cache.LATENTS + ("text",)}
-  else:
-    out = {"input": batch["input"], "target": batch["target"], "text_ids": text_ids(batch)}
-  b = len(out["text" if "text" in out else "text_ids"])
-  n_img = cfg.data.get("num_image_tokens", None)
-  if "h_img" in batch:
-    out["h_img"], out["h_txt"] = batch["h_img"], batch["h_txt"]
-  else:
-    dim = cfg.conditioner.llm_dim
-    n = (cfg.clip_vision.image_size // cfg.clip_vision.patch_size) ** 2 if n_img is None else n_img
-    out["h_img"] = np.zeros((b, n, dim), np.float32)
-    out["h_txt"] = np.zeros((b, cfg.conditioner.text_len, dim), np.float32)
-  return out
+def training_sample_callback(cfg, workdir: Path, graphdefs, num: int = 4):
+  """A train-ldm callback: every `sample_every` steps, EMA samples of `num` val frames as a PNG
+  (input | sample | target rows) under WORKDIR/samples/ and in TensorBoard."""
+  text_ids = lego_ldm.TextIds(cfg, workdir)
+  loader = lego_ldm.loader_for(cfg, workdir, "val", num, train=False)
+  arrays = lego_ldm.batch_arrays(cfg, next(iter(loader)), text_ids)
+  empty = text_ids.empty()
+  out_dir = Path(workdir) / "samples"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  writer = common.MetricWriter(Path(workdir) / "logs" / "ldm_samples")
+
+  def callback(step, state):
+    models = lego_ldm.models_from(graphdefs, dict(state["frozen"], **state["ema"]),
+                                  state["latent_scale"])
+    decoded = ldm_infer.run_batch(models, arrays, arrays["text_ids"], empty, cfg,
+                                  jax.random.key(cfg.sampler.seed))
+    gen = ldm_infer.to_uint8(np.asarray(decoded), cfg.sampler.output_norm)
+    inp, ref = ldm_infer.frames_uint8(arrays["input"]), ldm_infer.frames_uint8(arrays["target"])
+    rows = [[inp[i], gen[i], ref[i]] for i in range(len(gen))]
+    grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
+    Image.fromarray(grid).save(out_dir / f"step_{step:07d}.png")
+    writer.image(step, "samples/input|ema_sample|target", grid)
+
+  return callback
 
 
 def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = True):
@@ -366,7 +298,7 @@ def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = Tru
   mesh = sharding.make_mesh(cfg.mesh.shape)
   common.check_schedule("ldm_train", t, mesh)
   graphdefs, state, shardings, tx = init_state(cfg, workdir, mesh)
-  text_ids = TextIds(cfg, workdir)
+  text_ids = lego_ldm.TextIds(cfg, workdir)
   empty_ids = jnp.asarray(text_ids.empty())
   step = jax.jit(make_train_step(cfg, graphdefs, tx, schedule_of(cfg), empty_ids),
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),
@@ -390,32 +322,17 @@ def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = Tru
       global_batch=t.batch_size)
   every = None
   if samples and t.sample_every:
-    from lego_jax.infer.generate import training_sample_callback
-
     every = {t.sample_every: training_sample_callback(cfg, workdir, graphdefs)}
   with sharding.use_mesh(mesh):
     state = loop.run(
         name="ldm", workdir=workdir, config=cfg.to_dict(), state=state, state_shardings=shardings,
         step_fn=step, loader=loader,
-        batch_fn=lambda b: pipeline.to_global(batch_arrays(cfg, b, text_ids), mesh),
+        batch_fn=lambda b: pipeline.to_global(lego_ldm.batch_arrays(cfg, b, text_ids), mesh),
         num_steps=t.num_steps, seed=cfg.seed, log_every=t.log_every, ckpt_every=t.ckpt_every,
         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
         skip_nonfinite=t.skip_nonfinite, items_per_step=t.batch_size, every=every,
         stop_after=stop_after)
   return graphdefs, state
-
-
-def load_trained(cfg, workdir: Path, use_ema: bool = True):
-  """(unet, conditioner, clip_text, vae) from WORKDIR's latest train-ldm checkpoint."""
-  mesh = sharding.make_mesh(cfg.mesh.shape)
-  graphdefs, state, shardings, _ = init_state(cfg, workdir, mesh)
-  with ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "ldm") as ckpt:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(
-          f"no LDM checkpoint in {ckpt.directory}: run `lego-jax train-ldm` first")
-    _, state, _ = ckpt.restore(ckpt_lib.abstract_like(state, shardings))
-  params = dict(state["frozen"], **(state["ema"] if use_ema else state["trained"]))
-  return models_from(graphdefs, params, state["latent_scale"])
 
 
 def main(cfg, workdir: Path) -> int:

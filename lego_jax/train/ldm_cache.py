@@ -24,16 +24,18 @@ from pathlib import Path
 
 import grain
 import jax
-import jax.numpy as jnp
 import msgpack
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lego_jax.data import features as store
-from lego_jax.data import pipeline, records
+from lego_jax.data import images, pipeline, records
+from lego_jax.models import lego_ldm
 
 CACHE_DIR = "ldm_cache"
-LATENTS = ("input_mean", "target_mean", "target_logvar")
+LATENTS = lego_ldm.CACHED_LATENTS
 PART_SIZE = 256
 
 
@@ -78,10 +80,6 @@ def decode(blob: bytes) -> dict:
 
 def make_encoder(graphdefs):
   """jitted (frozen params, uint8 input, uint8 target, text ids, flip?) -> the cached arrays."""
-  from flax import nnx
-
-  from lego_jax.data import images
-
   def encode_frames(frozen, inputs, targets, ids, with_flips: bool):
     vae = nnx.merge(graphdefs["vae"], frozen["vae"])
     clip_text = nnx.merge(graphdefs["clip_text"], frozen["clip_text"])
@@ -156,9 +154,7 @@ def build(cfg, workdir: Path, graphdefs, frozen, text_ids, split: str = "train",
 def _batches(cfg, workdir, split, lo, hi, batch_size):
   """Ordered, unflipped batches of examples [lo, hi) of the split, made by the training
   pipeline's own operations (frames and texts exactly as a training step would see them)."""
-  from lego_jax.train.ldm import feature_extras
-
-  extras, extra_ops = feature_extras(cfg, workdir, split)
+  extras, extra_ops = lego_ldm.feature_extras(cfg, workdir, split)
   source = pipeline.ZippedSource(
       records.open_split(pipeline.records_dir_of(cfg.data, workdir), split, records.PAIRS), extras)
   ds = grain.MapDataset.source(source)[lo:hi]
@@ -174,8 +170,6 @@ def local_copy(tree):
 
   def fetch(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      from jax.experimental import multihost_utils
-
       x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
 
@@ -184,8 +178,6 @@ def local_copy(tree):
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices(name)
 
 

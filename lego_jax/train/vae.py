@@ -10,8 +10,6 @@ reconstructions.
 
 from __future__ import annotations
 
-import functools
-import json
 from pathlib import Path
 
 import jax
@@ -19,13 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from PIL import Image
 
 from lego_jax.data import images as images_lib
 from lego_jax.data import pipeline
-from lego_jax.models.vae import VAE, VAEConfig
+from lego_jax.models.vae import VAE, VAEConfig, load_vae
 from lego_jax.parallel import distributed, sharding
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import common, loop
+from lego_jax.weights import io as weights_io
 
 
 # Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
@@ -52,15 +52,15 @@ def vae_loss(model: VAE, images: jax.Array, rng: jax.Array, kl_weight: float, l2
 def make_train_step(graphdef, tx, kl_weight: float, l2_weight: float):
   def step(state, batch, rng):
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, state["rest"])
+      model = nnx.merge(graphdef, params, state["frozen"])
       return vae_loss(model, batch["images"], rng, kl_weight, l2_weight)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trained"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["trained"])
+    params = optax.apply_updates(state["trained"], updates)
     ok = common.all_finite(loss, grads)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = dict(state, params=keep(params, state["params"]),
+    new_state = dict(state, trained=keep(params, state["trained"]),
                      opt_state=keep(opt_state, state["opt_state"]),
                      step=state["step"] + 1, nonfinite=state["nonfinite"] + (1 - ok.astype(jnp.int32)))
     return new_state, aux
@@ -68,21 +68,22 @@ def make_train_step(graphdef, tx, kl_weight: float, l2_weight: float):
   return step
 
 
-def init_state(cfg, mesh):
-  """(graphdef, state, state_shardings, tx) with params placed on the mesh."""
+def init_state(cfg, mesh, *, abstract: bool = False):
+  """(graphdef, state, state_shardings, tx): common.make_state's layout, the VAE's parameters
+  trained, placed on `mesh`. `abstract`: ShapeDtypeStructs with shardings instead (restore and
+  compile targets); nothing is initialised or read from disk."""
   t = cfg.vae_train
-  model = build(cfg)
-  if t.init_checkpoint:
-    # Training starts from the given VAE (SD-1.5's, as the paper does), not from random weights.
-    load_init_checkpoint(model, t.init_checkpoint)
+  if abstract:
+    model = nnx.eval_shape(lambda: build(cfg))
+  else:
+    model = build(cfg)
+    if t.init_checkpoint:
+      # Training starts from the given VAE (SD-1.5's, as the paper does), not from random weights.
+      load_init_checkpoint(model, t.init_checkpoint)
   graphdef, params, rest = common.split_params(model)
   tx = common.adamw(params, common.learning_rate(t.lr, t.num_steps, t.warmup_ratio),
                     weight_decay=t.weight_decay)
-  state = {"params": params, "rest": rest, "opt_state": tx.init(params),
-           "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32)}
-  shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
-  shardings["params"] = sharding.state_shardings(mesh, params)
-  state = jax.device_put(state, shardings)
+  state, shardings = common.make_state(mesh, tx, params, rest, abstract=abstract)
   return graphdef, state, shardings, tx
 
 
@@ -118,34 +119,30 @@ def train(cfg, workdir: Path, stop_after: int | None = None):
 
 
 def load_init_checkpoint(model: VAE, path: str) -> VAE:
-  from lego_jax.models.vae import load_vae
-  from lego_jax.weights import io as weights_io
-
   return load_vae(model, weights_io.read_state_dict(path))
 
 
 def load_trained(cfg, workdir: Path) -> VAE:
-  """The VAE of WORKDIR's latest train-vae checkpoint; without one, cfg.vae_train.init_checkpoint
-  as it is (a VAE used untrained, e.g. SD-1.5's)."""
+  """The VAE of WORKDIR's latest train-vae checkpoint (its weights alone are read); without
+  one, cfg.vae_train.init_checkpoint as it is (a VAE used untrained, e.g. SD-1.5's)."""
   t = cfg.vae_train
   mesh = sharding.make_mesh(cfg.mesh.shape)
-  graphdef, state, shardings, _ = init_state(cfg, mesh)
   with ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "vae") as ckpt:
     if ckpt.latest_step() is None:
       if t.init_checkpoint:
-        return nnx.merge(graphdef, state["params"], state["rest"])
+        graphdef, state, _, _ = init_state(cfg, mesh)
+        return nnx.merge(graphdef, state["trained"], state["frozen"])
       raise FileNotFoundError(
           f"no VAE checkpoint in {ckpt.directory}: run `lego-jax train-vae` first, or set "
           "--config.vae_train.init_checkpoint to a diffusers/CompVis VAE file (SD-1.5's "
           "vae/diffusion_pytorch_model.safetensors from runwayml/stable-diffusion-v1-5)")
-    _, state, _ = ckpt.restore(ckpt_lib.abstract_like(state, shardings))
-  return nnx.merge(graphdef, state["params"], state["rest"])
+    graphdef, abstract, _, _ = init_state(cfg, mesh, abstract=True)
+    _, state, _ = ckpt.restore({k: abstract[k] for k in ("trained", "frozen")}, partial=True)
+  return nnx.merge(graphdef, state["trained"], state["frozen"])
 
 
 def reconstruction_check(cfg, workdir: Path, model: VAE, num: int = 16) -> dict:
   """PSNR of mode reconstructions on held-out frames, and a PNG: originals over reconstructions."""
-  from PIL import Image
-
   loader = pipeline.eval_pairs(cfg, workdir, num, split="val", views=("ldm",))
   batch = next(iter(loader))
   x = jnp.asarray(images_lib.frames_to_unit_range(batch["target"]))

@@ -1,4 +1,5 @@
-"""`lego-jax train-vllm`: LLaVA visual instruction tuning, LEGO's stage 1 (facts file "Stage 1").
+"""`lego-jax train-vllm`: LLaVA visual instruction tuning, LEGO's first stage (Lai et al., ECCV
+2024, arXiv 2312.03849; its release github.com/BolinLai/LEGO trains it with LLaVA's code).
 
 One training sequence per instruction record, LLaMA-2 chat template:
 
@@ -40,7 +41,6 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lego_jax.config import ConfigError
 from lego_jax.data import pipeline, records
@@ -51,6 +51,7 @@ from lego_jax.models.llava import Llava, LlavaConfig, load_llava
 from lego_jax.parallel import distributed, sharding
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train import common, loop
+from lego_jax.weights import io as weights_io
 
 # Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
 CONFIG_SECTIONS = ("data", "clip_vision", "llama", "llava", "vllm_train", "mesh", "checkpoint",
@@ -83,8 +84,6 @@ def initialise(cfg, *, dtype: str | None = None, remat: bool | None = None) -> L
   """The model training starts from: `init_checkpoint` (a LLaVA of any layout, its CLIP tower from
   the file or `vision_checkpoint`), else random (seed cfg.seed) with an optional CLIP tower."""
   t = cfg.vllm_train
-  from lego_jax.weights import io as weights_io
-
   config = llava_config(cfg, dtype=dtype, remat=remat)
   if t.init_checkpoint:
     # Abstract first: no random initialisation of 13B parameters that are overwritten anyway.
@@ -103,20 +102,21 @@ def param_path(path) -> str:
 
 
 def split_trainable(model: Llava, frozen: str):
-  """(graphdef, trained, frozen, rest) States; `frozen` is a regex over `param_path`s."""
+  """(graphdef, trained, frozen) States: `trained` the parameters whose `param_path` the regex
+  `frozen` does not match, `frozen` every other variable."""
   rx = re.compile(frozen) if frozen else None
 
   def is_frozen(path, value) -> bool:
     return rx is not None and isinstance(value, nnx.Param) and bool(rx.search(param_path(path)))
 
-  graphdef, frozen_state, trained, rest = nnx.split(model, is_frozen, nnx.Param, ...)
-  if rx is not None and not jax.tree.leaves(frozen_state):
+  graphdef, frozen_params, trained, rest = nnx.split(model, is_frozen, nnx.Param, ...)
+  if rx is not None and not jax.tree.leaves(frozen_params):
     tops = sorted({param_path(p).split("/")[0] for p, _ in nnx.to_flat_state(nnx.state(model))})
     raise ConfigError(f"vllm_train.frozen={frozen!r} matches no parameter (paths start with "
                      f"{tops}, e.g. 'vision/encoder/...'); use '' to train everything")
   if not jax.tree.leaves(trained):
     raise ConfigError(f"vllm_train.frozen={frozen!r} freezes every parameter: nothing to train")
-  return graphdef, trained, frozen_state, rest
+  return graphdef, trained, nnx.merge_state(frozen_params, rest)
 
 
 # --- examples ---------------------------------------------------------------------------------
@@ -243,8 +243,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
                     accum: int = 1, zero_image: bool = False):
   """The pure step (state, batch, rng) -> (state, metrics); jit it with the state shardings."""
 
-  def loss_fn(trained, frozen, rest, mb, total):
-    model = nnx.merge(graphdef, trained, frozen, rest)
+  def loss_fn(trained, frozen, mb, total):
+    model = nnx.merge(graphdef, trained, frozen)
     nll, _, correct = answer_nll(model, mb, zero_image)
     return nll / total, correct
 
@@ -255,9 +255,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     batch = dict(batch)
     truncated = jnp.sum(batch.pop("truncated")) if "truncated" in batch else jnp.float32(0)
     total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-    trained, frozen, rest = state["trained"], state["frozen"], state["rest"]
+    trained, frozen = state["trained"], state["frozen"]
     if accum == 1:
-      (loss, correct), grads = grad_fn(trained, frozen, rest, batch, total)
+      (loss, correct), grads = grad_fn(trained, frozen, batch, total)
     else:
       def body(carry, mb):
         # The parameters ride in the (unchanged) carry: NNX refuses to scan its layers over
@@ -269,7 +269,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
       zeros = (jax.tree.map(jnp.zeros_like, trained), jnp.float32(0), jnp.float32(0))
       (_, (grads, loss, correct)), _ = jax.lax.scan(
-          body, ((trained, frozen, rest), zeros), micro_batches(batch, accum))
+          body, ((trained, frozen), zeros), micro_batches(batch, accum))
     updates, opt_state = tx.update(grads, state["opt_state"], trained)
     new_trained = optax.apply_updates(trained, updates)
     ok = common.all_finite(loss, grads)
@@ -309,36 +309,19 @@ def make_optimizer(cfg, trained, num_steps: int):
 
 def init_state(cfg, mesh, num_steps: int, *, model: Llava | None = None, abstract: bool = False,
                dtype: str | None = None, remat: bool | None = None):
-  """(graphdef, state, state_shardings, tx, schedule) with the parameters placed on `mesh`.
-
-  state = {trained, frozen, rest, opt_state, step, nonfinite}. `abstract`: ShapeDtypeStructs
-  with shardings instead of arrays (restore targets; nothing is initialised or allocated).
-  """
+  """(graphdef, state, state_shardings, tx, schedule): common.make_state's layout, placed on
+  `mesh`. `abstract`: ShapeDtypeStructs with shardings instead of arrays (restore and compile
+  targets; nothing is initialised or allocated)."""
   t = cfg.vllm_train
   if abstract:
     config = llava_config(cfg, dtype=dtype, remat=remat)
     model = nnx.eval_shape(lambda: Llava(config, rngs=nnx.Rngs(cfg.seed)))
   elif model is None:
     model = initialise(cfg, dtype=dtype)
-  graphdef, trained, frozen, rest = split_trainable(model, t.frozen)
+  graphdef, trained, frozen = split_trainable(model, t.frozen)
   tx, schedule = make_optimizer(cfg, trained, num_steps)
-  replicated = NamedSharding(mesh, P())
-  parts = {"trained": trained, "frozen": frozen, "rest": rest}
-  part_shardings = {k: sharding.state_shardings(mesh, v) for k, v in parts.items()}
-  counters = {"step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32)}
-  # Adam's moments carry the parameters' logical names: they shard exactly like them.
-  opt_shardings = sharding.state_shardings(mesh, jax.eval_shape(tx.init, trained))
-  if abstract:
-    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    state = dict(jax.tree.map(with_sharding, parts, part_shardings),
-                 opt_state=jax.tree.map(with_sharding, jax.eval_shape(tx.init, trained),
-                                        opt_shardings),
-                 **{k: jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated) for k in counters})
-    return graphdef, state, jax.tree.map(lambda x: x.sharding, state), tx, schedule
-  placed = jax.device_put(parts, part_shardings)
-  state = dict(placed, opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(placed["trained"]),
-               **jax.device_put(counters, replicated))
-  return graphdef, state, jax.tree.map(lambda x: x.sharding, state), tx, schedule
+  state, shardings = common.make_state(mesh, tx, trained, frozen, abstract=abstract)
+  return graphdef, state, shardings, tx, schedule
 
 
 def check_config(cfg, mesh) -> None:
@@ -447,11 +430,10 @@ def load_trained(cfg, workdir: Path, *, dtype: str | None = None,
   if source.startswith("init_checkpoint"):
     graphdef, params = nnx.split(initialise(cfg, dtype=dtype, remat=False))
     return nnx.merge(graphdef, jax.device_put(params, sharding.state_shardings(mesh, params))), tok
-  graphdef, abstract, shardings, _, _ = init_state(cfg, mesh, 1, abstract=True, dtype=dtype,
-                                                   remat=False)
-  with checkpointer(workdir) as ckpt:
-    _, state, _ = ckpt.restore(abstract)
-  return nnx.merge(graphdef, state["trained"], state["frozen"], state["rest"]), tok
+  graphdef, abstract, _, _, _ = init_state(cfg, mesh, 1, abstract=True, dtype=dtype, remat=False)
+  with checkpointer(workdir) as ckpt:  # the weights alone: no optimizer state
+    _, state, _ = ckpt.restore({k: abstract[k] for k in ("trained", "frozen")}, partial=True)
+  return nnx.merge(graphdef, state["trained"], state["frozen"]), tok
 
 
 def main(cfg, workdir: Path) -> int:

@@ -117,15 +117,13 @@ def _random(make):
 
 @pytest.fixture(scope="module")
 def generated(release, tmp_path_factory):
-  from lego_jax.train import ldm
-  from lego_jax.train import vae as vae_train
+  from lego_jax.models import lego_ldm
 
   workdir = tmp_path_factory.mktemp("work")
   cfg = _cfg(release, workdir)
   prepare_lib.convert_release(cfg.data, workdir)
-  models = tuple(_random(make) for make in (
-      lambda: ldm.build_trainable(cfg, 0)[0], lambda: ldm.build_trainable(cfg, 0)[1],
-      lambda: ldm.build_text_encoder(cfg, 0), lambda: vae_train.build(cfg)))
+  models = tuple(_random(lambda name=name: lego_ldm.build(cfg, 0)[name])
+                 for name in lego_ldm.NAMES)
   out = workdir / "generated" / "run"
   res = generate.generate_split(cfg, workdir, "test", out, models=models, batch_size=4)
   assert res["num"] == 4

@@ -52,9 +52,9 @@ def test_vae_step_on_2x2x2_mesh_equals_one_device():
 
   np.testing.assert_allclose(losses_8, losses_1, rtol=1e-6)
   assert losses_1[1] != losses_1[0]  # the first step changed the parameters
-  flat_1 = dict(jax.tree_util.tree_leaves_with_path(state_1["params"]))
+  flat_1 = dict(jax.tree_util.tree_leaves_with_path(state_1["trained"]))
   split = {"fsdp": 0, "tensor": 0}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state_8["params"]):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state_8["trained"]):
     if NOISE_ONLY in jax.tree_util.keystr(path):
       continue
     np.testing.assert_allclose(np.asarray(leaf), np.asarray(flat_1[path]), rtol=1e-4, atol=2e-6,
@@ -66,4 +66,4 @@ def test_vae_step_on_2x2x2_mesh_equals_one_device():
         assert leaf.addressable_shards[0].data.size < leaf.size
   # FSDP over the model dimension and tensor parallelism over heads/MLP both happened.
   assert split["fsdp"] >= 10 and split["tensor"] >= 2, split
-  assert state_8["params"]["encoder"]["conv_in"]["kernel"].sharding.spec == P(None, None, None, "fsdp")
+  assert state_8["trained"]["encoder"]["conv_in"]["kernel"].sharding.spec == P(None, None, None, "fsdp")

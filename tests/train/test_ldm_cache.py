@@ -12,6 +12,8 @@ from lego_jax import config
 from lego_jax.data import images, prepare
 from lego_jax.infer.schedule import NoiseSchedule
 from lego_jax.models.vae import VAE, VAEConfig
+from lego_jax.infer import ldm as ldm_infer
+from lego_jax.models import lego_ldm
 from lego_jax.train import ldm, ldm_cache
 
 tfds.display_progress_bar(False)
@@ -38,7 +40,7 @@ def _cfg(**ldm_overrides):
 
 def _frozen(cfg, seed=0):
   vae = VAE(VAEConfig(**cfg.vae), rngs=nnx.Rngs(seed))
-  clip_text = ldm.build_text_encoder(cfg, seed)
+  clip_text = lego_ldm.build(cfg, seed)["clip_text"]
   graphdefs, frozen = {}, {}
   graphdefs["vae"], frozen["vae"] = nnx.split(vae)
   graphdefs["clip_text"], frozen["clip_text"] = nnx.split(clip_text)
@@ -51,7 +53,7 @@ def built(tmp_path_factory):
   cfg = _cfg()
   prepare.prepare(cfg, workdir)
   graphdefs, frozen = _frozen(cfg)
-  text_ids = ldm.TextIds(cfg, workdir)
+  text_ids = lego_ldm.TextIds(cfg, workdir)
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(ldm_cache, "PART_SIZE", 4)  # 3 parts: 4 + 4 + 2 records
     info = ldm_cache.build(cfg, workdir, graphdefs, frozen, text_ids, batch_size=3)
@@ -106,19 +108,19 @@ def test_training_batches_carry_the_flipped_or_plain_latents(built):
     for k in ldm_cache.LATENTS:
       np.testing.assert_array_equal(batch[k][row], stored[i][prefix + k])
     np.testing.assert_array_equal(batch["text"][row], stored[i]["text"])
-  arrays = ldm.batch_arrays(cfg, batch, None)
+  arrays = lego_ldm.batch_arrays(cfg, batch, None)
   assert sorted(arrays) == sorted(list(ldm_cache.LATENTS) + ["text", "h_img", "h_txt"])
 
 
 def test_cached_loss_equals_the_loss_computed_from_frames(built):
   cfg, workdir, graphdefs, frozen, text_ids, _ = built
-  unet, conditioner = ldm.build_trainable(cfg, 0)
+  unet, conditioner = (lego_ldm.build(cfg, 0)[n] for n in ("unet", "conditioner"))
   for name, module in (("unet", unet), ("conditioner", conditioner)):
     graphdefs[name], params = nnx.split(module)
     frozen = dict(frozen, **{name: params})
   trained = {k: frozen.pop(k) for k in ("unet", "conditioner")}
   batch = next(iter(ldm.loader_for(cfg, workdir, "train", 4, train=False)))
-  from_frames = ldm.batch_arrays(cfg, batch, text_ids)
+  from_frames = lego_ldm.batch_arrays(cfg, batch, text_ids)
   stored = _stored(workdir)
   cached = dict(from_frames)
   for k in ldm_cache.LATENTS + ("text",):
@@ -155,12 +157,12 @@ def test_scale_by_std_gives_unit_variance_latents_and_travels_with_the_vae(built
   from_cache = ldm.scale_by_std(cached, workdir, graphdefs, frozen, num=N)
   assert from_cache == pytest.approx(scale, rel=0.05) and from_cache != scale
 
-  unet, conditioner = ldm.build_trainable(cfg, 0)
+  unet, conditioner = (lego_ldm.build(cfg, 0)[n] for n in ("unet", "conditioner"))
   gd = dict(graphdefs)
   gd["unet"], p_unet = nnx.split(unet)
   gd["conditioner"], p_cond = nnx.split(conditioner)
   trained = {"unet": p_unet, "conditioner": p_cond}
-  batch = ldm.batch_arrays(cfg, next(iter(ldm.loader_for(cfg, workdir, "train", 4,
+  batch = lego_ldm.batch_arrays(cfg, next(iter(ldm.loader_for(cfg, workdir, "train", 4,
                                                         train=False))), text_ids)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(4))
 
@@ -175,7 +177,7 @@ def test_scale_by_std_gives_unit_variance_latents_and_travels_with_the_vae(built
   assert by_state == pytest.approx(loss(as_config), rel=1e-5)
   assert by_state != pytest.approx(loss(cfg), rel=1e-3)  # the factor matters
   params = dict(frozen, **trained)
-  vae = ldm.models_from(gd, params, jnp.float32(scale))[3]
+  vae = lego_ldm.models_from(gd, params, jnp.float32(scale))[3]
   assert vae.config.scaling_factor == pytest.approx(scale)
 
 
@@ -213,5 +215,6 @@ def test_missing_checkpoints_name_the_command_to_run(tmp_path):
   cfg = _cfg()
   with pytest.raises(FileNotFoundError, match="no VAE checkpoint .* run `lego-jax train-vae`"):
     vae_train.load_trained(cfg, tmp_path)
-  with pytest.raises(FileNotFoundError, match="no VAE checkpoint"):  # the LDM needs it first
-    ldm.load_trained(cfg, tmp_path)
+  # Generation reads the LDM's checkpoint alone (it holds the VAE's weights too).
+  with pytest.raises(FileNotFoundError, match="no LDM checkpoint .* run `lego-jax train-ldm`"):
+    ldm_infer.load_trained(cfg, tmp_path)

@@ -210,7 +210,7 @@ def test_bf16_compute_keeps_fp32_master_weights_and_opt_state():
   for dtype in ("float32", "bfloat16"):
     cfg = small_cfg(compute_dtype=dtype)
     graphdef, state, shardings, tx, schedule = vllm.init_state(cfg, mesh, 10)
-    assert nnx.merge(graphdef, state["trained"], state["frozen"], state["rest"]).lm.config.dtype \
+    assert nnx.merge(graphdef, state["trained"], state["frozen"]).lm.config.dtype \
         == jnp.dtype(dtype)
     step = jax.jit(vllm.make_train_step(graphdef, tx, schedule))
     with sharding.use_mesh(mesh):
