@@ -267,3 +267,52 @@ def test_every_checkpoint_damaged_through_the_cli_is_one_line_and_a_clean_exit(t
   assert lines[1].startswith(f"lego-jax train-vae: error: every checkpoint in {directory} is "
                              "damaged (1: ")
   assert (directory / "1").is_dir()  # nothing deleted
+
+
+def _can_mount_tmpfs() -> bool:
+  try:
+    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                          capture_output=True, timeout=30).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` and a tmpfs mount "
+                    "(user namespaces); tests/test_bad_input.py's in-process cases still run")
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_prepare_data_on_a_real_full_or_read_only_disk(tmp_path, fault):
+  """prepare-data on a real 1.2 MB tmpfs (it fills while the records are written: ArrayRecord
+  reports that as a RuntimeError's text) or on a read-only one, in a private mount namespace:
+  one line naming the file, exit 1, no staging directory left, the finished steps complete."""
+  mnt = tmp_path / "mnt"
+  mnt.mkdir()
+  work = mnt / "w"
+  cmd = (f"{sys.executable} -m lego_jax prepare-data --workdir={work} "
+         "--config.data.synthetic.num_train=16 --config.data.synthetic.num_val=4 "
+         "--config.data.synthetic.num_test=4")
+  setup = {"disk full": f"mount -t tmpfs -o size=1200k tmpfs {mnt}",
+           "read-only": f"mount -t tmpfs tmpfs {mnt} && mkdir {work} && echo kept > "
+                        f"{work}/notes.txt && mount -o remount,ro {mnt}"}[fault]
+  # After the command: what it left, listed before the namespace (and its tmpfs) goes.
+  script = (f"{setup} && {{ {cmd}; printf '\\nrc=%s\\n' $? >&2; cd {work} && find . | sort >&2; "
+            "cat notes.txt >&2 2>/dev/null; true; }")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  lines = [line for line in proc.stderr.replace("\r", "\n").splitlines()]
+  assert "rc=1" in lines and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in lines if line.startswith("lego-jax")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  reason = os.strerror(errno.ENOSPC if fault == "disk full" else errno.EROFS)
+  assert errors[0].startswith(f"lego-jax prepare-data: error: {work}")
+  assert errors[0].endswith(f": {reason} (--workdir must be a writable directory with free space)")
+  left = lines[lines.index("rc=1") + 1:]
+  assert not [p for p in left if "incomplete" in p], left  # no staging directory remains
+  if fault == "read-only":
+    assert left == [".", "./notes.txt", "kept"]  # nothing written, nothing lost
+  else:
+    # The disk filled while the records were written: the frames step finished, whole.
+    assert "./raw/lego_train.json" in left and "./raw/frames" in left
+    for kind in ("pairs", "instruct"):
+      done = f"./records/lego/{kind}/1.0.0"
+      assert (done in left) == (f"{done}/dataset_info.json" in left)  # a version dir is whole
