@@ -316,3 +316,15 @@ def test_prepare_data_on_a_real_full_or_read_only_disk(tmp_path, fault):
     for kind in ("pairs", "instruct"):
       done = f"./records/lego/{kind}/1.0.0"
       assert (done in left) == (f"{done}/dataset_info.json" in left)  # a version dir is whole
+
+
+@pytest.mark.parametrize("text", ['{"weight_map": ', '{"weight_map": {"a": 3}}'])
+def test_a_malformed_bin_index_is_one_named_error(tmp_path, text):
+  """The sharded PyTorch layout (pytorch_model.bin.index.json) as the safetensors one
+  (tests/weights/test_weight_faults.py): a WeightFileError naming the file, not a JSONDecodeError."""
+  from lego_jax.weights import io as weights_io
+
+  (tmp_path / "pytorch_model.bin.index.json").write_text(text)
+  with pytest.raises(weights_io.WeightFileError,
+                     match="pytorch_model.bin.index.json: not a weight index"):
+    weights_io.read_state_dict(tmp_path)
