@@ -499,7 +499,8 @@ def write_plots(workdir: Path, baseline_dir: Path, runs: dict[str, Path], exampl
       [[runs["lego"] / "inputs" / e["file"], runs["lego"] / "generated" / e["file"],
         runs["action_label"] / "generated" / e["file"], runs["lego"] / "reference" / e["file"]]
        for e in shown],
-      [f"{e['action']}  |  LEGO's VLLM: {e['description']}" for e in shown],
+      [{True: "seen  |  ", False: "held-out  |  "}.get(e["meta"].get("combination_seen"), "")
+       + f"{e['action']}  |  LEGO's VLLM: {e['description']}" for e in shown],
       ["input", "LEGO", "label only", "ground truth"], grid, upscale=4)
   plots["examples"] = str(grid.relative_to(workdir))
   return plots
@@ -517,8 +518,8 @@ def report_data(cfg, workdir: Path, runs: dict[str, Path], examples: list[dict],
                    rel(runs["lego"] / "reference" / e["file"])],
         "action": e["action"], "description": e["description"],
         "reference_description": e["reference_description"],
-        "id": e["id"] + {True: " (seen combination)", False: " (held-out combination)"}.get(
-            e["meta"].get("combination_seen"), "")})
+        "id": e["id"],
+        "split": {True: "seen", False: "held-out"}.get(e["meta"].get("combination_seen"))})
   return {
       "title": "lego-jax demo: LEGO on the embedded synthetic scenes",
       "config_name": cfg.name, "methods": METHODS, "headline": HEADLINE, "metrics": metrics,

@@ -185,3 +185,146 @@ def test_ldm_init_checkpoint_without_an_init_kind_is_refused(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="ldm_train.init_checkpoint='/x/sd15.safetensors'"
                      " is read only with ldm_train.init=sd15 or lego"):
     ldm.initialise(cfg, tmp_path)
+
+
+def test_a_failed_restore_lets_its_other_reads_finish_before_its_loop_closes():
+  """The Orbax shutdown race, modelled: a restore is a gather of reads that TensorStore finishes
+  in its own threads by calling back onto the restore's event loop. Orbax closes that loop as
+  soon as one read fails; a read finishing later then hits a closed loop ("Event loop is
+  closed", printed by TensorStore's thread, at times after our one-line message at exit)."""
+  import asyncio
+  import contextlib
+  import threading
+
+  from orbax.checkpoint._src import asyncio_utils
+
+  from lego_jax.train import checkpoint as ckpt_lib
+
+  late: list[str] = []
+  threads: list[threading.Thread] = []
+  release = threading.Event()
+
+  async def read(fail: bool, wait_s: float):
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def io():  # finishes in another thread, as TensorStore's reads do
+      if not fail:
+        release.wait(wait_s)
+      try:
+        loop.call_soon_threadsafe(done.set_result, None)
+      except RuntimeError as e:
+        late.append(str(e))
+
+    threads.append(threading.Thread(target=io))
+    threads[-1].start()
+    await done
+    if fail:
+      raise OSError("damaged array file")
+
+  for settle in (False, True):
+    late.clear()
+    release.clear()
+    # Orbax as it is: the other reads finish only after the failure reached us (released then).
+    # Settled: the restore itself waits for them (each ends after 0.5 s on its own).
+    wait_s = 0.5 if settle else 60.0
+
+    async def restore():
+      await asyncio.gather(read(True, wait_s), read(False, wait_s), read(False, wait_s))
+
+    with ckpt_lib._reads_settle_on_failure() if settle else contextlib.nullcontext():
+      with pytest.raises(OSError, match="damaged array file"):
+        asyncio_utils.run_sync(restore())
+    release.set()
+    for t in threads:
+      t.join()
+    assert late == ([] if settle else ["Event loop is closed"] * 2)
+
+
+def test_every_checkpoint_damaged_through_the_cli_is_one_line_and_a_clean_exit(tmp_path):
+  """train-vae on a workdir whose only checkpoint lost its array files: the warning naming it,
+  the one-line error, exit 1, and nothing after it (no traceback from threads at exit)."""
+  from lego_jax.train import checkpoint as ckpt_lib
+
+  cfg = _small_vae_cfg()
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  _, state, _, _ = vae_train.init_state(cfg, mesh)
+  directory = tmp_path / "checkpoints" / "vae"
+  with ckpt_lib.Checkpointer(directory) as ckpt:
+    ckpt.save(1, state, None, {}, force=True)
+  for f in (directory / "1" / "state" / "ocdbt.process_0" / "d").iterdir():
+    f.unlink()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-m", "lego_jax", "train-vae", f"--workdir={tmp_path}",
+                         *SMALL_VAE], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 2, proc.stderr[-3000:]
+  assert lines[0].startswith(f"lego-jax: checkpoint {directory}/1 is damaged (")
+  assert lines[0].endswith("; no older one")
+  assert lines[1].startswith(f"lego-jax train-vae: error: every checkpoint in {directory} is "
+                             "damaged (1: ")
+  assert (directory / "1").is_dir()  # nothing deleted
+
+
+def _can_mount_tmpfs() -> bool:
+  try:
+    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                          capture_output=True, timeout=30).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` and a tmpfs mount "
+                    "(user namespaces); tests/test_bad_input.py's in-process cases still run")
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_prepare_data_on_a_real_full_or_read_only_disk(tmp_path, fault):
+  """prepare-data on a real 1.2 MB tmpfs (it fills while the records are written: ArrayRecord
+  reports that as a RuntimeError's text) or on a read-only one, in a private mount namespace:
+  one line naming the file, exit 1, no staging directory left, the finished steps complete."""
+  mnt = tmp_path / "mnt"
+  mnt.mkdir()
+  work = mnt / "w"
+  cmd = (f"{sys.executable} -m lego_jax prepare-data --workdir={work} "
+         "--config.data.synthetic.num_train=16 --config.data.synthetic.num_val=4 "
+         "--config.data.synthetic.num_test=4")
+  setup = {"disk full": f"mount -t tmpfs -o size=1200k tmpfs {mnt}",
+           "read-only": f"mount -t tmpfs tmpfs {mnt} && mkdir {work} && echo kept > "
+                        f"{work}/notes.txt && mount -o remount,ro {mnt}"}[fault]
+  # After the command: what it left, listed before the namespace (and its tmpfs) goes.
+  script = (f"{setup} && {{ {cmd}; printf '\\nrc=%s\\n' $? >&2; cd {work} && find . | sort >&2; "
+            "cat notes.txt >&2 2>/dev/null; true; }")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  lines = [line for line in proc.stderr.replace("\r", "\n").splitlines()]
+  assert "rc=1" in lines and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in lines if line.startswith("lego-jax")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  reason = os.strerror(errno.ENOSPC if fault == "disk full" else errno.EROFS)
+  assert errors[0].startswith(f"lego-jax prepare-data: error: {work}")
+  assert errors[0].endswith(f": {reason} (--workdir must be a writable directory with free space)")
+  left = lines[lines.index("rc=1") + 1:]
+  assert not [p for p in left if "incomplete" in p], left  # no staging directory remains
+  if fault == "read-only":
+    assert left == [".", "./notes.txt", "kept"]  # nothing written, nothing lost
+  else:
+    # The disk filled while the records were written: the frames step finished, whole.
+    assert "./raw/lego_train.json" in left and "./raw/frames" in left
+    for kind in ("pairs", "instruct"):
+      done = f"./records/lego/{kind}/1.0.0"
+      assert (done in left) == (f"{done}/dataset_info.json" in left)  # a version dir is whole
+
+
+@pytest.mark.parametrize("text", ['{"weight_map": ', '{"weight_map": {"a": 3}}'])
+def test_a_malformed_bin_index_is_one_named_error(tmp_path, text):
+  """The sharded PyTorch layout (pytorch_model.bin.index.json) as the safetensors one
+  (tests/weights/test_weight_faults.py): a WeightFileError naming the file, not a JSONDecodeError."""
+  from lego_jax.weights import io as weights_io
+
+  (tmp_path / "pytorch_model.bin.index.json").write_text(text)
+  with pytest.raises(weights_io.WeightFileError,
+                     match="pytorch_model.bin.index.json: not a weight index"):
+    weights_io.read_state_dict(tmp_path)

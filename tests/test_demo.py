@@ -135,3 +135,81 @@ def test_outcome_respects_the_metric_direction():
   assert report.outcome(+1.0, higher_better=False) == "loses"
   assert report.outcome(-0.2, higher_better=False) == "wins"
   assert report.outcome(0.0, higher_better=True) == "ties"
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium, as tests/test_serve.py drives it
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _browser_missing() -> str | None:
+  import importlib.util
+
+  if importlib.util.find_spec("playwright") is None:
+    return "playwright is not installed (launch/test.sh installs it)"
+  if not os.access(CHROMIUM, os.X_OK):
+    return f"{CHROMIUM} is missing (launch/test.sh installs Debian's chromium when run as root)"
+  return None
+
+
+def test_report_renders_in_headless_chromium(demo_run):
+  """report.html as a person sees it: every image loads, the frames are 4x their size drawn
+  nearest, the VLLM's description sits under each LEGO frame; the screenshot is kept in the
+  workdir (report/report_chromium.png)."""
+  missing = _browser_missing()
+  if missing:
+    pytest.skip(missing)
+  import tempfile
+
+  from playwright.sync_api import sync_playwright
+
+  workdir, _ = demo_run
+  shot = workdir / "report" / "report_chromium.png"
+  with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+    context = p.chromium.launch_persistent_context(
+        profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+        viewport={"width": 1400, "height": 900})
+    try:
+      page = context.new_page()
+      page.goto((workdir / "report.html").as_uri(), wait_until="load")
+      images = page.eval_on_selector_all("img", """els => els.map(e => ({
+          src: e.getAttribute('src'), complete: e.complete, w: e.naturalWidth,
+          h: e.naturalHeight, cw: e.clientWidth, ch: e.clientHeight, frame: e.className === 'frame',
+          rendering: getComputedStyle(e).imageRendering}))""")
+      rows = page.eval_on_selector_all("table.examples tr.example", """rows => rows.map(r =>
+          Array.from(r.querySelectorAll('td')).map(td => {
+            const c = td.querySelector('.caption'); return c ? c.innerText : null; }))""")
+      page.screenshot(path=str(shot), full_page=True)
+    finally:
+      context.close()
+  assert len(images) == 8 * 4 + 3  # 8 examples x 4 frames, 3 loss curves
+  for im in images:
+    assert im["complete"] and im["w"] > 0 and im["h"] > 0, im  # loaded and decoded
+  frames = [im for im in images if im["frame"]]
+  assert len(frames) == 8 * 4
+  for im in frames:
+    assert (im["w"], im["h"]) == (64, 64), im
+    assert (im["cw"], im["ch"]) == (4 * im["w"], 4 * im["h"]) and im["rendering"] == "pixelated"
+  # Columns: input, LEGO, action label only, ground truth (+ the action cell, no caption).
+  generated = json.loads((workdir / "generated" / "lego" / "generated.json").read_text())
+  assert len(rows) == 8
+  for cells, entry in zip(rows, generated):
+    assert cells[1] == f"the VLLM: {entry['description']}".strip(), (cells, entry)
+    assert cells[0] is None and cells[2] is None and cells[3].startswith("ground truth: ")
+  with Image.open(shot) as im:
+    assert im.width >= 1100 and im.height > 2000  # the whole page
+
+
+def test_report_marks_seen_and_held_out_examples(tmp_path):
+  Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+  data = {"columns": ["input", "LEGO", "ground truth"], "rows": [
+      {"images": ["a.png"] * 3, "action": f"act {k}", "id": f"ex{k}", "description": f"d{k}",
+       "reference_description": f"r{k}", "split": split}
+      for k, split in enumerate(["seen", "held-out", None])]}
+  page = report._examples_table(data, tmp_path)
+  assert page.count("<div class='split seen'>seen combination</div>") == 1
+  assert page.count("<div class='split held-out'>held-out combination</div>") == 1
+  assert page.count("class='split") == 2  # no mark where the data holds nothing out
+  assert page.count('style="width:128px;height:128px"') == 9  # 4x a 32-px frame
+  assert "<div class='caption'>the VLLM: d1</div>" in page
+  assert "<div class='caption'>ground truth: r2</div>" in page

@@ -17,9 +17,13 @@ workers on the 2-core machine, `python -m lego_jax.bench.data_pipeline`).
 A `grain.DataLoader` runs it: seeded shuffling, one shard per host (ShardOptions by process
 index/count), `worker_count` worker processes, and an iterator whose `get_state()` /
 `set_state()` resume the exact sequence (with the same worker_count: each worker batches its own
-share of the records). `to_global` turns a host's batch into global jax.Arrays. With workers,
-drop the iterator and the batches before the program ends: Grain hands batches over in shared
-memory that is unlinked when they are garbage-collected.
+share of the records). `to_global` turns a host's batch into global jax.Arrays.
+With workers, Grain hands each batch over in POSIX shared memory that it unlinks only when the
+batch is garbage-collected, on a background thread: batches alive at exit (or freed just before
+it) and the batches still queued in an iterator nobody closed were left to multiprocessing's
+resource tracker ("There appear to be N leaked shared_memory objects" at the end of the demo).
+So the loaders here unlink each batch's blocks as it arrives (the mapping stays valid until the
+arrays go; nothing is copied) and their iterators close: `close()`, `with`, or when exhausted.
 
 Batch (per host) of the pair pipeline, B = batch size, S = image_size, V = vllm_image_size:
   input, target  (B, S, S, 3) uint8                   mask       (B, S, S, 1) bool (action pixels)
@@ -32,7 +36,9 @@ The instruction pipeline gives clip_image (B, V, V, 3), prompt, answer, id, inde
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import weakref
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -199,10 +205,94 @@ def host_shard_options() -> grain.sharding.ShardOptions:
                                      shard_count=jax.process_count(), drop_remainder=True)
 
 
+def _own_shared_memory(batch):
+  """Unlinks the shared-memory blocks a worker handed `batch` over in (see module doc): the name
+  goes (and with it the resource tracker's record), the mapping stays until the arrays are freed.
+  Grain would unlink them on a thread when the arrays are collected, which an exiting process
+  does not wait for."""
+  from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+  for leaf in jax.tree.leaves(batch):
+    if isinstance(leaf, SharedMemoryArray) and leaf._unlink_on_del:  # noqa: SLF001
+      leaf._unlink_on_del = False  # noqa: SLF001  (Grain's __del__ then only unmaps it)
+      leaf.shm.unlink()
+  return batch
+
+
+class BatchIterator:
+  """A Grain DataLoader iterator (get_state / set_state resume it) whose batches own no shared
+  memory name, and which stops its worker processes on `close()`, at the end of a `with` block,
+  or when exhausted, emptying their queues (Grain would leave them to the garbage collector)."""
+
+  def __init__(self, iterator):
+    self._iterator = iterator
+    _LIVE.add(self)
+
+  def __iter__(self) -> "BatchIterator":
+    return self
+
+  def __next__(self):
+    if self._iterator is None:
+      raise ValueError("this data iterator is closed")
+    try:
+      return _own_shared_memory(next(self._iterator))
+    except StopIteration:
+      self.close()
+      raise
+
+  def get_state(self):
+    return self._iterator.get_state()
+
+  def set_state(self, state) -> None:
+    self._iterator.set_state(state)
+
+  def close(self) -> None:
+    inner = getattr(self._iterator, "_iterator", None)  # the DataLoaderIterator's dataset iterator
+    if inner is not None and hasattr(inner, "close"):
+      inner.close()
+    # Dropped now, not at interpreter teardown, where Grain's __del__ finds its modules gone and
+    # prints a traceback.
+    self._iterator = None
+
+  def __enter__(self) -> "BatchIterator":
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    self.close()
+    return False
+
+
+_LIVE: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  # An iterator still open at exit (held by a caller to the end) is closed before
+  # multiprocessing's own exit handler (registered earlier, so run later) ends the workers with
+  # their queues full.
+  for it in list(_LIVE):
+    it.close()
+
+
+class DataLoader(grain.DataLoader):
+  """grain.DataLoader whose iterators are BatchIterators."""
+
+  def __iter__(self) -> BatchIterator:
+    return BatchIterator(super().__iter__())
+
+
+def close_iterator(iterator) -> None:
+  """Stops the workers of a loader iterator (a BatchIterator, or one that holds several in
+  `.iterators`, as distributed.ShardedIterator does); anything else is left as it is."""
+  for it in getattr(iterator, "iterators", None) or [iterator]:
+    if hasattr(it, "close"):
+      it.close()
+
+
 def make_loader(source, operations: Sequence, *, batch_size: int, seed: int, shuffle: bool,
                 num_epochs: int | None, shard_options: grain.sharding.ShardOptions | None = None,
                 worker_count: int = 0, drop_remainder: bool = True,
-                read_threads: int = 2) -> grain.DataLoader:
+                read_threads: int = 2) -> DataLoader:
   """The common DataLoader: sampler (shuffle, epochs, host shard) + operations + Batch."""
   ensure_flags_parsed()
   if batch_size < 1:
@@ -212,7 +302,7 @@ def make_loader(source, operations: Sequence, *, batch_size: int, seed: int, shu
       num_records=len(source), shard_options=shard_options, shuffle=shuffle,
       num_epochs=num_epochs, seed=int(seed) % (2**32))
   ops = list(operations) + [grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)]
-  return grain.DataLoader(
+  return DataLoader(
       data_source=source, sampler=sampler, operations=ops, worker_count=worker_count,
       shard_options=shard_options,
       read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))

@@ -11,8 +11,12 @@ its complete output (from the same inputs) is already there: re-running is cheap
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 from absl import logging
@@ -312,5 +316,34 @@ def main(cfg, workdir: Path) -> int:
     summary = prepare(cfg, workdir)
   except (ConversionError, DataConfigError, tokenizer.TokenizerError, FileExistsError) as e:
     raise UserError(str(e)) from None
+  except (OSError, RuntimeError) as e:
+    full = _disk_error(e, workdir)
+    if full is None:
+      raise
+    # What was being written lies in a step's staging directory; the finished steps stay. The
+    # staging directories go, so the space comes back (a re-run would replace them anyway).
+    for staging in Path(workdir).glob("*.incomplete"):
+      shutil.rmtree(staging, ignore_errors=True)
+    raise full from None
   _print_summary(summary)
   return 0
+
+
+# What the writers say when the disk refuses: ArrayRecord / Riegeli give only a RuntimeError's
+# text ("write() failed: No space left on device; writing PATH; at byte N").
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _disk_error(e: BaseException, workdir: Path) -> OSError | None:
+  """A full or read-only disk met while writing, as an OSError naming the file (or the workdir),
+  which the CLI reports in one line with exit 1; None for any other error."""
+  if isinstance(e, OSError):
+    if e.errno not in _DISK_ERRNOS:
+      return None
+    return e if e.filename else OSError(e.errno, e.strerror, str(workdir))
+  text = str(e)
+  for code in _DISK_ERRNOS:
+    if os.strerror(code) in text:
+      where = re.search(r"writing (\S+?);", text)
+      return OSError(code, os.strerror(code), where.group(1) if where else str(workdir))
+  return None

@@ -155,7 +155,7 @@ def example_grid_png(rows: Sequence[Sequence[Path]], captions: Sequence[str],
 
 _CSS = """
 body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 2em auto;
-       max-width: 1100px; color: #222; line-height: 1.45; }
+       max-width: 1320px; color: #222; line-height: 1.45; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.8em 0; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
@@ -163,6 +163,11 @@ th { background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.win { background: #e3f4e1; } td.loss { background: #fbe3e1; }
 img.frame { width: 256px; height: 256px; image-rendering: pixelated; display: block; }
+.caption { max-width: 256px; font-size: 0.85em; margin-top: 3px; }
+.split { display: inline-block; font-size: 0.8em; font-weight: bold; padding: 1px 6px;
+         border-radius: 3px; margin-bottom: 4px; }
+.split.seen { background: #dde8f6; color: #1f4e8c; }
+.split.held-out { background: #fde7c8; color: #8a4b00; }
 .small { font-size: 0.88em; color: #555; }
 .plots img { max-width: 100%; margin: 0.3em 0; border: 1px solid #ddd; }
 """
@@ -276,16 +281,48 @@ def _combination_table(split: dict, headline) -> str:
           + "\n".join(rows) + "</table>")
 
 
-def _examples_table(data: dict) -> str:
-  head = "".join(f"<th>{_e(c)}</th>" for c in data["columns"])
-  rows = [f"<tr>{head}<th>action</th><th>description the VLLM wrote (and the ground truth's)</th></tr>"]
+def _frame_style(page_dir: Path | None, src: str, upscale: int) -> str:
+  """The frame's size on the page: `upscale` x its own, drawn nearest (CSS pixelated), so a
+  64-px frame shows as 256 px of sharp pixels; the CSS default when the file cannot be read."""
+  if page_dir is None:
+    return ""
+  try:
+    with Image.open(page_dir / src) as im:
+      w, h = im.size
+  except OSError:
+    return ""
+  return f' style="width:{w * upscale}px;height:{h * upscale}px"'
+
+
+SPLIT_LABELS = {"seen": "seen combination", "held-out": "held-out combination"}
+
+
+def _examples_table(data: dict, page_dir: Path | None = None) -> str:
+  """One row per example: the frames at `upscale` (4x) nearest, the VLLM's description under
+  the LEGO frame and the ground truth's under the ground-truth frame, the action, and whether
+  the example's verb-kind combination was among the LDM's training pairs (row["split"]:
+  "seen" / "held-out", marked when the data has held-out combinations)."""
+  columns = data["columns"]
+  upscale = int(data.get("upscale", 4))
+  under = {data.get("described_column", "LEGO"): ("description", "the VLLM: "),
+           data.get("reference_column", "ground truth"): ("reference_description",
+                                                          "ground truth: ")}
+  head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+  rows = [f"<tr>{head}<th>action</th></tr>"]
   for r in data["rows"]:
-    imgs = "".join(f'<td><img class="frame" src="{_e(p)}" alt="{_e(c)}"></td>'
-                   for p, c in zip(r["images"], data["columns"]))
-    rows.append(f"<tr>{imgs}<td>{_e(r['action'])}<div class='small'>{_e(r['id'])}</div></td>"
-                f"<td>{_e(r['description'])}<div class='small'>ground truth: "
-                f"{_e(r['reference_description'])}</div></td></tr>")
-  return "<table>" + "\n".join(rows) + "</table>"
+    cells = []
+    for p, c in zip(r["images"], columns):
+      key, prefix = under.get(c, (None, ""))
+      caption = (f"<div class='caption'>{_e(prefix)}{_e(r[key])}</div>"
+                 if key and r.get(key) else "")
+      cells.append(f'<td><img class="frame" src="{_e(p)}" alt="{_e(c)}"'
+                   f'{_frame_style(page_dir, p, upscale)}>{caption}</td>')
+    split = r.get("split")
+    badge = (f"<div class='split {_e(split)}'>{_e(SPLIT_LABELS[split])}</div>"
+             if split in SPLIT_LABELS else "")
+    rows.append(f"<tr class='example'>{''.join(cells)}<td>{badge}{_e(r['action'])}"
+                f"<div class='small'>{_e(r['id'])}</div></td></tr>")
+  return "<table class='examples'>" + "\n".join(rows) + "</table>"
 
 
 def _kv_table(rows: Sequence[tuple[str, str]]) -> str:
@@ -334,7 +371,7 @@ def write_html(path: str | Path, data: dict) -> Path:
   if data["plots"].get("examples"):
     parts.append(f"<p class='small'>Also as one PNG: <a href='{_e(data['plots']['examples'])}'>"
                  f"{_e(data['plots']['examples'])}</a>.</p>")
-  parts.append(_examples_table(data))
+  parts.append(_examples_table(data, Path(path).parent))
   curves = [(k, v) for k, v in data["plots"].items() if k != "examples"]
   if curves:
     parts.append("<h2>Loss curves</h2><div class='plots'>" + "".join(

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -62,6 +64,47 @@ def _quiet_abandoned_reads() -> None:
 
   hook._lego_jax = True
   sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _reads_settle_on_failure():
+  """Within it, an Orbax operation that fails waits for its other reads before its event loop
+  closes.
+
+  Orbax runs each restore on a fresh event loop that it closes as soon as the first array read
+  fails, with the reads of the other arrays still in flight in TensorStore's threads. Each of
+  those then completes onto the closed loop: "RuntimeError: Event loop is closed" printed from
+  TensorStore's thread, or, collected later (often at exit), a page of "Exception ignored" per
+  abandoned coroutine, after our one-line message. Here the loop first lets every task it
+  started finish (a damaged checkpoint's reads end, in error or not), then closes. Only the
+  failure path changes; Orbax versions without this private function are left as they are."""
+  from orbax.checkpoint._src import asyncio_utils
+
+  original = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
+  if original is None:
+    yield
+    return
+
+  def run_settled(coro):
+    loop = asyncio.new_event_loop()
+    try:
+      asyncio.set_event_loop(loop)
+      try:
+        return loop.run_until_complete(coro)
+      except BaseException:
+        pending = asyncio.all_tasks(loop)
+        if pending:
+          loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        raise
+    finally:
+      asyncio.set_event_loop(None)
+      loop.close()
+
+  asyncio_utils._run_sync_via_new_loop = run_settled  # noqa: SLF001
+  try:
+    yield
+  finally:
+    asyncio_utils._run_sync_via_new_loop = original  # noqa: SLF001
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -121,11 +164,12 @@ class Checkpointer:
     self.damaged = []
     for s in steps:
       try:
-        restored = self.manager.restore(
-            s,
-            args=ocp.args.Composite(
-                state=_restore_args(abstract_state, partial),
-                data=ocp.args.JsonRestore()))
+        with _reads_settle_on_failure():
+          restored = self.manager.restore(
+              s,
+              args=ocp.args.Composite(
+                  state=_restore_args(abstract_state, partial),
+                  data=ocp.args.JsonRestore()))
         data = from_jsonable(restored["data"]["state"])
       except Exception as e:  # noqa: BLE001  (any failure is classified below)
         misfit = self._misfit(s, abstract_state, partial)

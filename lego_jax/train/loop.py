@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from lego_jax.data import pipeline
 from lego_jax.parallel import distributed
 from lego_jax.train import checkpoint as ckpt_lib
 from lego_jax.train.checkpoint import Preempted
@@ -56,6 +57,7 @@ def run(*, name: str, workdir: str | Path, config: dict, state: Any, state_shard
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints" / name, keep=keep, async_save=async_save)
   start = 0
   data_state = None
+  iterator = None
   try:
     if ckpt.latest_step() is not None:
       abstract = ckpt_lib.abstract_like(state, state_shardings)
@@ -70,6 +72,8 @@ def run(*, name: str, workdir: str | Path, config: dict, state: Any, state_shard
       except ValueError as e:
         raise ckpt_lib.CheckpointMismatchError(_data_state_mismatch(e, name, start, ckpt)) from None
   except BaseException:
+    if iterator is not None:
+      pipeline.close_iterator(iterator)
     ckpt.close()
     raise
   # One history: the metrics of steps after the restored one (written by the run that was cut
@@ -130,6 +134,9 @@ def run(*, name: str, workdir: str | Path, config: dict, state: Any, state_shard
           break
     finally:
       bar.close()
+      # The data workers stop and their queued batches are unlinked before anything else ends
+      # (pipeline's module doc); the checkpoint manager's threads are joined.
+      pipeline.close_iterator(iterator)
       ckpt.close()
       writer.close()
   if preempted and step < num_steps:
