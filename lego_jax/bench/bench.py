@@ -199,9 +199,13 @@ class Impl:
   compiles_on_first_call: bool = False
 
 
-def _timed(step: Callable[[], Any]) -> float:
-  start = time.perf_counter()
+def _timed(step: Callable[[], Any], cpu_s: list[float] | None = None) -> float:
+  """Wall seconds of one step; with `cpu_s`, also appends the process's CPU seconds (every
+  thread: XLA:CPU runs independent ops on a pool of one thread per core)."""
+  start, start_cpu = time.perf_counter(), time.process_time()
   step()
+  if cpu_s is not None:
+    cpu_s.append(time.process_time() - start_cpu)
   return time.perf_counter() - start
 
 
@@ -222,9 +226,9 @@ def measure(factories: list[tuple[str, Callable[[], Impl]]], *, steps: int, warm
   """
   results: dict[str, dict] = {}
 
-  def record(impl: Impl, times: list[float]) -> None:
-    entry = results.setdefault(impl.name, {"times_s": [], "info": impl.info})
-    entry["times_s"] += times
+  def record(impl: Impl, n: int) -> None:
+    entry = results.setdefault(impl.name, {"times_s": [], "cpu_s": [], "info": impl.info})
+    entry["times_s"] += [_timed(impl.step, entry["cpu_s"]) for _ in range(n)]
     entry["compile_s"] = impl.compile_s
 
   if interleave:
@@ -234,14 +238,14 @@ def measure(factories: list[tuple[str, Callable[[], Impl]]], *, steps: int, warm
       _warm(impls[-1], warmup)
     for r in range(repeats):
       for impl in (impls if r % 2 == 0 else impls[::-1]):
-        record(impl, [_timed(impl.step) for _ in range(steps)])
+        record(impl, steps)
     for impl in impls:
       impl.close()
   else:
     for _, make in factories:
       impl = make()
       _warm(impl, warmup)
-      record(impl, [_timed(impl.step) for _ in range(steps * repeats)])
+      record(impl, steps * repeats)
       impl.close()
       del impl
       gc.collect()
@@ -839,6 +843,9 @@ def run_bench(cfg, what: str, workdir: Path) -> dict:
       "batch": batch, "shapes": shapes, **timing,
       f"{unit}_per_step": units_per_step, f"{unit}_per_s": units_per_step / seconds,
       "compile_s": jax_result["compile_s"],
+      # The process's CPU time per step (median): on a CPU shared with other jobs, what a step
+      # costs whatever share of the cores it got.
+      "cpu_ms_per_step": 1000.0 * statistics.median(jax_result["cpu_s"]),
       "flops_per_step": flops,
       "flops_source": ("counted from the jaxpr: matmul + convolution multiply-adds x 2, loops x "
                        "trip count (lego_jax/bench/flops.py)") if flops is not None else None,
@@ -858,8 +865,11 @@ def run_bench(cfg, what: str, workdir: Path) -> dict:
       base_s = t["ms_per_step"] / 1000.0
       out["baseline"][name] = {
           **t, f"{unit}_per_s": units_per_step / base_s, "compile_s": r["compile_s"],
-          "tflops": flops / base_s / 1e12 if flops else None, **r["info"]}
+          "tflops": flops / base_s / 1e12 if flops else None,
+          "cpu_ms_per_step": 1000.0 * statistics.median(r["cpu_s"]), **r["info"]}
       out[f"speedup_vs_{name}"] = base_s / seconds
+      out[f"cpu_speedup_vs_{name}"] = (out["baseline"][name]["cpu_ms_per_step"]
+                                       / out["cpu_ms_per_step"])
   out["run"] = {
       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
       "host": platform.node(), "cpus": os.cpu_count(), "load_avg_before": list(load_before),
