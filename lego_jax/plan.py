@@ -315,6 +315,24 @@ def parse_mesh(text: str, cfg) -> tuple[int, ...]:
   return shape
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute", "collective-broadcast")
+# An instruction of one of them in optimised HLO text: `%name = SHAPE op(` or its async
+# `op-start(` (the `-done` half is not counted again). SHAPE ends in `]`, `}` (a layout, TPU
+# tiles) or `)`: a tuple, what the combiners make of many small collectives (libtpu's VAE step
+# has ONE all-reduce of every gradient) and what every async start returns; tuples hold spaces
+# and comments (`/*index=5*/`), so the shape is not matched, only its last character. Operands
+# (`%all-reduce.95`) and fused computations' names never follow such a character and a space.
+_COLLECTIVE = re.compile(r"(?<=[\]})]) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+
+
+def collectives(hlo_text: str) -> dict[str, int]:
+  """The collective instructions of a compiled program's HLO text, by kind: the communication
+  the compiler planned (a loop body's once, however often it runs)."""
+  found = _COLLECTIVE.findall(hlo_text)
+  return {op: found.count(op) for op in sorted(set(found))}
+
+
 def compile_stage(cfg, stage_name: str, mesh) -> dict:
   """Lowers and compiles one stage's program for the devices of `mesh` (a target's, or fake CPU
   devices); memory, FLOPs, bytes and timings as a dict."""
@@ -347,9 +365,6 @@ def compile_stage(cfg, stage_name: str, mesh) -> dict:
     counted = flop_count.count_flops(stage.step, stage.state, stage.batch, rng)
     flops, nbytes = counted.total, counted.bytes
   mem = compiled.memory_analysis()
-  # The communication the compiler planned: what the sharding costs between chips.
-  ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-                   r"(?:-start)?\(", compiled.as_text() or "")
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   # The step's buffers: what HBM must hold. The executable's code is loaded once per program and
@@ -371,7 +386,7 @@ def compile_stage(cfg, stage_name: str, mesh) -> dict:
                            "temporaries": int(mem.temp_size_in_bytes),
                            "peak": int(peak),
                            "generated_code": int(mem.generated_code_size_in_bytes)},
-      "collectives": {op: ops.count(op) for op in sorted(set(ops))},
+      "collectives": collectives(compiled.as_text() or ""),
       "flops_per_step": int(flops), "flops_per_device": int(flops // devices),
       "matmul_bytes_per_device": int(nbytes // devices),
       # None where the target's compiler does not answer (XLA:GPU)

@@ -63,6 +63,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -268,6 +269,9 @@ def run_bench(cfg, what: str, workdir: Path) -> dict:
       "batch": batch, "shapes": shapes, **timing,
       f"{unit}_per_step": units_per_step, f"{unit}_per_s": units_per_step / seconds,
       "compile_s": jax_result["compile_s"],
+      # The process's CPU time per step (median): on a CPU shared with other jobs, what a step
+      # costs whatever share of the cores it got.
+      "cpu_ms_per_step": 1000.0 * statistics.median(jax_result["cpu_s"]),
       "flops_per_step": flops,
       "flops_source": ("counted from the jaxpr: matmul + convolution multiply-adds x 2, loops x "
                        "trip count (lego_jax/bench/flops.py)") if flops is not None else None,
@@ -287,8 +291,11 @@ def run_bench(cfg, what: str, workdir: Path) -> dict:
       base_s = t["ms_per_step"] / 1000.0
       out["baseline"][name] = {
           **t, f"{unit}_per_s": units_per_step / base_s, "compile_s": r["compile_s"],
-          "tflops": flops / base_s / 1e12 if flops else None, **r["info"]}
+          "tflops": flops / base_s / 1e12 if flops else None,
+          "cpu_ms_per_step": 1000.0 * statistics.median(r["cpu_s"]), **r["info"]}
       out[f"speedup_vs_{name}"] = base_s / seconds
+      out[f"cpu_speedup_vs_{name}"] = (out["baseline"][name]["cpu_ms_per_step"]
+                                       / out["cpu_ms_per_step"])
   out["run"] = {
       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
       "host": platform.node(), "cpus": os.cpu_count(), "load_avg_before": list(load_before),

@@ -93,9 +93,13 @@ class Impl:
   compiles_on_first_call: bool = False
 
 
-def _timed(step: Callable[[], Any]) -> float:
-  start = time.perf_counter()
+def _timed(step: Callable[[], Any], cpu_s: list[float] | None = None) -> float:
+  """Wall seconds of one step; with `cpu_s`, also appends the process's CPU seconds (every
+  thread: XLA:CPU runs independent ops on a pool of one thread per core)."""
+  start, start_cpu = time.perf_counter(), time.process_time()
   step()
+  if cpu_s is not None:
+    cpu_s.append(time.process_time() - start_cpu)
   return time.perf_counter() - start
 
 
@@ -116,9 +120,9 @@ def measure(factories: list[tuple[str, Callable[[], Impl]]], *, steps: int, warm
   """
   results: dict[str, dict] = {}
 
-  def record(impl: Impl, times: list[float]) -> None:
-    entry = results.setdefault(impl.name, {"times_s": [], "info": impl.info})
-    entry["times_s"] += times
+  def record(impl: Impl, n: int) -> None:
+    entry = results.setdefault(impl.name, {"times_s": [], "cpu_s": [], "info": impl.info})
+    entry["times_s"] += [_timed(impl.step, entry["cpu_s"]) for _ in range(n)]
     entry["compile_s"] = impl.compile_s
 
   if interleave:
@@ -128,14 +132,14 @@ def measure(factories: list[tuple[str, Callable[[], Impl]]], *, steps: int, warm
       _warm(impls[-1], warmup)
     for r in range(repeats):
       for impl in (impls if r % 2 == 0 else impls[::-1]):
-        record(impl, [_timed(impl.step) for _ in range(steps)])
+        record(impl, steps)
     for impl in impls:
       impl.close()
   else:
     for _, make in factories:
       impl = make()
       _warm(impl, warmup)
-      record(impl, [_timed(impl.step) for _ in range(steps * repeats)])
+      record(impl, steps * repeats)
       impl.close()
       del impl
       gc.collect()

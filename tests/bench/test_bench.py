@@ -111,6 +111,10 @@ def test_unet_train_against_torch_in_the_same_process(tmp_path):
   assert set(r["baseline"]) == {"torch_eager"} and base["precision"] == "fp32"
   assert base["timed_steps"] == 2 and base["threads"] == 1 and positive(base["samples_per_s"])
   assert r["speedup_vs_torch_eager"] == pytest.approx(base["ms_per_step"] / r["ms_per_step"])
+  # CPU time per step (every thread of the process), what a shared machine's load leaves alone
+  assert positive(r["cpu_ms_per_step"]) and positive(base["cpu_ms_per_step"])
+  assert r["cpu_speedup_vs_torch_eager"] == pytest.approx(
+      base["cpu_ms_per_step"] / r["cpu_ms_per_step"])
   assert r["run"]["interleaved"] and r["timed_steps"] == 2
   # micro config: 16x16 frames, a one-level VAE (factor 1); context 77 + 4 patches + 77
   assert r["shapes"]["latent"] == [2, 16, 16, 8] and r["shapes"]["context"] == [2, 158, 16]

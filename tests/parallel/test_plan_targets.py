@@ -5,6 +5,7 @@ the target's HBM, and a roofline from the peaks table. Skipped only where the ex
 the compiler (plan-tpu, plan-gpu) is not installed."""
 
 import math
+import re
 
 import jax
 import pytest
@@ -37,13 +38,18 @@ def _tiled(shape) -> int:
     ("tpu-v5e-4", (1, 2, 2), "TPU v5 lite", True),
     ("h100-80g-x8", (2, 2, 2), "NVIDIA H100 80GB HBM3", False),
 ])
-def test_target_compiler_memory_of_a_sharded_step(name, mesh_shape, kind, cost_analysis):
+def test_target_compiler_memory_of_a_sharded_step(name, mesh_shape, kind, cost_analysis,
+                                                  monkeypatch):
   target = plan.target_of(name)
   _needs(target)
   cfg = config_lib.load("tiny", SMALL_VAE)
   devices = plan.target_devices(target)
   assert len(devices) == target.chips and devices[0].device_kind == kind
   mesh = sharding.make_mesh(mesh_shape, devices=devices)
+  texts = []  # the compiled program's HLO text, as compile_stage reads it
+  as_text = jax.stages.Compiled.as_text
+  monkeypatch.setattr(jax.stages.Compiled, "as_text",
+                      lambda self, *a, **k: texts.append(as_text(self, *a, **k)) or texts[-1])
   row = plan.judge(dict(plan.compile_stage(cfg, "vae", mesh), target=name, mesh_request="x"))
 
   assert row["compiler"] == target.platform.replace("cuda", "gpu")
@@ -57,8 +63,18 @@ def test_target_compiler_memory_of_a_sharded_step(name, mesh_shape, kind, cost_a
   exact = sum(math.prod(s) * i for s, i in zip(shards, items))
   tiled = sum(_tiled(s) * i for s, i in zip(shards, items))
   assert exact <= b["arguments"] <= (tiled if target.platform == "tpu" else exact + 64)
-  # The split over (fsdp, tensor) reached the compiler: gradients are reduced between devices.
-  assert row["collectives"].get("all-reduce", 0) + row["collectives"].get("reduce-scatter", 0) > 0
+  # The split over (fsdp, tensor) reached the compiler: FSDP gathers the weights, gradients are
+  # reduced between devices.
+  c = row["collectives"]
+  assert c.get("all-gather", 0) > 0 and c.get("all-reduce", 0) + c.get("reduce-scatter", 0) > 0
+  # Every collective the compiler planned is counted: XLA names an instruction after its op
+  # (`%all-gather-start.3 = ...`), whatever its shape. Both compilers combine small collectives
+  # into ones of tuple shape (what the row of libtpu's full-size VAE step missed).
+  text = texts[-1]
+  named = re.findall(r"^\s*(?:ROOT )?%(" + "|".join(plan.COLLECTIVES) + r")(?:-start)?(?:\.\d+)? = ",
+                     text, re.M)
+  assert c == {op: named.count(op) for op in set(named)}
+  assert re.search(r"^\s*%(all-reduce|all-gather)\S* = \(", text, re.M)
   assert b["aliased"] > 0.9 * b["outputs"]  # the donated state is updated in place
   assert 0 < b["temporaries"] < 2**30
   # The peak is the buffers; the generated code is reported apart.
@@ -93,3 +109,23 @@ def test_target_names_and_missing_compilers(monkeypatch):
   monkeypatch.setitem(plan._EXTRA, "tpu", ("lego_jax_no_such_module", "plan-tpu"))
   assert "pip install -e \".[plan-tpu]\"" in plan.compiler_missing(plan.target_of("tpu-v5p-8"))
   assert plan.compiler_missing(plan.target_of("cpu-4")) is None
+
+
+def test_collectives_in_hlo_text():
+  # Lines as libtpu and XLA:GPU print them (shortened): tuple shapes with comments and tiled
+  # layouts, async start/done pairs, collectives as operands of other instructions.
+  text = """
+  %all-reduce.95 = (f32[]{:T(128)}, f32[8]{0:T(128)}, /*index=5*/f32[3,3,4,8]{3,2,1,0:T(4,128)}) all-reduce(%a, %b, %c), channel_id=1, to_apply=%add
+  %get-tuple-element.79 = f32[8]{0:T(128)} get-tuple-element(%all-reduce.95), index=1
+  %all-reduce.1 = f32[4,256]{1,0:T(4,128)S(1)} all-reduce(%fusion.2), channel_id=2, to_apply=%add
+  %fusion.73 = f32[4,256]{1,0} fusion(%all-reduce.1, %all-gather.2), kind=kLoop, calls=%fused_computation.49
+  %all-gather-start.6 = ((f32[4,4]{1,0}, f32[4,4]{1,0}), (f32[8,4]{1,0}, f32[8,4]{1,0})) all-gather-start(%p, %q), dimensions={0}
+  %all-gather-done.6 = (f32[8,4]{1,0}, f32[8,4]{1,0}) all-gather-done(%all-gather-start.6)
+  %all-reduce-start.12 = pred[6]{0} all-reduce-start(%wrapped_concatenate.6), channel_id=253
+  %all-reduce-done.12 = pred[6]{0} all-reduce-done(%all-reduce-start.12)
+  %collective-permute-start = (f32[2]{0}, f32[2]{0}, u32[], u32[]) collective-permute-start(%x), source_target_pairs={{0,1}}
+  ROOT %reduce-scatter = f32[] reduce-scatter(%y), dimensions={0}
+  """
+  assert plan.collectives(text) == {"all-gather": 1, "all-reduce": 3, "collective-permute": 1,
+                                    "reduce-scatter": 1}
+  assert plan.collectives("%add.1 = f32[] add(%x, %y)") == {}
