@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from lego_jax.data import images as images_lib
 from lego_jax.infer import sampler as sampler_lib
+from lego_jax.infer.schedule import NoiseSchedule
 
 # Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
 CONFIG_SECTIONS = ("data", "vae", "vae_train", "unet", "clip_text", "conditioner", "ldm_train",
@@ -103,10 +104,13 @@ def frames_uint8(frames) -> np.ndarray:
   return x if x.dtype == np.uint8 else to_uint8(x, "clamp")
 
 
-@nnx.jit(static_argnames=("num_steps", "kind", "use_image", "use_text", "scaling", "guided"))
+@nnx.jit(static_argnames=("num_steps", "kind", "use_image", "use_text", "scaling", "guided",
+                         "schedule", "prediction_type"))
 def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, empty_ids, h_img,
                      h_txt, key, text_scale, image_scale, *, num_steps: int, kind: str,
-                     use_image: bool, use_text: bool, scaling: float, guided: bool = True):
+                     use_image: bool, use_text: bool, scaling: float, guided: bool = True,
+                     schedule: NoiseSchedule = NoiseSchedule(),
+                     prediction_type: str = "epsilon"):
   """input frames (B,H,W,3) (uint8, or float in [-1,1]) + text ids + VLLM features -> decoded
   frames (B,H,W,3)."""
   image_latent = vae.mode(images_lib.frames_to_unit_range(input_images))
@@ -116,7 +120,8 @@ def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, 
   uncond = conditioner.unconditional(empty, h_img.shape[1], use_image=use_image,
                                      use_text=use_text)
   z = sampler_lib.sample(unet, image_latent, cond, uncond, key, num_steps=num_steps, kind=kind,
-                         text_scale=text_scale, image_scale=image_scale, guided=guided)
+                         text_scale=text_scale, image_scale=image_scale, guided=guided,
+                         schedule=schedule, prediction_type=prediction_type)
   return vae.decode(z / scaling)
 
 
@@ -126,6 +131,8 @@ def run_batch(models, batch: dict, text_ids: np.ndarray, empty_ids: np.ndarray, 
   cfg.sampler's. Scales given as arrays are traced: new values reuse the compiled program (and
   always run the guided 3-way batch, even at (1, 1))."""
   unet, conditioner, clip_text, vae = models
+  from lego_jax.train import ldm as ldm_train
+
   s, t = cfg.sampler, cfg.ldm_train
   text_scale = s.text_guidance if text_scale is None else text_scale
   image_scale = s.image_guidance if image_scale is None else image_scale
@@ -135,7 +142,9 @@ def run_batch(models, batch: dict, text_ids: np.ndarray, empty_ids: np.ndarray, 
       text_scale, image_scale, num_steps=int(num_steps or s.num_steps), kind=s.kind,
       use_image=t.use_image_embedding, use_text=t.use_text_embedding,
       scaling=float(vae.config.scaling_factor),
-      guided=not sampler_lib.unguided(text_scale, image_scale))
+      guided=not sampler_lib.unguided(text_scale, image_scale),
+      # the model's training schedule and target (ldm_train.zero_terminal_snr, prediction_type)
+      schedule=ldm_train.schedule_of(cfg), prediction_type=ldm_train.prediction_type_of(cfg))
 
 
 def safe_name(id_: str) -> str:
