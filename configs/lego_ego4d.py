@@ -93,7 +93,11 @@ def get_config() -> ml_collections.ConfigDict:
       drop_text_prob=0.05, drop_both_prob=0.05, drop_image_prob=0.05, remat=True,
       cache_frozen=False, scale_by_std=False, init="sd15", init_checkpoint="", init_use_ema=True,
       skip_nonfinite=False, log_every=50, ckpt_every=1000,
-      sample_every=1000, num_timesteps=1000, beta_start=0.00085, beta_end=0.012)
+      sample_every=1000, num_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+      # Learning-efficiency options, off as in the release (lego_jax/infer/schedule.py):
+      prediction_type="epsilon",      # or "v_prediction" (Salimans & Ho 2022)
+      min_snr_gamma=0.0,              # > 0: min-SNR-gamma loss weights (Hang et al. 2023), e.g. 5
+      zero_terminal_snr=False)        # Lin et al. 2024 (needs v_prediction)
   # postprocess="release": bicubic resize of the float image, min-max, truncation (metrics/
   # inference.py); "project": min-max, rounding, PIL bicubic. image_format="release": each frame
   # under image_1's name (.jpg: JPEG at PIL's default quality 75, as the release saved them);

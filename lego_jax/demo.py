@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from lego_jax.baseline import BASELINE_DIR, baseline_config, link_vae  # noqa: F401  (demo.* names used by tests)
 from lego_jax import config as config_lib
 from lego_jax.config import ConfigError
 from lego_jax.data import pipeline, records
@@ -66,8 +67,7 @@ CONFIG_SECTIONS = ("data", "vae", "vae_train", "clip_vision", "llama", "llava", 
                    "eval", "demo", "mesh", "checkpoint")
 
 
-DEFAULTS = {"scale": 1.0, "num_test": 0, "grid_rows": 8}
-BASELINE_DIR = "baseline_action_label"
+DEFAULTS = {"scale": 1.0, "num_test": 0, "grid_rows": 8, "shipped": True}
 # method -> how the report names it
 METHODS = {
     "lego": "LEGO (VLLM description + H_i + H_t)",
@@ -119,38 +119,6 @@ def scaled_config(cfg, scale: float):
   return cfg
 
 
-def baseline_config(cfg, workdir: Path):
-  """The action-label-only LDM on the demo's own records, tokenizer and VAE: the switches
-  configs/ablations/ip2p_action.py changes on its base config, applied to the demo's config (so
-  the demo's baseline is that file's, with the demo's sizes and overrides)."""
-  base = config_lib.CONFIG_DIR / "lego_ego4d.py"
-  ablation = config_lib.CONFIG_DIR / "ablations" / "ip2p_action.py"
-  b = cfg.copy_and_resolve_references()
-  for path, value in config_lib.differences(config_lib.load(base),
-                                            config_lib.load(ablation)).items():
-    if path != ("name",):
-      section = b
-      for key in path[:-1]:
-        section = section[key]
-      section[path[-1]] = value
-  b.name = f"{cfg.name}/ip2p_action"
-  b.data.records_dir = str(pipeline.records_dir_of(cfg.data, workdir).absolute())
-  if not b.data.tokenizer_dir:
-    b.data.tokenizer_dir = str((Path(workdir) / "tokenizer").absolute())
-  return b
-
-
-def link_vae(workdir: Path, baseline_dir: Path) -> None:
-  """The baseline decodes with the SAME trained VAE: its checkpoint directory, linked."""
-  link = baseline_dir / "checkpoints" / "vae"
-  link.parent.mkdir(parents=True, exist_ok=True)
-  if not link.is_symlink():
-    if link.exists():
-      shutil.rmtree(link)
-    link.symlink_to(os.path.relpath(Path(workdir) / "checkpoints" / "vae", link.parent),
-                    target_is_directory=True)
-
-
 class Stages:
   """Runs named stages, prints a header for each, records wall and CPU seconds."""
 
@@ -196,17 +164,18 @@ def _extract(cfg, workdir: Path) -> dict:
   return out
 
 
-def _generate(cfg, workdir: Path, out: Path, limit: int) -> dict:
+def _generate(cfg, workdir: Path, out: Path, limit: int, models=None) -> dict:
   shutil.rmtree(out, ignore_errors=True)  # no frames of an earlier, longer run left to score
-  return generate_stage.generate_split(cfg, workdir, "test", out, limit=limit,
+  return generate_stage.generate_split(cfg, workdir, "test", out, models=models, limit=limit,
                                        batch_size=min(16, limit) if limit else 16)
 
 
 def vae_roundtrip(cfg, workdir: Path, reference_dir: Path, out: Path, files: list[str],
-                  batch_size: int = 16) -> Path:
-  """The ground-truth frames encoded (posterior mode) and decoded by the trained VAE, as PNGs in
-  `out`: every generated frame is decoded by that VAE, so these score the ceiling."""
-  model = vae_stage.load_trained(cfg, workdir)
+                  batch_size: int = 16, model=None) -> Path:
+  """The ground-truth frames encoded (posterior mode) and decoded by the trained VAE (or
+  `model`), as PNGs in `out`: every generated frame is decoded by that VAE, so these score the
+  ceiling."""
+  model = model or vae_stage.load_trained(cfg, workdir)
   roundtrip = jax.jit(lambda m, x: m(x))
   out.mkdir(parents=True, exist_ok=True)
   for i in range(0, len(files), batch_size):
@@ -421,6 +390,8 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
   }
   if scores["by_combination"]:
     metrics["by_combination"] = scores["by_combination"]
+  if demo["shipped"]:
+    metrics["shipped"] = shipped_rows(cfg, workdir, limit, stages, int(demo["grid_rows"]))
   plots = stages.run("report", write_plots, workdir, baseline_dir, runs, examples,
                      int(demo["grid_rows"]))
   metrics["timings"] = stages.timings
@@ -433,6 +404,69 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
       cfg, workdir, runs, examples, metrics, plots, int(demo["grid_rows"])))
   print_summary(metrics, workdir)
   return metrics
+
+
+SHIPPED_DIR = "shipped"
+
+
+def shipped_rows(cfg, workdir: Path, limit: int, stages: Stages, grid_rows: int) -> dict:
+  """The shipped checkpoints (lego_jax/assets/tiny/: the same models trained longer) on the
+  demo's held-out frames, scored as the from-scratch run: their VLLM's descriptions and features
+  (extract), both LDMs' generations, their VAE's round trip, in WORKDIR/shipped. {"skipped": why}
+  when there are none or they were trained on other data settings."""
+  from lego_jax.assets import shipped
+
+  if not shipped.available():
+    return {"skipped": f"no shipped checkpoints in {shipped.DIR}"}
+  why = shipped.data_mismatch(cfg)
+  if why:
+    print(f"demo: shipped checkpoints not scored: {why}")
+    return {"skipped": why}
+  files = stages.run("shipped checkpoints: sha256", shipped.verify)
+  sdir = Path(workdir) / SHIPPED_DIR
+  records_dir = str(pipeline.records_dir_of(cfg.data, workdir).absolute())
+  cfgs = {}
+  for which in shipped.LDMS:
+    c = shipped.config_for(cfg, which)
+    c.data.records_dir = records_dir   # the demo's own held-out frames
+    cfgs[which] = c if which == "lego" else baseline_config(c, sdir)
+  accuracy = stages.run("extract (shipped VLLM)", _extract, cfgs["lego"], sdir)
+  runs, vae = {}, None
+  for which, c in cfgs.items():
+    models = shipped.load_ldm(c)
+    vae = models[3]
+    runs[which] = sdir / "generated" / which
+    stages.run(f"generate (shipped, {METHODS[which].split(' (')[0]})", _generate, c, sdir,
+               runs[which], limit, models)
+  examples = load_examples(cfgs["lego"], sdir, runs["lego"] / "generated.json")
+  runs["vae_roundtrip"] = stages.run(
+      "VAE round trip (shipped VAE)", vae_roundtrip, cfgs["lego"], sdir,
+      runs["lego"] / "reference", sdir / "generated" / "vae_roundtrip",
+      [e["file"] for e in examples], model=vae)
+  scores = stages.run("evaluate (shipped)", score, cfgs["lego"], sdir, runs, examples)
+  grid = Path(workdir) / "report" / "examples_shipped.png"
+  grid.parent.mkdir(parents=True, exist_ok=True)
+  shown = examples[:grid_rows]
+  report_lib.example_grid_png(
+      [[runs["lego"] / "inputs" / e["file"], runs["lego"] / "generated" / e["file"],
+        runs["action_label"] / "generated" / e["file"], runs["lego"] / "reference" / e["file"]]
+       for e in shown],
+      [f"{e['action']}  |  LEGO's VLLM: {e['description']}" for e in shown],
+      ["input", "LEGO (shipped)", "label only (shipped)", "ground truth"], grid, upscale=4)
+  _write_json(sdir / "per_example.json",
+              {"ids": [e["id"] for e in examples], **scores["per_example"]})
+  meta = shipped.metadata("lego")
+  out = {"num_test": len(examples), "methods": scores["methods"],
+         "lego_vs_baselines": comparisons(scores["methods"]), "descriptions": accuracy,
+         "files": files, "trained": {w: shipped.metadata(w)["ldm_train"] for w in shipped.LDMS},
+         "grid": str(grid.relative_to(workdir)),
+         "note": (f"The same models trained longer (LDMs {meta['ldm_train'].get('num_steps')} "
+                  f"steps; lego_jax/assets/tiny/README.md says how), loaded from "
+                  f"{shipped.DIR.name}/ after their sha256 checks, generating on the same "
+                  "held-out frames with the same sampler settings, scored the same way.")}
+  if scores["by_combination"]:
+    out["by_combination"] = scores["by_combination"]
+  return out
 
 
 def _read_json(path: Path) -> dict:
@@ -486,7 +520,7 @@ def write_plots(workdir: Path, baseline_dir: Path, runs: dict[str, Path], exampl
   for name, title, curves in (
       ("vae", "train-vae: L1 + L2 + KL loss", {"VAE": logs["vae"]}),
       ("vllm", "train-vllm: answer-token cross-entropy", {"VLLM": logs["vllm"]}),
-      ("ldm", "train-ldm: epsilon MSE", {"LEGO": logs["ldm"],
+      ("ldm", "train-ldm: MSE of the UNet target (epsilon or v)", {"LEGO": logs["ldm"],
                                           "action label only": logs["ldm_action_label"]})):
     data = {label: series(rows) for label, rows in curves.items() if rows}
     if data:
@@ -543,6 +577,11 @@ def print_summary(metrics: dict, workdir: Path) -> None:
     print(f"{name:<14}" + "".join(f"{row[k]:>14.3f}" for k in keys))
   for base, diffs in metrics["lego_vs_baselines"].items():
     print(f"{base}: " + ", ".join(f"{k} {v:+.3f}" for k, v in diffs.items() if k in keys))
+  shipped = metrics.get("shipped") or {}
+  if shipped.get("methods"):
+    print("shipped checkpoints (lego_jax/assets/tiny), the same frames:")
+    for name, row in shipped["methods"].items():
+      print(f"{name:<14}" + "".join(f"{row.get(k, float('nan')):>14.3f}" for k in keys))
   for group, g in metrics.get("by_combination", {}).items():
     d = g["lego_minus_action_label"]
     print(f"{group} combinations ({g['num_test']} frames), LEGO - label only: " + ", ".join(

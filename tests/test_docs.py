@@ -9,10 +9,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Files another branch of the same session adds (linked before its merge): a link to one of these
-# passes while the file is missing. Empty this set once those branches are merged.
-PENDING_MERGE = frozenset({"docs/reliability.md"})
-
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^\s*(```|~~~)")
 CODE_SPAN = re.compile(r"`[^`]*`")
@@ -45,7 +41,7 @@ def broken_links(root: Path = ROOT) -> list[str]:
         continue  # a URL (https:, mailto:) or an anchor in the same file
       path = (doc.parent / target.split("#", 1)[0]).resolve()
       rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-      if not path.exists() and rel not in PENDING_MERGE:
+      if not path.exists():
         bad.append(f"{doc.relative_to(root)}:{number}: {target}")
   return bad
 

@@ -364,6 +364,14 @@ def write_html(path: str | Path, data: dict) -> Path:
       "cannot win.</p>")
   if metrics.get("by_combination"):
     parts.append(_combination_table(metrics["by_combination"], headline))
+  shipped = metrics.get("shipped") or {}   # lego_jax/demo.py's second block of rows
+  if shipped.get("methods"):
+    parts.append("<h2>The shipped checkpoints on the same held-out frames</h2>"
+                 f"<p>{_e(shipped.get('note', ''))}</p>" + _metrics_table(shipped, headline, methods))
+    if shipped.get("grid"):
+      parts.append(f"<p><img src='{_e(shipped['grid'])}' alt='shipped checkpoints: examples'></p>")
+  elif shipped.get("skipped"):
+    parts.append(f"<p class='small'>Shipped checkpoints not scored: {_e(shipped['skipped'])}</p>")
   if metrics.get("skipped"):
     parts.append("<h3>Skipped</h3><ul>" + "".join(
         f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in metrics["skipped"].items()) + "</ul>")

@@ -22,6 +22,7 @@ from flax import nnx
 
 from lego_jax.data import images as images_lib
 from lego_jax.infer import sampler as sampler_lib
+from lego_jax.infer.schedule import NoiseSchedule
 from lego_jax.models import lego_ldm
 from lego_jax.parallel import sharding
 from lego_jax.train import checkpoint as ckpt_lib
@@ -69,10 +70,13 @@ def frames_uint8(frames) -> np.ndarray:
   return x if x.dtype == np.uint8 else to_uint8(x, "clamp")
 
 
-@nnx.jit(static_argnames=("num_steps", "kind", "use_image", "use_text", "scaling", "guided"))
+@nnx.jit(static_argnames=("num_steps", "kind", "use_image", "use_text", "scaling", "guided",
+                         "schedule", "prediction_type"))
 def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, empty_ids, h_img,
                      h_txt, key, text_scale, image_scale, *, num_steps: int, kind: str,
-                     use_image: bool, use_text: bool, scaling: float, guided: bool = True):
+                     use_image: bool, use_text: bool, scaling: float, guided: bool = True,
+                     schedule: NoiseSchedule = NoiseSchedule(),
+                     prediction_type: str = "epsilon"):
   """input frames (B,H,W,3) (uint8, or float in [-1,1]) + text ids + VLLM features -> decoded
   frames (B,H,W,3)."""
   image_latent = vae.mode(images_lib.frames_to_unit_range(input_images))
@@ -82,7 +86,8 @@ def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, 
   uncond = conditioner.unconditional(empty, h_img.shape[1], use_image=use_image,
                                      use_text=use_text)
   z = sampler_lib.sample(unet, image_latent, cond, uncond, key, num_steps=num_steps, kind=kind,
-                         text_scale=text_scale, image_scale=image_scale, guided=guided)
+                         text_scale=text_scale, image_scale=image_scale, guided=guided,
+                         schedule=schedule, prediction_type=prediction_type)
   return vae.decode(z / scaling)
 
 
@@ -101,4 +106,6 @@ def run_batch(models, batch: dict, text_ids: np.ndarray, empty_ids: np.ndarray, 
       text_scale, image_scale, num_steps=int(num_steps or s.num_steps), kind=s.kind,
       use_image=t.use_image_embedding, use_text=t.use_text_embedding,
       scaling=float(vae.config.scaling_factor),
-      guided=not sampler_lib.unguided(text_scale, image_scale))
+      guided=not sampler_lib.unguided(text_scale, image_scale),
+      # the model's training schedule and target (ldm_train.zero_terminal_snr, prediction_type)
+      schedule=lego_ldm.schedule_of(cfg), prediction_type=lego_ldm.prediction_type_of(cfg))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lego_jax.infer.schedule import NoiseSchedule, denoiser_scalings
+from lego_jax.infer.schedule import NoiseSchedule, denoiser_scalings, x0_and_eps
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]   # (x, sigma scalar) -> denoised x
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]       # (x_t, t scalar) -> eps
@@ -101,11 +101,13 @@ def euler_ancestral(denoise_fn: DenoiseFn, x_T: jax.Array, sigmas: jax.Array, ke
 
 
 def ddim(eps_fn: EpsFn, x_T: jax.Array, timesteps: np.ndarray, alphas_cumprod: np.ndarray,
-         key: jax.Array, eta: float | jax.Array = 0.0) -> jax.Array:
+         key: jax.Array, eta: float | jax.Array = 0.0,
+         prediction_type: str = "epsilon") -> jax.Array:
   """CompVis DDIMSampler over the discrete schedule (variance-preserving x_t).
 
   Args:
-    eps_fn: (x_t (B, ...), t ()) -> eps (B, ...).
+    eps_fn: (x_t (B, ...), t ()) -> the model's output (B, ...): eps, or v when
+      `prediction_type` is "v_prediction" (x0 and eps then come from `schedule.x0_and_eps`).
     x_T: (B, ...) standard normal start.
     timesteps: ascending DDIM timesteps (`NoiseSchedule.ddim_timesteps(n)`); sampled from the top.
     alphas_cumprod: (T,) the schedule's cumulative alphas.
@@ -129,8 +131,7 @@ def ddim(eps_fn: EpsFn, x_T: jax.Array, timesteps: np.ndarray, alphas_cumprod: n
   s = eta * jnp.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
 
   def step(x, j):
-    e = eps_fn(x, ts[j]).astype(x.dtype)
-    x0 = (x - jnp.sqrt(1 - a[j]) * e) / jnp.sqrt(a[j])
+    x0, e = x0_and_eps(prediction_type, eps_fn(x, ts[j]).astype(x.dtype), x, a[j])
     x = (jnp.sqrt(a_prev[j]) * x0 + jnp.sqrt(jnp.maximum(1 - a_prev[j] - s[j] ** 2, 0.0)) * e
          + s[j] * step_noise(key, j, x.shape, x.dtype))
     return x, None
@@ -181,7 +182,8 @@ def conditional_eps(eps_fn: UNetApply, x: jax.Array, t: jax.Array, cond_ctx: jax
 
 def _sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
             uncond_ctx: jax.Array, key: jax.Array, text_scale, image_scale, eta, *,
-            num_steps: int, kind: str, schedule: NoiseSchedule, guided: bool) -> jax.Array:
+            num_steps: int, kind: str, schedule: NoiseSchedule, guided: bool,
+            prediction_type: str) -> jax.Array:
   image_latent = jnp.asarray(image_latent, jnp.float32)
   shape = image_latent.shape
   init_key, loop_key = fold_key(key, 0), fold_key(key, 1)
@@ -196,19 +198,19 @@ def _sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
     sigmas = schedule.get_sigmas(num_steps)
 
     def denoise(x, sigma):
-      c_out, c_in = denoiser_scalings(sigma)
-      return x + guide(x * c_in, schedule.sigma_to_t(sigma)) * c_out
+      c_skip, c_out, c_in = denoiser_scalings(sigma, prediction_type)
+      return x * c_skip + guide(x * c_in, schedule.sigma_to_t(sigma)) * c_out
 
     x_T = step_noise(init_key, 0, shape, jnp.float32) * sigmas[0]
     return euler_ancestral(denoise, x_T, sigmas, loop_key, eta)
   if kind == "ddim":
     x_T = step_noise(init_key, 0, shape, jnp.float32)
     return ddim(lambda x, t: guide(x, t), x_T, schedule.ddim_timesteps(num_steps),
-                schedule.alphas_cumprod, loop_key, eta)
+                schedule.alphas_cumprod, loop_key, eta, prediction_type)
   raise ValueError(f"unknown sampler {kind!r}; one of {SAMPLERS}")
 
 
-_STATIC = ("num_steps", "kind", "schedule", "guided")
+_STATIC = ("num_steps", "kind", "schedule", "guided", "prediction_type")
 _sample_fn = jax.jit(_sample, static_argnames=("unet_apply",) + _STATIC)
 _sample_module = nnx.jit(_sample, static_argnames=_STATIC)
 
@@ -217,7 +219,7 @@ def sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
            uncond_ctx: jax.Array, key: jax.Array, *, num_steps: int = 100,
            kind: str = "euler_ancestral", text_scale: float = 7.5, image_scale: float = 1.5,
            eta: float | None = None, schedule: NoiseSchedule = NoiseSchedule(),
-           guided: bool | None = None) -> jax.Array:
+           guided: bool | None = None, prediction_type: str = "epsilon") -> jax.Array:
   """Generates action-frame latents z_0 for a batch of frames: one compiled program.
 
   Args:
@@ -234,19 +236,36 @@ def sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
     guided: False runs only the conditional row (exactly what scales (1, 1) give, 3x less
       UNet work); None: False when both scales are the Python number 1, else True.
     eta: ancestral noise; default 1.0 for Euler ancestral, 0.0 for DDIM.
-    schedule: the training noise schedule.
+    schedule: the training noise schedule (zero_terminal_snr: its top sigma held finite,
+      DDIM on trailing timesteps; see lego_jax/infer/schedule.py).
+    prediction_type: what the UNet outputs, "epsilon" (LEGO) or "v_prediction".
   Returns:
     z_0 (B,H,W,c) float32, in the diffusion's latent scale (divide by 0.18215 before decoding).
   """
   if kind not in SAMPLERS:
     raise ValueError(f"unknown sampler {kind!r}; one of {SAMPLERS}")
+  check_prediction(prediction_type, schedule)
   if eta is None:
     eta = 1.0 if kind == "euler_ancestral" else 0.0
   if guided is None:
     guided = not unguided(text_scale, image_scale)
   fn = _sample_module if isinstance(unet_apply, nnx.Module) else _sample_fn
   return fn(unet_apply, image_latent, cond_ctx, uncond_ctx, key, text_scale, image_scale, eta,
-            num_steps=num_steps, kind=kind, schedule=schedule, guided=bool(guided))
+            num_steps=num_steps, kind=kind, schedule=schedule, guided=bool(guided),
+            prediction_type=prediction_type)
+
+
+def check_prediction(prediction_type: str, schedule: NoiseSchedule) -> None:
+  """Refuses what cannot sample: an unknown prediction type, or an epsilon model on a
+  zero-terminal-SNR schedule (its x0 at the last step is noise / 0; Lin et al. 2024 pair the
+  schedule with v-prediction)."""
+  from lego_jax.infer.schedule import PREDICTION_TYPES
+
+  if prediction_type not in PREDICTION_TYPES:
+    raise ValueError(f"prediction_type={prediction_type!r}: one of {PREDICTION_TYPES}")
+  if schedule.zero_terminal_snr and prediction_type == "epsilon":
+    raise ValueError("zero_terminal_snr=True needs prediction_type='v_prediction': an epsilon "
+                     "model cannot give x0 where the signal is zero (Lin et al. 2024)")
 
 
 def unguided(text_scale, image_scale) -> bool:

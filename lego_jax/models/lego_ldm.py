@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
+from lego_jax.config import ConfigError
 from lego_jax.data import features as features_lib
 from lego_jax.data import pipeline
 from lego_jax.data.tokenizer import load_clip_tokenizer
+from lego_jax.infer import sampler as sampler_lib
 from lego_jax.infer.schedule import NoiseSchedule
 from lego_jax.models.clip_text import CLIPText, CLIPTextConfig
 from lego_jax.models.conditioner import Conditioner, ConditionerConfig
@@ -50,7 +52,18 @@ def uses_features(cfg) -> bool:
 
 def schedule_of(cfg) -> NoiseSchedule:
   t = cfg.ldm_train
-  return NoiseSchedule(t.num_timesteps, t.beta_start, t.beta_end)
+  schedule = NoiseSchedule(t.num_timesteps, t.beta_start, t.beta_end,
+                           zero_terminal_snr=bool(t.get("zero_terminal_snr", False)))
+  try:
+    sampler_lib.check_prediction(prediction_type_of(cfg), schedule)
+  except ValueError as e:
+    raise ConfigError(f"ldm_train: {e}") from None
+  return schedule
+
+
+def prediction_type_of(cfg) -> str:
+  """What the UNet is trained to output (ldm_train.prediction_type; the release: epsilon)."""
+  return cfg.ldm_train.get("prediction_type", "epsilon")
 
 
 def build(cfg, seed: int, names: tuple[str, ...] = NAMES) -> dict[str, nnx.Module]:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from lego_jax.data import images, pipeline, records
 from lego_jax.data.prompts import human_turn
-from lego_jax.demo import BASELINE_DIR, baseline_config
+from lego_jax.baseline import BASELINE_DIR, baseline_config
 from lego_jax.errors import UserError
 from lego_jax.infer import describe as describe_lib
 from lego_jax.infer import extract

@@ -37,9 +37,10 @@ from lego_jax.config import ConfigError
 from lego_jax.data import images
 from lego_jax.data import pipeline
 from lego_jax.infer import ldm as ldm_infer
+from lego_jax.infer import schedule as schedule_lib
 from lego_jax.infer.schedule import NoiseSchedule
 from lego_jax.models import lego_ldm
-from lego_jax.models.lego_ldm import schedule_of
+from lego_jax.models.lego_ldm import prediction_type_of, schedule_of
 from lego_jax.parallel import distributed, sharding
 from lego_jax.train import common, loop
 from lego_jax.train import ldm_cache
@@ -93,7 +94,8 @@ def _per_example(keys: jax.Array, shape: tuple[int, ...], fn) -> jax.Array:
 
 def diffusion_loss(trained, frozen, graphdefs, batch, keys, mixer_key, *, cfg,
                    schedule: NoiseSchedule, empty_ids: jax.Array, latent_scale=None):
-  """eps-MSE of one (micro-)batch. `keys` (B,) are per-example PRNG keys, so the draws of an
+  """eps-MSE (or v-MSE, min-SNR weighted: ldm_train.prediction_type, min_snr_gamma) of one
+  (micro-)batch. `keys` (B,) are per-example PRNG keys, so the draws of an
   example do not depend on how the batch is split into micro-batches. `latent_scale`: the
   target latents' factor (default cfg.vae.scaling_factor; the train state's, see
   `scale_by_std`)."""
@@ -140,8 +142,15 @@ def diffusion_loss(trained, frozen, graphdefs, batch, keys, mixer_key, *, cfg,
   timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))(k_t)
   noise = _per_example(k_noise, target_latent.shape[1:], normal)
   noisy = schedule.q_sample(target_latent, timesteps, noise)
-  eps = unet(jnp.concatenate([noisy, input_latent], axis=-1), timesteps, context)
-  loss = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
+  out = unet(jnp.concatenate([noisy, input_latent], axis=-1), timesteps, context)
+  prediction = prediction_type_of(cfg)
+  target = schedule_lib.model_target(prediction, schedule.alphas_cumprod, target_latent, noise,
+                                     timesteps)
+  per_example = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=(1, 2, 3))
+  if t.get("min_snr_gamma", 0.0) > 0:
+    per_example = per_example * schedule_lib.min_snr_weights(
+        jnp.asarray(schedule.snr)[timesteps], t.min_snr_gamma, prediction)
+  loss = jnp.mean(per_example)
   return loss, {"loss": loss, "dropped_text": drop_text.mean(), "dropped_image": drop_image.mean()}
 
 

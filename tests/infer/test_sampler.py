@@ -172,8 +172,9 @@ def test_q_sample_ddim_timesteps_and_scalings():
   assert len(s.ddim_timesteps(30)) == 31   # CompVis' count when 1000 // n does not divide 1000
   with pytest.raises(ValueError):
     s.ddim_timesteps(600)
-  c_out, c_in = denoiser_scalings(jnp.float32(2.0))
-  np.testing.assert_allclose([float(c_out), float(c_in)], [-2.0, 1 / np.sqrt(5.0)], rtol=1e-6)
+  c_skip, c_out, c_in = denoiser_scalings(jnp.float32(2.0))
+  np.testing.assert_allclose([float(c_skip), float(c_out), float(c_in)],
+                             [1.0, -2.0, 1 / np.sqrt(5.0)], rtol=1e-6)
 
 
 def test_ancestral_step():

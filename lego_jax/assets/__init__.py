@@ -1,0 +1,1 @@
+"""Files shipped inside the package (lego_jax/assets/shipped.py)."""

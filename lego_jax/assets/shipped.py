@@ -1,0 +1,219 @@
+"""The embedded default's shipped checkpoints (lego_jax/assets/tiny/; how each was made, with its
+commands, steps, wall time and logs' final numbers: README.md there).
+
+`configs/tiny.py` trained longer than the demo's from-scratch budget allows, by the project's own
+commands, stored in the project's PyTorch-compatible layouts (what the loaders read anyway):
+  vllm.safetensors              the VLLM in the LLaVA layout (models/llava.py `save_llava`), read
+                                as `vllm_train.init_checkpoint`
+  ldm_lego.safetensors          LEGO's LDM as a CompVis single file (the release's layout:
+                                weights/checkpoints.py): EMA UNet, VAE, CLIP text encoder,
+                                conditioner, in float16; read as `ldm_train.init=lego`
+  ldm_action_label.safetensors  the action-label-only LDM, the same way
+  tokenizer.model               the SentencePiece model both read (prepare-data's, deterministic)
+  SHA256SUMS                    every file's sha256, checked before use
+Each LDM file's metadata holds the latent scale it was trained with (`scale_by_std`), its
+ldm_train learning options and the data settings it was trained on, as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lego_jax.errors import UserError
+
+DIR = Path(__file__).with_name("tiny")
+VLLM = "vllm.safetensors"
+TOKENIZER = "tokenizer.model"
+LDMS = {"lego": "ldm_lego.safetensors", "action_label": "ldm_action_label.safetensors"}
+SUMS = "SHA256SUMS"
+# ldm_train keys the sampler must share with training (lego_jax/infer/schedule.py)
+TRAINING_OPTIONS = ("prediction_type", "min_snr_gamma", "zero_terminal_snr")
+
+
+def sha256(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def available(directory: Path = DIR) -> bool:
+  return (Path(directory) / SUMS).is_file()
+
+
+def verify(directory: Path = DIR) -> dict[str, str]:
+  """{file: sha256} after checking every file SHA256SUMS lists; a missing or changed file is a
+  UserError naming it."""
+  directory = Path(directory)
+  sums = directory / SUMS
+  if not sums.is_file():
+    raise UserError(f"no shipped checkpoints: {sums} does not exist")
+  out = {}
+  for line in sums.read_text().splitlines():
+    if not line.strip():
+      continue
+    want, name = line.split(maxsplit=1)
+    path = directory / name.strip()
+    if not path.is_file():
+      raise UserError(f"shipped checkpoint {path} is missing (listed in {sums})")
+    got = sha256(path)
+    if got != want:
+      raise UserError(f"shipped checkpoint {path} has sha256 {got}, {sums} says {want}: the file "
+                      "changed (a Git LFS pointer or a partial checkout?)")
+    out[name.strip()] = got
+  return out
+
+
+def metadata(which: str, directory: Path = DIR) -> dict:
+  """The JSON metadata of an LDM file (`which`: lego or action_label)."""
+  from safetensors import safe_open
+
+  with safe_open(str(Path(directory) / LDMS[which]), "numpy") as f:
+    meta = f.metadata() or {}
+  return json.loads(meta.get("lego_jax", "{}"))
+
+
+def config_for(cfg, which: str, directory: Path = DIR):
+  """A copy of `cfg` whose VLLM, tokenizer and LDM (`which`) are the shipped files, with the
+  LDM's latent scale and learning options (the sampler must match them) from its metadata."""
+  cfg = cfg.copy_and_resolve_references()
+  directory = Path(directory).absolute()
+  meta = metadata(which, directory)
+  cfg.data.tokenizer_dir = str(directory)
+  cfg.vllm_train.init_checkpoint = str(directory / VLLM)
+  t = cfg.ldm_train
+  t.init, t.init_checkpoint, t.init_use_ema = "lego", str(directory / LDMS[which]), True
+  t.scale_by_std = False  # the file's factor, below
+  cfg.vae.scaling_factor = float(meta["latent_scale"])
+  for k in TRAINING_OPTIONS:
+    if k in meta.get("ldm_train", {}):
+      t[k] = meta["ldm_train"][k]
+  return cfg
+
+
+def load_ldm(cfg) -> tuple:
+  """(unet, conditioner, clip_text, vae) from the LDM file of a `config_for` config: the models
+  built abstractly (no random initialisation to overwrite: 10x less CPU than building them)
+  and filled by the release-layout loader; the VAE carries the file's latent scale."""
+  from flax import nnx
+
+  from lego_jax.models import lego_ldm
+  from lego_jax.weights.checkpoints import load_ldm_single_file
+
+  t = cfg.ldm_train
+  built = nnx.eval_shape(lambda: lego_ldm.build(cfg, cfg.seed))
+  unet, conditioner, clip_text, vae = (built[n] for n in lego_ldm.NAMES)
+  load_ldm_single_file(t.init_checkpoint, unet=unet, vae=vae, clip_text=clip_text,
+                       conditioner=conditioner, use_ema=t.init_use_ema)
+  for m in (unet, conditioner, clip_text, vae):
+    abstract = [v for v in jax.tree.leaves(nnx.state(m)) if isinstance(v, jax.ShapeDtypeStruct)]
+    if abstract:  # a state variable no file fills (none today): refuse, do not run on shapes
+      raise RuntimeError(f"{type(m).__name__}: {len(abstract)} state entries not in {t.init_checkpoint}")
+  return unet, conditioner, clip_text, vae
+
+
+def data_mismatch(cfg, directory: Path = DIR) -> str | None:
+  """Why the shipped models were not trained on `cfg`'s data (None: they were, so the demo's
+  held-out frames are theirs too)."""
+  trained = metadata("lego", directory).get("data", {})
+  now = data_settings(cfg)
+  diff = sorted(k for k in set(trained) | set(now) if trained.get(k) != now.get(k))
+  if diff:
+    return ("the shipped checkpoints were trained on other data settings ("
+            + ", ".join(f"data.{k}: {trained.get(k)!r} there, {now.get(k)!r} here"
+                        for k in diff[:3]) + ")")
+  return None
+
+
+def data_settings(cfg) -> dict:
+  d = cfg.data
+  out = {"source": d.source, "image_size": d.image_size, "vllm_image_size": d.vllm_image_size}
+  if "synthetic" in d:
+    out["synthetic"] = json.loads(json.dumps(d.synthetic.to_dict()))
+  return out
+
+
+# ------------------------------------------------------------------------- writing the files
+
+def export(cfg, workdir: Path, baseline_dir: Path, out: Path = DIR,
+           baseline_cfg=None) -> dict[str, str]:
+  """Writes the shipped files from the trained checkpoints of a demo-like run: WORKDIR's VLLM,
+  tokenizer and LEGO LDM, BASELINE_DIR's action-label LDM (default config: the demo's
+  `baseline_config`). Returns {file: sha256} (also written to SHA256SUMS)."""
+  from lego_jax.models.llava import save_llava
+  from lego_jax.infer import ldm as ldm_infer
+  from lego_jax.train import vllm as vllm_stage
+
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  workdir, baseline_dir = Path(workdir), Path(baseline_dir)
+  model, _ = vllm_stage.load_trained(cfg, workdir, dtype="float32")
+  save_llava(model, out / VLLM)
+  from lego_jax.data.tokenizer import tokenizer_dir
+
+  shutil.copyfile(tokenizer_dir(cfg.data, workdir) / TOKENIZER, out / TOKENIZER)
+  if baseline_cfg is None:
+    from lego_jax.baseline import baseline_config
+
+    baseline_cfg = baseline_config(cfg, workdir)
+  for which, (c, w) in {"lego": (cfg, workdir), "action_label": (baseline_cfg, baseline_dir)}.items():
+    write_ldm(out / LDMS[which], ldm_infer.load_trained(c, w, use_ema=True), c)
+  names = [VLLM, TOKENIZER, *LDMS.values()]
+  sums = {n: sha256(out / n) for n in names}
+  (out / SUMS).write_text("".join(f"{sums[n]}  {n}\n" for n in names))
+  return sums
+
+
+def write_ldm(path: Path, models: tuple, cfg) -> Path:
+  """(unet, conditioner, clip_text, vae) -> one CompVis single file at `path` in float16 (half
+  the bytes; loading widens them back exactly), with the metadata `config_for` reads: the VAE's
+  latent scale, `cfg`'s ldm_train options and data settings."""
+  from lego_jax.weights import io as weights_io
+  from lego_jax.weights.checkpoints import export_ldm_single_file
+
+  unet, conditioner, clip_text, vae = models
+  path = Path(path)
+  tmp = path.with_name(path.stem + ".fp32.safetensors")
+  export_ldm_single_file(tmp, unet=unet, vae=vae, clip_text=clip_text, conditioner=conditioner)
+  sd = {k: (v.astype(np.float16) if v.dtype.kind == "f" else v)
+        for k, v in weights_io.read_state_dict(tmp).items()}
+  tmp.unlink()
+  meta = {"latent_scale": float(vae.config.scaling_factor),
+          "ldm_train": {k: cfg.ldm_train.get(k) for k in TRAINING_OPTIONS + (
+              "num_steps", "batch_size", "lr", "text_source", "use_image_embedding",
+              "use_text_embedding") if k in cfg.ldm_train},
+          "data": data_settings(cfg), "config": cfg.name}
+  return weights_io.write_safetensors(sd, path, metadata={
+      "format": "pt", "source": "lego_jax", "lego_jax": json.dumps(meta, sort_keys=True)})
+
+
+def main(argv: list[str]) -> int:
+  """python -m lego_jax.assets.shipped CONFIG WORKDIR OUT [section.key=value ...]: export a
+  demo-like run's trained VLLM and both LDMs (WORKDIR/baseline_action_label) as the shipped
+  files in OUT, the config with the overrides the run was trained with."""
+  from lego_jax import config as config_lib
+
+  if len(argv) < 3 or argv[0] in ("-h", "--help"):
+    print(main.__doc__)
+    return 2
+  cfg = config_lib.load(argv[0], argv[3:])
+  workdir = Path(argv[1])
+  from lego_jax.baseline import BASELINE_DIR
+
+  sums = export(cfg, workdir, workdir / BASELINE_DIR, Path(argv[2]))
+  for n, s in sums.items():
+    print(f"{s}  {n}")
+  return 0
+
+
+if __name__ == "__main__":
+  import sys
+
+  sys.exit(main(sys.argv[1:]))

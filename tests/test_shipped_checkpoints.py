@@ -1,0 +1,107 @@
+"""The shipped checkpoints of the embedded default (lego_jax/assets/tiny/): the sha256 check, the
+LDM file's round trip through the release layout in float16 with its metadata, and, when the files
+are there, their hashes, their size within the budget, and that they load through the project's
+own loaders and generate frames that keep the input's scene (a random or mis-loaded LDM does not)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from lego_jax import config
+from lego_jax.assets import shipped
+from lego_jax.data import synthetic
+from lego_jax.data.tokenizer import load_clip_tokenizer
+from lego_jax.errors import UserError
+from lego_jax.infer import generate
+from lego_jax.train import vllm
+
+BUDGET_BYTES = 40 * 1024 * 1024
+needs_files = pytest.mark.skipif(not shipped.available(),
+                                 reason=f"no shipped checkpoints in {shipped.DIR}")
+
+
+def test_verify_names_a_missing_or_changed_file(tmp_path):
+  for name, data in (("a.safetensors", b"weights"), ("tokenizer.model", b"pieces")):
+    (tmp_path / name).write_bytes(data)
+  (tmp_path / shipped.SUMS).write_text("".join(
+      f"{shipped.sha256(tmp_path / n)}  {n}\n" for n in ("a.safetensors", "tokenizer.model")))
+  assert set(shipped.verify(tmp_path)) == {"a.safetensors", "tokenizer.model"}
+  (tmp_path / "tokenizer.model").write_bytes(b"pieceS")
+  with pytest.raises(UserError, match="tokenizer.model has sha256"):
+    shipped.verify(tmp_path)
+  (tmp_path / "a.safetensors").unlink()
+  with pytest.raises(UserError, match="a.safetensors is missing"):
+    shipped.verify(tmp_path)
+
+
+def test_ldm_file_round_trip_keeps_weights_scale_and_options(tmp_path):
+  """write_ldm -> config_for -> load_ldm on the tiny config's models: every weight back at
+  float16 precision, the latent scale and the learning options with it."""
+  from flax import nnx
+
+  from lego_jax.models import lego_ldm
+  from lego_jax.weights.state import flat_params, load_params, param_shapes
+
+  cfg = config.load("configs/tiny.py", ["ldm_train.prediction_type=v_prediction",
+                                        "ldm_train.min_snr_gamma=5.0"])
+  # Built abstractly and filled with random numbers: eager random initialisation of the UNet
+  # costs 10x the CPU of everything else here.
+  rng = np.random.default_rng(0)
+  built = nnx.eval_shape(lambda: lego_ldm.build(cfg, 0))
+  models = tuple(built[n] for n in lego_ldm.NAMES)
+  for m in models:
+    load_params(m, {k: rng.normal(size=s).astype(np.float32) * 0.1
+                    for k, s in param_shapes(m).items()})
+  unet, conditioner, clip_text, vae = models
+  vae.config = dataclasses.replace(vae.config, scaling_factor=0.7)
+  for which in shipped.LDMS.values():
+    shipped.write_ldm(tmp_path / which, (unet, conditioner, clip_text, vae), cfg)
+  fresh = config.load("configs/tiny.py")
+  got = shipped.load_ldm(shipped.config_for(fresh, "lego", tmp_path))
+  for a, b in zip((unet, conditioner, clip_text, vae), got):
+    want, have = flat_params(a), flat_params(b)
+    assert set(want) == set(have)
+    for k in want:
+      np.testing.assert_array_equal(have[k], want[k].astype(np.float16).astype(np.float32), k)
+  assert got[3].config.scaling_factor == pytest.approx(0.7)
+  c = shipped.config_for(fresh, "lego", tmp_path)
+  assert (c.ldm_train.prediction_type, c.ldm_train.min_snr_gamma) == ("v_prediction", 5.0)
+  assert shipped.data_mismatch(fresh, tmp_path) is None
+  other = config.load("configs/tiny.py", ["data.synthetic.num_train=32"])
+  assert "data.synthetic" in shipped.data_mismatch(other, tmp_path)
+
+
+@needs_files
+def test_shipped_files_match_their_sha256_and_fit_the_budget():
+  sums = shipped.verify()
+  assert set(sums) == {shipped.VLLM, shipped.TOKENIZER, *shipped.LDMS.values()}
+  assert sum((shipped.DIR / n).stat().st_size for n in sums) <= BUDGET_BYTES
+
+
+def _psnr(a, b, mask):
+  err = np.mean((a.astype(np.float64)[mask] - b.astype(np.float64)[mask]) ** 2)
+  return 10 * np.log10(255.0 ** 2 / err)
+
+
+@needs_files
+def test_shipped_ldm_loads_and_generates_the_kept_scene(tmp_path):
+  cfg = config.load("configs/tiny.py")
+  c = shipped.config_for(config.load("configs/ablations/ip2p_action.py:tiny"), "action_label")
+  assert shipped.data_mismatch(cfg) is None
+  vllm.initialise(shipped.config_for(cfg, "lego"))   # the VLLM file loads in full
+  models = shipped.load_ldm(c)
+  examples = [e for _, _, e in synthetic.generate_split("test", 2, seed=0, size=64,
+                                                        objects=(1, 1))]
+  tok = load_clip_tokenizer(c, tmp_path)
+  batch = {"input": np.stack([e.input for e in examples]),
+           "h_img": np.zeros((2, 16, c.conditioner.llm_dim), np.float32),
+           "h_txt": np.zeros((2, c.conditioner.text_len, c.conditioner.llm_dim), np.float32)}
+  keys = jax.random.split(jax.random.key(0), 2)
+  decoded = generate.run_batch(models, batch, tok([e.action for e in examples]), tok([""]), c,
+                               keys, num_steps=8)
+  frames = generate.to_uint8(np.asarray(decoded), "clamp")
+  assert frames.shape == (2, 64, 64, 3)
+  outside = [_psnr(f, e.target, e.mask < 128) for f, e in zip(frames, examples)]
+  assert min(outside) > 20.0, outside
