@@ -34,7 +34,8 @@ SLOW_FIRST = ("tests/parallel/test_multihost.py", "tests/train/test_resume.py",
               "tests/test_demo.py", "tests/test_serve.py", "tests/train/test_checkpoint.py",
               "tests/eval/test_looks.py", "tests/train/test_ldm_cache.py",
               "tests/parallel/test_plan.py", "tests/parallel/test_plan_targets.py",
-              "tests/eval/test_release_comparison.py", "tests/test_bad_input.py")
+              "tests/eval/test_release_comparison.py", "tests/test_bad_input.py",
+              "tests/data/test_worker_exit.py")
 
 
 def pytest_collection_modifyitems(config, items):
