@@ -2,13 +2,13 @@
 # Quickstart command 2: a virtual env with the test extras, then the whole test suite.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 # plan-tpu / plan-gpu: the TPU and GPU compilers tests/parallel/test_plan_targets.py compiles for;
-# serve: tests/test_serve.py's page.
+# serve: tests/serve/test_serve.py's page.
 python -m pip install -q -e ".[test,serve,plan-tpu,plan-gpu]"
-# tests/test_serve.py drives `lego-jax serve` in Debian's headless chromium (Playwright fetches no
+# tests/serve/test_serve.py drives `lego-jax serve` in Debian's headless chromium (Playwright fetches no
 # browser); installed when missing and this runs as root, else that test file is skipped.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-    || echo "launch/test.sh: chromium could not be installed; tests/test_serve.py will skip" >&2
+    || echo "launch/test.sh: chromium could not be installed; tests/serve/test_serve.py will skip" >&2
 fi
 # The lpips package ships the real LPIPS linear heads the eval tests load; its torchvision
 # requirement would pull a CUDA torch, so it comes without dependencies.

@@ -31,7 +31,7 @@ import lego_jax  # noqa: E402,F401  (applies the project's flax settings)
 # Scheduled first (launch/test.sh turns off xdist's reordering by test count), they overlap each
 # other and the short files fill the gaps, instead of one of them starting last on an idle suite.
 SLOW_FIRST = ("tests/parallel/test_multihost.py", "tests/train/test_resume.py",
-              "tests/test_demo.py", "tests/test_serve.py", "tests/train/test_checkpoint.py",
+              "tests/test_demo.py", "tests/serve/test_serve.py", "tests/train/test_checkpoint.py",
               "tests/eval/test_looks.py", "tests/train/test_ldm_cache.py",
               "tests/parallel/test_plan.py", "tests/parallel/test_plan_targets.py",
               "tests/eval/test_release_comparison.py", "tests/test_bad_input.py",

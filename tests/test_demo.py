@@ -137,7 +137,7 @@ def test_outcome_respects_the_metric_direction():
   assert report.outcome(0.0, higher_better=True) == "ties"
 
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's chromium, as tests/test_serve.py drives it
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium, as tests/serve/test_serve.py drives it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

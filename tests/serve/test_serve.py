@@ -30,7 +30,7 @@ from PIL import Image
 
 from procs import SMALL_LDM, SMALL_VAE, SMALL_VLLM
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Lines XLA's C++ runtime writes to stderr while JAX loads an installed CUDA plugin (the plan-gpu
 # extra CI installs), before any of our code runs: "Could not find cuda drivers ..." at INFO.
 # They are not the command's output; its one line is what is left.
