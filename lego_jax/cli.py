@@ -71,12 +71,15 @@ _DATA_SHARDS = flags.DEFINE_integer(
 
 # Exceptions that mean "the user gave something wrong", not "the code is broken".
 def _user_error_types():
-  from lego_jax.weights.io import WeightFileError
+  from lego_jax.weights.io import WeightPathError
   from lego_jax.train.checkpoint import CheckpointMismatchError
   from lego_jax.weights.mapping import KeyMappingError
 
-  return (UserError, config_lib.ConfigError, WeightFileError, KeyMappingError, FileNotFoundError,
-          CheckpointMismatchError)
+  # KeyMappingError: the weight file and the config's model disagree (as a checkpoint of another
+  # config does): fix the config or pick the file meant for it. A damaged or unreadable weight
+  # file (WeightFileError) is a data fault instead: exit 1 (below).
+  return (UserError, config_lib.ConfigError, KeyMappingError, FileNotFoundError,
+          CheckpointMismatchError, WeightPathError)
 
 
 def _usage() -> str:
@@ -195,6 +198,7 @@ def run(argv: list[str] | None = None) -> None:
     from lego_jax.parallel import distributed
     from lego_jax.train.checkpoint import CheckpointDamagedError, Preempted
     from lego_jax.train.common import NonFiniteError
+    from lego_jax.weights.io import WeightFileError
 
     cfg = _CONFIG.value
     workdir = Path(_WORKDIR.value)
@@ -222,7 +226,8 @@ def run(argv: list[str] | None = None) -> None:
     except Preempted as e:
       print(f"lego-jax {command}: {e}", file=sys.stderr)
       return Preempted.exit_code
-    except (NonFiniteError, CheckpointDamagedError, RecordFileError) as e:  # data faults: exit 1
+    except (NonFiniteError, CheckpointDamagedError, RecordFileError,
+            WeightFileError) as e:  # data faults: exit 1
       print(f"lego-jax {command}: error: {e}", file=sys.stderr)
       return 1
     except OSError as e:

@@ -328,3 +328,17 @@ def test_a_malformed_bin_index_is_one_named_error(tmp_path, text):
   with pytest.raises(weights_io.WeightFileError,
                      match="pytorch_model.bin.index.json: not a weight index"):
     weights_io.read_state_dict(tmp_path)
+
+
+def test_weight_files_a_missing_path_exits_2_and_a_damaged_file_exits_1(capsys, tmp_path):
+  """A weights path that names nothing is a usage mistake (exit 2); a file that is there but
+  damaged is a data fault (exit 1): each one line naming the file."""
+  missing = tmp_path / "nowhere.safetensors"
+  code, _, err = _cli(capsys, "convert", "--kind=vae", f"--source={missing}",
+                      f"--workdir={tmp_path / 'w1'}")
+  assert code == 2 and str(missing) in _one_line(err), err
+  damaged = tmp_path / "vae.safetensors"
+  damaged.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+  code, _, err = _cli(capsys, "convert", "--kind=vae", f"--source={damaged}",
+                      f"--workdir={tmp_path / 'w2'}")
+  assert code == 1 and "not a readable safetensors file" in _one_line(err), err

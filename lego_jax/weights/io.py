@@ -24,6 +24,11 @@ class WeightFileError(ValueError):
   """A weight file is missing, unreadable or of an unknown kind."""
 
 
+class WeightPathError(WeightFileError):
+  """The path given for a weights file names none: a usage error (exit 2), where a file that is
+  there but unreadable, unsafe or malformed is a data fault (exit 1)."""
+
+
 class UnsafeCheckpointError(WeightFileError):
   """A pickle that needs arbitrary code to load: refused, never executed."""
 
@@ -105,7 +110,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = Path(path)
   if not path.exists():
-    raise WeightFileError(f"weight file or directory not found: {path}")
+    raise WeightPathError(f"weight file or directory not found: {path}")
   if path.is_dir():
     for index_name in ("*.safetensors.index.json", "*.bin.index.json"):
       for index in sorted(path.glob(index_name)):
@@ -121,13 +126,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         for f in files:
           out.update(read_state_dict(f))
         return out
-    raise WeightFileError(
+    raise WeightPathError(
         f"{path}: no weight files (*.safetensors, *.bin, *.ckpt, *.pth) in this directory")
   if path.suffix in SAFE_SUFFIXES:
     return _read_safetensors(path)
   if path.suffix in PICKLE_SUFFIXES:
     return _read_pickle(path)
-  raise WeightFileError(
+  raise WeightPathError(
       f"{path}: unknown weight file type {path.suffix!r}; expected .safetensors, .bin, .ckpt, .pth or .pt")
 
 
