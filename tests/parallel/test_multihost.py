@@ -99,7 +99,7 @@ def restore_on_one_device(path: Path):
   return ckptr.restore(path, target)
 
 
-def _params(workdir: Path, step: int, name: str = "vae", part: str = "params") -> dict:
+def _params(workdir: Path, step: int, name: str = "vae", part: str = "trained") -> dict:
   restored = restore_on_one_device(workdir / "checkpoints" / name / str(step) / "state")
   return {jax.tree_util.keystr(p): np.asarray(v)
           for p, v in jax.tree_util.tree_leaves_with_path(restored[part])}
