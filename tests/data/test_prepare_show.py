@@ -20,7 +20,10 @@ tfds.display_progress_bar(False)
 
 def _cfg(**data):
   cfg = config.load("tiny")
-  cfg.data.synthetic.update(num_train=10, num_val=3, num_test=4, frame_size=32)
+  # The plain world (pairs and instruction records one to one); tests/data/test_synthetic_heldout.py
+  # covers the held-out-combinations world configs/tiny.py runs.
+  cfg.data.synthetic.update(num_train=10, num_val=3, num_test=4, frame_size=32,
+                            combination_rules=False, holdout=(), num_instruction=0)
   cfg.data.update({"num_shards": 2, "num_workers": 2, "tokenizer_vocab_size": 256, **data})
   return cfg
 

@@ -52,15 +52,15 @@ def test_default_settings_write_the_same_bytes_as_before(tmp_path, name, counts,
     assert _digest(files.root) == BEFORE[name][1]
 
 
-def test_the_paper_and_tiny_configs_keep_the_plain_world():
-  for path in ("configs/tiny.py", "configs/lego_ego4d.py", "configs/lego_epickitchens.py"):
+def test_the_paper_configs_keep_the_plain_world_and_the_demo_holds_combinations_out():
+  for path in ("configs/lego_ego4d.py", "configs/lego_epickitchens.py"):
     assert prepare.synthetic_options(config_lib.load(path).data.synthetic) == Options()
-  on = prepare.synthetic_options(config_lib.load("configs/tiny_heldout.py").data.synthetic)
+  on = prepare.synthetic_options(config_lib.load("configs/tiny.py").data.synthetic)
   assert on.combination_rules and set(on.holdout) == set(HOLDOUT) and on.num_instruction > 0
 
 
 def test_bad_options_are_named():
-  cfg = config_lib.load("configs/tiny_heldout.py")
+  cfg = config_lib.load("configs/tiny.py")
   cfg.data.synthetic.holdout = ("stir cup",)
   with pytest.raises(prepare.DataConfigError, match="'stir cup'"):
     prepare.check_config(cfg.data)

@@ -84,7 +84,7 @@ def test_report_shows_the_split_with_standard_errors(tmp_path):
   row = {"placement": 0.6, "placement_se": 0.1, "placement_count": 4}
   metrics = {"num_test": 4, "methods": {"lego": row, "action_label": row, "copy_input": row},
              "by_combination": split}
-  data = {"title": "t", "config_name": "tiny_heldout", "methods": demo.METHODS,
+  data = {"title": "t", "config_name": "tiny", "methods": demo.METHODS,
           "headline": demo.HEADLINE, "metrics": metrics, "columns": [], "rows": [], "plots": {}}
   page = report.write_html(tmp_path / "report.html", data).read_text()
   assert "Seen and held-out combinations" in page and "stir bowl" in page
