@@ -6,8 +6,9 @@ time for the TARGET's own compiler, from abstract shapes only: the models are bu
 `nnx.eval_shape`, the train state is `jax.ShapeDtypeStruct`s carrying the trainer's shardings, and
 nothing is allocated. No accelerator is needed:
 
-  - TPU targets (tpu-v5p-8, tpu-v5e-16, tpu-v6e-8, tpu-v4-8, ...) compile with libtpu for a
-    deviceless topology (`jax.experimental.topologies`; extra `plan-tpu`);
+  - TPU targets (tpu-v5p-8, tpu-v5e-16, tpu-v6e-8, tpu-v4-8, ...; Google's names: a v5p-N or
+    v4-N has N/2 chips, a v5e-N or v6e-N N chips) compile with libtpu for a deviceless topology
+    (`jax.experimental.topologies`; extra `plan-tpu`);
   - GPU targets (a100-40g-x8, a100-80g-x8, h100-80g-x8, h200-x8) compile with XLA:GPU of the
     jax-cuda12 plugin for a target description (lego_jax/plan_targets/*.txtpb, XLA's own files;
     extra `plan-gpu`, no CUDA runtime);
@@ -110,9 +111,12 @@ _GCP = "cloud.google.com/tpu/docs/"
 # sparsity), HBM size and bandwidth from XLA's target description of the part.
 TARGETS = (
     Target("tpu-v5p-8", 4, 95e9, 459e12, 2765e9, "tpu", "v5p:2x2x1", source=_GCP + "v5p"),
+    Target("tpu-v5p-16", 8, 95e9, 459e12, 2765e9, "tpu", "v5p:2x2x2", source=_GCP + "v5p"),
     Target("tpu-v5e-4", 4, 16e9, 197e12, 819e9, "tpu", "v5e:2x2", source=_GCP + "v5e"),
     Target("tpu-v5e-16", 16, 16e9, 197e12, 819e9, "tpu", "v5e:4x4", source=_GCP + "v5e"),
+    Target("tpu-v5e-32", 32, 16e9, 197e12, 819e9, "tpu", "v5e:4x8", source=_GCP + "v5e"),
     Target("tpu-v6e-8", 8, 32e9, 918e12, 1640e9, "tpu", "v6e:2x4", source=_GCP + "v6e"),
+    Target("tpu-v6e-16", 16, 32e9, 918e12, 1640e9, "tpu", "v6e:4x4", source=_GCP + "v6e"),
     Target("tpu-v4-8", 4, 32 * GIB, 275e12, 1200e9, "tpu", "v4:2x2x1", source=_GCP + "v4"),
     Target("a100-40g-x8", 8, 42331013120, 312e12, 1555.2e9, "cuda", "1x1x8", "a100_sxm_40.txtpb",
            "NVIDIA A100 Tensor Core GPU datasheet (SXM4); XLA a100_sxm_40.txtpb"),
