@@ -6,8 +6,9 @@ time for the TARGET's own compiler, from abstract shapes only: the models are bu
 `nnx.eval_shape`, the train state is `jax.ShapeDtypeStruct`s carrying the trainer's shardings, and
 nothing is allocated. No accelerator is needed:
 
-  - TPU targets (tpu-v5p-8, tpu-v5e-16, tpu-v6e-8, tpu-v4-8, ...) compile with libtpu for a
-    deviceless topology (`jax.experimental.topologies`; extra `plan-tpu`);
+  - TPU targets (tpu-v5p-8, tpu-v5e-16, tpu-v6e-8, tpu-v4-8, ...; Google's names: a v5p-N or
+    v4-N has N/2 chips, a v5e-N or v6e-N N chips) compile with libtpu for a deviceless topology
+    (`jax.experimental.topologies`; extra `plan-tpu`);
   - GPU targets (a100-40g-x8, a100-80g-x8, h100-80g-x8, h200-x8) compile with XLA:GPU of the
     jax-cuda12 plugin for a target description (lego_jax/plan_targets/*.txtpb, XLA's own files;
     extra `plan-gpu`, no CUDA runtime);
@@ -110,9 +111,12 @@ _GCP = "cloud.google.com/tpu/docs/"
 # sparsity), HBM size and bandwidth from XLA's target description of the part.
 TARGETS = (
     Target("tpu-v5p-8", 4, 95e9, 459e12, 2765e9, "tpu", "v5p:2x2x1", source=_GCP + "v5p"),
+    Target("tpu-v5p-16", 8, 95e9, 459e12, 2765e9, "tpu", "v5p:2x2x2", source=_GCP + "v5p"),
     Target("tpu-v5e-4", 4, 16e9, 197e12, 819e9, "tpu", "v5e:2x2", source=_GCP + "v5e"),
     Target("tpu-v5e-16", 16, 16e9, 197e12, 819e9, "tpu", "v5e:4x4", source=_GCP + "v5e"),
+    Target("tpu-v5e-32", 32, 16e9, 197e12, 819e9, "tpu", "v5e:4x8", source=_GCP + "v5e"),
     Target("tpu-v6e-8", 8, 32e9, 918e12, 1640e9, "tpu", "v6e:2x4", source=_GCP + "v6e"),
+    Target("tpu-v6e-16", 16, 32e9, 918e12, 1640e9, "tpu", "v6e:4x4", source=_GCP + "v6e"),
     Target("tpu-v4-8", 4, 32 * GIB, 275e12, 1200e9, "tpu", "v4:2x2x1", source=_GCP + "v4"),
     Target("a100-40g-x8", 8, 42331013120, 312e12, 1555.2e9, "cuda", "1x1x8", "a100_sxm_40.txtpb",
            "NVIDIA A100 Tensor Core GPU datasheet (SXM4); XLA a100_sxm_40.txtpb"),
@@ -333,6 +337,51 @@ def collectives(hlo_text: str) -> dict[str, int]:
   return {op: found.count(op) for op in sorted(set(found))}
 
 
+# libtpu refuses to compile a program that cannot fit the chip's HBM, with RESOURCE_EXHAUSTED and
+# one of two messages: the deviceless compile (libtpu 0.0.42.1) "Ran out of memory on HBM, the
+# total memory required for HLO temporaries (37.79G) exceeds available HBM (31.25G)." (it weighs
+# the temporaries alone against the chip, so a compiled step may still not fit), a TPU VM's
+# compile "Ran out of memory in memory space hbm. Used 21.95G of 15.48G hbm. ...". G is 2^30
+# bytes. XLA:GPU refuses nothing at compile time (it compiled 223 GiB of temporaries for one
+# 80 GB H100; docs/plan-targets.md, 2026-12-04): its rows are judged by their memory alone.
+_SIZE = r"([\d.]+[KMGT]?)"
+_HBM_REFUSALS = (
+    re.compile(r"Ran out of memory on HBM, the total memory required for (?P<what>[^(]+?) \("
+               + _SIZE + r"\) exceeds available HBM \(" + _SIZE + r"\)"),
+    re.compile(r"Ran out of memory in memory space hbm\. Used " + _SIZE + " of " + _SIZE
+               + " hbm"),
+)
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(text: str) -> int:
+  return round(float(text.rstrip("KMGT")) * _UNITS.get(text[-1], 1))
+
+
+def hbm_refusal(message: str) -> dict | None:
+  """What a target compiler's refusal says the step needs and the chip has, if `message` is
+  libtpu's out-of-HBM error; None for every other error."""
+  for pattern in _HBM_REFUSALS:
+    m = pattern.search(message)
+    if m:
+      required, available = m.groups()[-2:]
+      return {"required_bytes": _bytes(required), "available_bytes": _bytes(available),
+              "required_for": m.groupdict().get("what") or "the program",
+              "message": message.strip().splitlines()[0][:300]}
+  return None
+
+
+def _stage_fields(stage: Stage, mesh) -> dict:
+  """What a row says of the step before its compiler has said anything: mesh, batch split."""
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  return {"stage": stage.name, "mesh": dict(mesh.shape), "devices": int(mesh.devices.size),
+          "compiler": mesh.devices.flat[0].platform,
+          "device_kind": mesh.devices.flat[0].device_kind,
+          "global_batch": stage.global_batch, "grad_accum": stage.grad_accum,
+          "micro_batch_per_device": stage.global_batch / stage.grad_accum / batch_devices,
+          "trained_params": stage.trained_params, "total_params": stage.total_params}
+
+
 def compile_stage(cfg, stage_name: str, mesh) -> dict:
   """Lowers and compiles one stage's program for the devices of `mesh` (a target's, or fake CPU
   devices); memory, FLOPs, bytes and timings as a dict."""
@@ -351,16 +400,24 @@ def compile_stage(cfg, stage_name: str, mesh) -> dict:
     t1 = time.perf_counter()
     options = {}
     try:
-      compiled = lowered.compile()
+      try:
+        compiled = lowered.compile()
+      except Exception as e:
+        # XLA:GPU without a device cannot autotune its Triton GEMMs: it takes one tiling per dot
+        # from a default table, and for some small f32 dots (the conditioner's [154, 64] of
+        # configs/tiny.py on 4 A100s) none is valid. A GPU's autotuner would try others and
+        # cuBLAS; here cuBLAS alone, recorded in the row.
+        if "Couldn't find output tile sizes" not in str(e):
+          raise
+        options = {"xla_gpu_enable_triton_gemm": False}
+        compiled = lowered.compile(options)
     except Exception as e:
-      # XLA:GPU without a device cannot autotune its Triton GEMMs: it takes one tiling per dot
-      # from a default table, and for some small f32 dots (the conditioner's [154, 64] of
-      # configs/tiny.py on 4 A100s) none is valid. A GPU's autotuner would try others and cuBLAS;
-      # here cuBLAS alone, recorded in the row.
-      if "Couldn't find output tile sizes" not in str(e):
+      refused = hbm_refusal(str(e))
+      if refused is None:
         raise
-      options = {"xla_gpu_enable_triton_gemm": False}
-      compiled = lowered.compile(options)
+      # Not a compile error: the step is valid, the chip too small at this mesh and micro-batch.
+      return dict(_stage_fields(stage, mesh), refused=refused,
+                  lower_s=round(t1 - t0, 1), compile_s=round(time.perf_counter() - t1, 1))
     t2 = time.perf_counter()
     counted = flop_count.count_flops(stage.step, stage.state, stage.batch, rng)
     flops, nbytes = counted.total, counted.bytes
@@ -371,15 +428,9 @@ def compile_stage(cfg, stage_name: str, mesh) -> dict:
   # is tiny next to them on a GPU; a deviceless TPU compile reports tens of MB for it.
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes)
-  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
   devices = int(mesh.devices.size)
   return {
-      "stage": stage_name, "mesh": dict(mesh.shape), "devices": devices,
-      "compiler": mesh.devices.flat[0].platform, "device_kind": mesh.devices.flat[0].device_kind,
-      "compiler_options": options,
-      "global_batch": stage.global_batch, "grad_accum": stage.grad_accum,
-      "micro_batch_per_device": stage.global_batch / stage.grad_accum / batch_devices,
-      "trained_params": stage.trained_params, "total_params": stage.total_params,
+      **_stage_fields(stage, mesh), "compiler_options": options,
       "bytes_per_device": {"arguments": int(mem.argument_size_in_bytes),
                            "outputs": int(mem.output_size_in_bytes),
                            "aliased": int(mem.alias_size_in_bytes),
@@ -409,6 +460,9 @@ def judge(row: dict) -> dict:
   if "error" in row or t.platform == "cpu":
     return row
   row["hbm_bytes"] = t.hbm_bytes
+  if "refused" in row:  # the target's compiler said it does not fit: no program to judge
+    row["fits"] = False
+    return row
   row["fits"] = bool(row["bytes_per_device"]["peak"] <= HEADROOM * t.hbm_bytes)
   compute = row["flops_per_device"] / t.peak_flops
   memory = max(row["matmul_bytes_per_device"],
@@ -424,7 +478,8 @@ def plan(cfg, stages=("vllm", "ldm", "vae"), meshes=("config",),
          done: tuple[dict, ...] = (), on_row: Callable[[dict], None] = lambda row: None
          ) -> list[dict]:
   """One row per (stage, mesh, target); compile failures (e.g. a batch that does not split over
-  the devices, an op the target's compiler rejects) are rows with an "error".
+  the devices, an op the target's compiler rejects) are rows with an "error"; a step the target's
+  compiler refuses for want of HBM is a row that does not fit ("refused": what it needs and has).
 
   A compiled row of `done` (an earlier run's, same config) is taken as it is, judged again;
   rows with an error are tried again. `on_row` sees every row once it is finished, so a caller
@@ -477,14 +532,20 @@ def format_row(row: dict) -> str:
           f"{row.get('mesh', row['mesh_request'])}")
   if "error" in row:
     return f"{head}: does not compile: {row['error']}"
+  batch = (f"micro-batch {row['micro_batch_per_device']:g}/device (global {row['global_batch']}, "
+           f"accum {row['grad_accum']})")
+  if "refused" in row:
+    r = row["refused"]
+    return (f"{head} ({row['compiler']} compiler): {batch}; DOES NOT FIT: the compiler refused "
+            f"it, {r['required_for']} {r['required_bytes'] / GIB:.2f} GiB > the "
+            f"{r['available_bytes'] / GIB:.2f} GiB of HBM it has; compile {row['compile_s']:.0f} s")
   b = row["bytes_per_device"]
   xla = row.get("xla_cost_analysis_flops_per_device")
   fits = "" if row["fits"] is None else (
       f" | {'fits' if row['fits'] else 'DOES NOT FIT'} {row['hbm_bytes'] / GIB:.0f} GiB"
       f"; roofline >= {_time(row['roofline_s'])}/step ({row['roofline_bound']})")
-  return (f"{head} ({row['compiler']} compiler): micro-batch "
-          f"{row['micro_batch_per_device']:g}/device (global {row['global_batch']}, accum "
-          f"{row['grad_accum']}); per device {b['peak'] / GIB:.2f} GiB (args "
+  return (f"{head} ({row['compiler']} compiler): {batch}; per device {b['peak'] / GIB:.2f} GiB "
+          f"(args "
           f"{b['arguments'] / GIB:.2f}, temps {b['temporaries'] / GIB:.2f}; code "
           f"{b['generated_code'] / 2**20:.0f} MiB apart); {_si(row['flops_per_device'], 'FLOP')}"
           f"/device (XLA cost analysis {'-' if xla is None else _si(xla, 'FLOP')}); "

@@ -129,3 +129,54 @@ def test_collectives_in_hlo_text():
   assert plan.collectives(text) == {"all-gather": 1, "all-reduce": 3, "collective-permute": 1,
                                     "reduce-scatter": 1}
   assert plan.collectives("%add.1 = f32[] add(%x, %y)") == {}
+
+
+# libtpu's refusals, as the deviceless compile and a TPU VM's compile print them (the first from
+# the 13B VLLM step on tpu-v5e-16, mesh (1, 16, 1), 2026-12-03).
+DEVICELESS_OOM = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                  "temporaries (19.40G) exceeds available HBM (15.75G).")
+TPU_VM_OOM = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+              "space hbm. Used 21.95G of 15.48G hbm.\n Exceeded hbm capacity by 6.47G.\n")
+
+
+def test_hbm_refusal_is_a_row_that_does_not_fit(monkeypatch):
+  """A step the target's compiler refuses for want of HBM is a does-not-fit row with what the
+  compiler named; any other compile error stays an error. No compile: the SMALL_VAE step is lowered
+  for 4 CPU devices standing in for a v5e-4, and the compiler's answer is the message above."""
+  r = plan.hbm_refusal(TPU_VM_OOM)
+  assert (r["required_bytes"], r["available_bytes"]) == (round(21.95 * 2**30), round(15.48 * 2**30))
+  assert r["required_for"] == "the program" and "\n" not in r["message"]
+  # Out of on-chip vector memory is a kernel that cannot be laid out, not a chip too small.
+  assert plan.hbm_refusal("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem. Used "
+                          "32.42M of 16.00M vmem.") is None
+
+  target = plan.target_of("tpu-v5e-4")
+  monkeypatch.setattr(plan, "target_devices", lambda t: jax.devices("cpu")[:t.chips])
+  answer = [DEVICELESS_OOM]
+
+  def compile(self, *args, **kwargs):
+    raise jax.errors.JaxRuntimeError(answer[0])
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", compile)
+  cfg = config_lib.load("tiny", SMALL_VAE)
+  lines = []
+  row, = plan.plan(cfg, ("vae",), ("1:-1:1",), (target,), log=lines.append)
+  assert "error" not in row and row["fits"] is False and row["roofline_s"] is None
+  assert row["refused"] == {"required_bytes": round(19.40 * 2**30),
+                            "available_bytes": round(15.75 * 2**30),
+                            "required_for": "HLO temporaries", "message": DEVICELESS_OOM}
+  assert row["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and row["devices"] == 4
+  assert (row["global_batch"], row["grad_accum"], row["micro_batch_per_device"]) == (8, 1, 2)
+  assert row["hbm_bytes"] == target.hbm_bytes and "bytes_per_device" not in row
+  assert lines == [
+      "vae    tpu-v5e-4   mesh {'data': 1, 'fsdp': 4, 'tensor': 1} (cpu compiler): micro-batch "
+      "2/device (global 8, accum 1); DOES NOT FIT: the compiler refused it, HLO temporaries "
+      f"19.40 GiB > the 15.75 GiB of HBM it has; compile {row['compile_s']:.0f} s"]
+  # A finished row: a rerun into the same plan.json takes it as it is.
+  again = plan.plan(cfg, ("vae",), ("1:-1:1",), (target,), log=lines.append, done=(row,))
+  assert again[0]["refused"] == row["refused"] and lines[-1].endswith("(from plan.json)")
+
+  answer[0] = "INTERNAL: Couldn't legalize %dot.3"  # any other refusal: an error
+  row, = plan.plan(cfg, ("vae",), ("1:-1:1",), (target,), log=lines.append)
+  assert row["error"] == "JaxRuntimeError: INTERNAL: Couldn't legalize %dot.3"
+  assert row["fits"] is None and lines[-1].endswith("does not compile: " + row["error"])
