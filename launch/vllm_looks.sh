@@ -15,7 +15,7 @@
 # Extra flags go to every command (e.g. --config.vllm_train.num_steps=1500 or
 # --config.data.synthetic.num_train=8192; a run's own setting wins). Every step resumes or is
 # kept when rerun with the same WORKDIR.
-# Environment: CONFIG (configs/tiny.py), PYTHON (default .venv/bin/python when present, else
+# Runs in the plain synthetic world (below). Environment: CONFIG (configs/tiny.py), PYTHON (default .venv/bin/python when present, else
 # python3).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,8 +29,13 @@ if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then
   WORKDIR="$1"
   shift
 fi
-EXTRA=("$@")
 CONFIG="${CONFIG:-configs/tiny.py}"
+# The plain world: the acting hand follows where the object stands, so only the frame tells it.
+# configs/tiny.py's held-out-combinations world gives each combination its own hand (stated by the
+# text), which would let a blind model name the hand. Extra flags after these win.
+PLAIN=(--config.data.synthetic.combination_rules=false "--config.data.synthetic.holdout=()"
+       --config.data.synthetic.num_instruction=0)
+EXTRA=("${PLAIN[@]}" "$@")
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
