@@ -582,11 +582,14 @@ def print_summary(metrics: dict, workdir: Path) -> None:
     print("shipped checkpoints (lego_jax/assets/tiny), the same frames:")
     for name, row in shipped["methods"].items():
       print(f"{name:<14}" + "".join(f"{row.get(k, float('nan')):>14.3f}" for k in keys))
-  for group, g in metrics.get("by_combination", {}).items():
-    d = g["lego_minus_action_label"]
-    print(f"{group} combinations ({g['num_test']} frames), LEGO - label only: " + ", ".join(
-        f"{k} {d[k]:+.3f} ± {d[k + '_se']:.3f}" for k in ("region_psnr", "placement", "hand_hit")
-        if k in d and math.isfinite(d[k]) and math.isfinite(d[k + "_se"])))
+  for block, split in (("", metrics.get("by_combination", {})),
+                       ("shipped, ", shipped.get("by_combination", {}))):
+    for group, g in split.items():
+      d = g["lego_minus_action_label"]
+      print(f"{block}{group} combinations ({g['num_test']} frames), LEGO - label only: "
+            + ", ".join(f"{k} {d[k]:+.3f} ± {d[k + '_se']:.3f}"
+                        for k in ("region_psnr", "placement", "hand_hit")
+                        if k in d and math.isfinite(d[k]) and math.isfinite(d[k + "_se"])))
   for k, why in metrics["skipped"].items():
     print(f"skipped {k}: {why.splitlines()[0][:160]}")
   t = metrics["total"]

@@ -368,6 +368,10 @@ def write_html(path: str | Path, data: dict) -> Path:
   if shipped.get("methods"):
     parts.append("<h2>The shipped checkpoints on the same held-out frames</h2>"
                  f"<p>{_e(shipped.get('note', ''))}</p>" + _metrics_table(shipped, headline, methods))
+    if shipped.get("by_combination"):
+      parts.append(_combination_table(shipped["by_combination"], headline)
+                   .replace("<h3>Seen and held-out combinations</h3>",
+                            "<h3>Seen and held-out combinations (shipped checkpoints)</h3>"))
     if shipped.get("grid"):
       parts.append(f"<p><img src='{_e(shipped['grid'])}' alt='shipped checkpoints: examples'></p>")
   elif shipped.get("skipped"):

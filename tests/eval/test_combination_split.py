@@ -92,6 +92,10 @@ def test_report_shows_the_split_with_standard_errors(tmp_path):
   assert "held-out: hand 1.000 of 2, destination 1.000 of 2" in page
   d = split["held_out"]["lego_minus_action_label"]
   assert f"{d['placement']:+.3f}" in page and f"± {d['placement_se']:.3f}" in page
+  # The shipped checkpoints' block gets its own table.
+  metrics["shipped"] = {"num_test": 4, "methods": metrics["methods"], "by_combination": split}
+  page = report.write_html(tmp_path / "shipped.html", data).read_text()
+  assert "Seen and held-out combinations (shipped checkpoints)" in page
   # Without the mark the page has no such table.
-  del metrics["by_combination"]
+  del metrics["by_combination"], metrics["shipped"]
   assert "Seen and held-out" not in report.write_html(tmp_path / "plain.html", data).read_text()
