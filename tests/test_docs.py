@@ -40,7 +40,6 @@ def broken_links(root: Path = ROOT) -> list[str]:
       if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
         continue  # a URL (https:, mailto:) or an anchor in the same file
       path = (doc.parent / target.split("#", 1)[0]).resolve()
-      rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
       if not path.exists():
         bad.append(f"{doc.relative_to(root)}:{number}: {target}")
   return bad

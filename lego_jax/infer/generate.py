@@ -44,7 +44,7 @@ from lego_jax.errors import UserError
 from lego_jax.eval import images as eval_images
 from lego_jax.infer import ldm as ldm_infer
 from lego_jax.infer import single
-from lego_jax.infer.ldm import frames_uint8, generate_latents, run_batch, to_uint8  # noqa: F401
+from lego_jax.infer.ldm import frames_uint8, run_batch, to_uint8
 from lego_jax.models import lego_ldm
 
 # Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.

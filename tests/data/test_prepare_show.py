@@ -1,5 +1,6 @@
 """`prepare-data` end to end on a small synthetic set, its config checks, and `show-data`."""
 
+import importlib
 import io
 import json
 
@@ -10,10 +11,11 @@ from absl.testing import flagsaver
 from PIL import Image
 
 from data_prep.lego_json import ConversionError
-import lego_jax.cli  # noqa: F401  (defines the shared --split / --out flags show-data reads)
 from lego_jax import config
 from lego_jax.data import pipeline, prepare, prompts, records, show, tokenizer
 from lego_jax.data.prompts import human_turn
+
+importlib.import_module("lego_jax.cli")  # defines the shared --split / --out flags show-data reads
 
 tfds.display_progress_bar(False)
 
