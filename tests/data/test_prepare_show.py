@@ -159,6 +159,23 @@ def test_config_mistakes_are_named(tmp_path):
     prepare.main(_cfg(source="lego_json"), tmp_path)
 
 
+def test_small_synthetic_records_stay_small_in_any_tiny_world(tmp_path):
+  """tests/helpers.py's records (the subprocess tests' data) have the sizes asked for and no
+  VLLM-only instruction frames, even from a config that asks for 512 of them; the config's
+  world (here: held-out combinations) is kept."""
+  from helpers import synthetic_records
+
+  assert config.load("tiny_heldout").data.synthetic.num_instruction == 512
+  root = synthetic_records(tmp_path, 4, 2, 2, config="tiny_heldout")
+  summary = json.loads((root / "records" / "prepare_summary.json").read_text())
+  for kind in ("pairs", "instruct"):
+    assert summary[kind]["num_records"] == {"train": 4, "val": 2, "test": 2}, kind
+  train = records.open_split(root / "records", "train")
+  assert all(records.read_meta(records.to_python(train[i]))["combination_seen"]
+             for i in range(len(train)))
+  assert (root / "tokenizer" / "tokenizer.model").is_file()
+
+
 def test_contact_sheet(prepared, tmp_path):
   workdir, _ = prepared
   sheet = show.contact_sheet(workdir / "records", "val", num=5)
