@@ -22,7 +22,8 @@ tfds.display_progress_bar(False)
 
 def _cfg(**data):
   cfg = config.load("tiny")
-  cfg.data.synthetic.update(num_train=10, num_val=3, num_test=4, frame_size=32)
+  # No VLLM-only instruction frames, whatever tiny.py's world asks: the counts below are exact.
+  cfg.data.synthetic.update(num_train=10, num_val=3, num_test=4, frame_size=32, num_instruction=0)
   cfg.data.update({"num_shards": 2, "num_workers": 2, "tokenizer_vocab_size": 256, **data})
   return cfg
 
@@ -187,6 +188,7 @@ def test_contact_sheet(prepared, tmp_path):
   got = np.asarray(sheet)[top:top + show.CELL, show.PAD:show.PAD + show.CELL]
   np.testing.assert_array_equal(got, want)
   out = tmp_path / "sheet.png"
+  pipeline.ensure_flags_parsed()  # show.main reads absl flags: outside the CLI, mark them parsed
   with flagsaver.flagsaver(split="test", num=2, out=str(out)):
     assert show.main(_cfg(), workdir) == 0
   assert Image.open(out).size[0] == sheet.width
