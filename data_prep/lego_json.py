@@ -25,6 +25,7 @@ from typing import Any
 
 from data_prep.ego4d_text import normalise_action
 from lego_jax.data import images
+from lego_jax.errors import DataError
 
 REQUIRED = ("image_0", "image_1", "action")
 DESCRIPTION_KEY = "llava_forecast_finetune"
@@ -201,10 +202,21 @@ def load_pair(entry: PairEntry, frames_dir: Path, metadata: dict, dataset: str) 
 
 
 def read_metadata(path: str | Path | None) -> dict:
-  """The optional metadata JSON; "" or None means none."""
+  """The optional metadata JSON; "" or None means none. A clip given twice, or a field of a clip
+  given twice, is a DataError: which size is meant is unknown, and every record of the clip
+  would otherwise fail on its own with the copies printed."""
   if not path:
     return {}
   meta = read_json(path, "metadata JSON")
   if not isinstance(meta, dict):
     raise ConversionError(f"metadata JSON {path}: expected an object keyed by clip_id")
+  for clip_id, info in meta.items():
+    if isinstance(info, Repeated):
+      raise DataError(f"metadata JSON {path}: clip {shown(clip_id)!r} is given {len(info)} times "
+                      "(one entry per clip)")
+    twice = sorted(k for k, v in info.items() if isinstance(v, Repeated)) \
+        if isinstance(info, dict) else []
+    if twice:
+      raise DataError(f"metadata JSON {path}: clip {shown(clip_id)!r} gives {shown(twice[0])!r} "
+                      "more than once")
   return meta

@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lego_jax import config as config_lib
-from lego_jax.errors import UserError
+from lego_jax.errors import DataError, UserError
 
 # command -> (module, one-line help). The module has `main(cfg, workdir) -> int | None`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -227,7 +227,7 @@ def run(argv: list[str] | None = None) -> None:
       print(f"lego-jax {command}: {e}", file=sys.stderr)
       return Preempted.exit_code
     except (NonFiniteError, CheckpointDamagedError, RecordFileError,
-            WeightFileError) as e:  # data faults: exit 1
+            WeightFileError, DataError) as e:  # data faults: exit 1
       print(f"lego-jax {command}: error: {e}", file=sys.stderr)
       return 1
     except OSError as e:

@@ -31,7 +31,6 @@ import os
 import re
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,7 +41,6 @@ import numpy as np
 from PIL import Image
 
 from lego_jax.baseline import BASELINE_DIR, baseline_config, link_vae  # noqa: F401  (demo.* names used by tests)
-from lego_jax import config as config_lib
 from lego_jax.config import ConfigError
 from lego_jax.data import pipeline, records
 from lego_jax.data import prepare as prepare_stage

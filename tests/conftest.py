@@ -4,6 +4,7 @@ JAX and torch share the CI machine's two cores; without pinning, torch's thread 
 XLA's and runs tens of times slower.
 """
 
+import importlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,7 +25,7 @@ try:
 except ImportError:
   pass
 
-import lego_jax  # noqa: E402,F401  (applies the project's flax settings)
+importlib.import_module("lego_jax")  # applies the project's flax settings
 
 
 # The files that run whole commands in subprocesses take minutes each; the rest take seconds.

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -80,6 +79,13 @@ def test_values_a_run_cannot_honour_are_refused_at_start(capsys, tmp_path, flags
   assert code == 2
   assert _one_line(err).startswith(f"lego-jax train-vae: error: {message}")
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_negative_generate_limit_is_refused_at_start(capsys, tmp_path):
+  code, _, err = _cli(capsys, "generate", f"--workdir={tmp_path}", "--limit=-1")
+  assert code == 2
+  assert _one_line(err) == ("lego-jax generate: error: --limit=-1: give how many frames to "
+                            "generate (0: all)")
 
 
 def test_batch_split_over_data_parallel_devices():

@@ -1,4 +1,6 @@
-"""Every relative link in README.md and docs/**/*.md points to a file of the repository.
+"""Every relative link in README.md and docs/**/*.md points to a file of the repository; the
+speed targets' table in lego_jax/bench/README.md says of each workload what docs/performance.md's
+says (a measurement recorded in one and not the other would leave a stale claim).
 
 Also a hand check: `python tests/test_docs.py` prints each broken link (exit 1) or "links ok".
 """
@@ -40,7 +42,6 @@ def broken_links(root: Path = ROOT) -> list[str]:
       if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
         continue  # a URL (https:, mailto:) or an anchor in the same file
       path = (doc.parent / target.split("#", 1)[0]).resolve()
-      rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
       if not path.exists():
         bad.append(f"{doc.relative_to(root)}:{number}: {target}")
   return bad
@@ -63,6 +64,27 @@ def test_broken_link_is_reported(tmp_path):
 def test_every_relative_link_resolves():
   assert doc_files(), "no documentation found"
   assert broken_links() == []
+
+
+def target_status(text: str) -> dict[str, str]:
+  """{workload: its lego_jax column} of the table headed `| workload (LEGO shapes) |`."""
+  out, in_table = {}, False
+  for line in text.splitlines():
+    if line.startswith("| workload (LEGO shapes) |"):
+      in_table = True
+    elif in_table and line.startswith("|") and not line.startswith("| ---"):
+      cells = [c.strip() for c in line.strip().strip("|").split("|")]
+      out[cells[0]] = cells[-1]
+    elif in_table and not line.startswith("|"):
+      in_table = False
+  return out
+
+
+def test_bench_readme_targets_agree_with_performance_doc():
+  bench = target_status((ROOT / "lego_jax" / "bench" / "README.md").read_text(encoding="utf-8"))
+  perf = target_status((ROOT / "docs" / "performance.md").read_text(encoding="utf-8"))
+  assert len(bench) == 5 and set(bench) <= set(perf), (sorted(bench), sorted(perf))
+  assert bench == {k: perf[k] for k in bench}
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def markdown(comparison: Mapping, wall_s: float | None = None) -> str:
     lines.append(f"| {r['label']} | " + " | ".join(_pct(r.get(k)) for k in RATES)
                  + f" | {r['num']} |")
   chance = comparison["chance"]
-  lines.append(f"| chance | " + " | ".join(_pct(chance.get(k)) for k in RATES) + " | |")
+  lines.append("| chance | " + " | ".join(_pct(chance.get(k)) for k in RATES) + " | |")
   margin = comparison.get("trained_margin")
   if margin:
     lines += ["", "trained minus the better control: " + ", ".join(

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
@@ -391,8 +390,8 @@ def write_html(path: str | Path, data: dict) -> Path:
   parts.append("<h2>Stage results</h2>")
   desc = metrics.get("descriptions") or {}
   if desc:
-    rows = [f"<tr><th>split</th><th>right location</th><th>right hand</th><th>right object</th>"
-            f"<th>exactly the ground truth</th><th>examples</th></tr>"]
+    rows = ["<tr><th>split</th><th>right location</th><th>right hand</th><th>right object</th>"
+            "<th>exactly the ground truth</th><th>examples</th></tr>"]
     for split, a in desc.items():
       rows.append(f"<tr><td>{_e(split)}</td>" + "".join(
           f'<td class="num">{_num(a.get(k), 3)}</td>' for k in ("location", "hand", "object",

@@ -44,7 +44,7 @@ from lego_jax.errors import UserError
 from lego_jax.eval import images as eval_images
 from lego_jax.infer import ldm as ldm_infer
 from lego_jax.infer import single
-from lego_jax.infer.ldm import frames_uint8, generate_latents, run_batch, to_uint8  # noqa: F401
+from lego_jax.infer.ldm import frames_uint8, run_batch, to_uint8
 from lego_jax.models import lego_ldm
 
 # Listed by `lego-jax <command> --help` (lego_jax/cli.py): config sections read, shared flags.
@@ -182,7 +182,7 @@ def grid_png(rows: list[list[np.ndarray]], path: Path) -> None:
 
 def generate_split(cfg, workdir: Path, split: str, out: Path, models=None, limit: int = 0,
                    batch_size: int = 16) -> dict:
-  """Generates every example of `split`; writes generated/reference/inputs files in the release's
+  """Generates every example of `split` (the first `limit` of them when limit > 0); writes generated/reference/inputs files in the release's
   <clip>/<action>/<frame> layout and sizes, plus generated.json (module doc)."""
   s = cfg.sampler
   postprocess, image_format = s.get("postprocess", "release"), s.get("image_format", "release")
@@ -209,7 +209,9 @@ def generate_split(cfg, workdir: Path, split: str, out: Path, models=None, limit
     decoded = np.asarray(run_batch(models, arrays, arrays["text_ids"], empty, cfg, keys))
     inp = frames_uint8(batch["input"])
     texts = text_ids.texts(batch)
-    for i in range(b):
+    # The last batch may reach past `limit`: only its first frames up to it are written.
+    n = min(b, limit - len(entries)) if limit else b
+    for i in range(n):
       rid, index = str(batch["id"][i]), int(batch["index"][i])
       size = output_size(int(batch["height"][i]), int(batch["width"][i]), decoded.shape[1])
       if postprocess == "release":
@@ -232,7 +234,7 @@ def generate_split(cfg, workdir: Path, split: str, out: Path, models=None, limit
         ref = np.asarray(Image.fromarray(images_lib.decode_rgb(record["target_jpeg"])).resize(
             inp[i].shape[1::-1], Image.BICUBIC))
         grid_rows.append([inp[i], sq, ref])
-    bar.update(b)
+    bar.update(n)
     if limit and len(entries) >= limit:
       break
   bar.close()
@@ -246,6 +248,8 @@ def main(cfg, workdir: Path) -> int:
   FLAGS = flags.FLAGS
   if FLAGS.image or FLAGS.action:
     return single.generate_one(cfg, workdir, FLAGS.image, FLAGS.action, flags.FLAGS.out)
+  if _LIMIT.value < 0:
+    raise UserError(f"--limit={_LIMIT.value}: give how many frames to generate (0: all)")
   split = FLAGS.split or "test"
   run = _RUN.value or f"{cfg.name.replace('/', '_')}_{split}"
   out = Path(flags.FLAGS.out) if flags.FLAGS.out else Path(workdir) / "generated" / run

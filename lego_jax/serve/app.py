@@ -22,6 +22,7 @@ workdir or checkpoint: one line naming it and the command that makes it, exit co
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations, whose types
 # are imported inside make_app (so a missing serve extra is a message, not an import error).
 import collections
+import importlib
 import itertools
 import queue
 import re
@@ -154,7 +155,7 @@ def make_app(engine, log=print):
   """The FastAPI app over a loaded (and warmed-up) Engine."""
   from fastapi import FastAPI, File, Form, UploadFile
   from fastapi.exceptions import RequestValidationError
-  from fastapi.responses import HTMLResponse, JSONResponse, Response
+  from fastapi.responses import HTMLResponse, Response
 
   from lego_jax.serve import engine as engine_lib
 
@@ -261,8 +262,8 @@ def main(cfg, workdir: Path) -> int:
   from lego_jax.serve import engine as engine_lib
 
   try:
-    import fastapi  # noqa: F401
-    import multipart  # noqa: F401  (python-multipart: FastAPI's form parser)
+    importlib.import_module("fastapi")
+    importlib.import_module("multipart")  # python-multipart: FastAPI's form parser
     import uvicorn
   except ImportError as e:
     print(f"lego-jax serve: error: {e.name} is not installed: install the serve extra, "

@@ -1,5 +1,6 @@
 """`prepare-data` end to end on a small synthetic set, its config checks, and `show-data`."""
 
+import importlib
 import io
 import json
 
@@ -10,10 +11,11 @@ from absl.testing import flagsaver
 from PIL import Image
 
 from data_prep.lego_json import ConversionError
-import lego_jax.cli  # noqa: F401  (defines the shared --split / --out flags show-data reads)
 from lego_jax import config
 from lego_jax.data import pipeline, prepare, prompts, records, show, tokenizer
 from lego_jax.data.prompts import human_turn
+
+importlib.import_module("lego_jax.cli")  # defines the shared --split / --out flags show-data reads
 
 tfds.display_progress_bar(False)
 
@@ -160,6 +162,30 @@ def test_config_mistakes_are_named(tmp_path):
     prepare.main(_cfg(source="lego_json"), tmp_path)
 
 
+def test_small_synthetic_records_have_exact_sizes_in_the_plain_world(tmp_path):
+  """tests/helpers.py's records (the subprocess tests' data) have the sizes asked for and no
+  VLLM-only instruction frames although configs/tiny.py's world holds combinations out with 512
+  instruction frames; the same bytes as a plain-world config asked directly."""
+  from helpers import synthetic_records
+
+  s = config.load("tiny").data.synthetic
+  assert s.num_instruction == 512 and s.combination_rules and s.holdout
+  got = synthetic_records(tmp_path / "helper", 4, 2, 2)
+  summary = json.loads((got / "records" / "prepare_summary.json").read_text())
+  for kind in ("pairs", "instruct"):
+    assert summary[kind]["num_records"] == {"train": 4, "val": 2, "test": 2}, kind
+  cfg = config.load("tiny", ["data.synthetic.num_train=4", "data.synthetic.num_val=2",
+                             "data.synthetic.num_test=2", "data.synthetic.num_instruction=0",
+                             "data.synthetic.combination_rules=false", "data.synthetic.holdout=()"])
+  plain = tmp_path / "plain"
+  prepare.prepare(cfg, plain)
+  for kind in ("pairs", "instruct"):
+    for split in ("train", "val", "test"):
+      a = records.open_split(plain / "records", split, kind)
+      b = records.open_split(got / "records", split, kind)
+      assert len(a) == len(b) and all(a[i] == b[i] for i in range(len(a))), (kind, split)
+
+
 def test_contact_sheet(prepared, tmp_path):
   workdir, _ = prepared
   sheet = show.contact_sheet(workdir / "records", "val", num=5)
@@ -171,6 +197,7 @@ def test_contact_sheet(prepared, tmp_path):
   got = np.asarray(sheet)[top:top + show.CELL, show.PAD:show.PAD + show.CELL]
   np.testing.assert_array_equal(got, want)
   out = tmp_path / "sheet.png"
+  pipeline.ensure_flags_parsed()  # show.main reads absl flags: outside the CLI, mark them parsed
   with flagsaver.flagsaver(split="test", num=2, out=str(out)):
     assert show.main(_cfg(), workdir) == 0
   assert Image.open(out).size[0] == sheet.width

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lego_jax import config as config_lib
-from lego_jax.data import prepare
+from helpers import synthetic_records
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,10 +40,7 @@ if __name__ == "__main__":  # the workers are spawned: they import this file
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> Path:
-  root = tmp_path_factory.mktemp("workers")
-  cfg = config_lib.load("tiny", ["data.synthetic.num_train=16", "data.synthetic.num_val=4",
-                                 "data.synthetic.num_test=4"])
-  prepare.prepare(cfg, root)
+  root = synthetic_records(tmp_path_factory.mktemp("workers"), 16, 4, 4)
   (root / "read.py").write_text(PROGRAM)
   return root
 

@@ -1,5 +1,6 @@
 """Annotation / LLaVA JSON faults: repeated keys and ids are counted by name, never silently
-merged; text that cannot be stored (a lone surrogate) makes its record bad, not the conversion."""
+merged; text that cannot be stored (a lone surrogate) makes its record bad, not the conversion.
+A clip given twice in the metadata JSON stops prepare-data with one line naming clip and file."""
 
 import io
 import json
@@ -10,6 +11,7 @@ from PIL import Image
 
 from data_prep import lego_json, llava_json, tfds_builder, videos
 from data_prep.lego_json import ConversionError
+from lego_jax.errors import DataError
 from lego_jax.data import records
 
 tfds.display_progress_bar(False)
@@ -102,3 +104,32 @@ def test_repeated_description_keys_are_a_usage_error(tmp_path):
     videos.read_descriptions(path)
   path.write_text('{"c": {"a1": {"llava_forecast_finetune": "x"}}}')
   assert videos.read_descriptions(path) == {"c": {"a1": {"llava_forecast_finetune": "x"}}}
+
+
+def test_a_clip_given_twice_in_the_metadata_is_one_line_exit_1(tmp_path, capsys):
+  from lego_jax import cli
+
+  frames = _frames(tmp_path, ["1.jpg"])
+  ann = tmp_path / "ann.json"
+  ann.write_text('{"c1": {"a1": ' + _entry(1) + '}}')
+  meta = tmp_path / "meta.json"
+  meta.write_text('{"c1": {"height": 12, "width": 16}, "c2": {"height": 9, "width": 9}, '
+                  '"c1": {"height": 24, "width": 32}}')
+  work = tmp_path / "work"
+  with pytest.raises(SystemExit) as e:
+    cli.run(["lego-jax", "prepare-data", f"--workdir={work}", "--config.data.source=lego_json",
+             f"--config.data.annotation_train={ann}", f"--config.data.frames_dir={frames}",
+             f"--config.data.metadata={meta}", "--config.data.instructions=released_vllm_outputs"])
+  err = capsys.readouterr().err
+  assert e.value.code == 1, err
+  assert [line for line in err.splitlines() if line.strip()] == [
+      f"lego-jax prepare-data: error: metadata JSON {meta}: clip 'c1' is given 2 times "
+      "(one entry per clip)"]
+  assert not (work / "records").exists() and not (work / "tokenizer").exists()
+  # A field given twice within one clip: named too, before any record is read.
+  meta.write_text('{"c1": {"height": 12, "width": 16, "height": 24}}')
+  with pytest.raises(DataError, match=f"metadata JSON {meta}: clip 'c1' gives 'height' more "):
+    lego_json.read_metadata(meta)
+  meta.write_text('{"c1": {"height": 12, "width": 16}, "c2": {"height": 9, "width": 9}}')
+  assert lego_json.read_metadata(meta) == {"c1": {"height": 12, "width": 16},
+                                           "c2": {"height": 9, "width": 9}}

@@ -116,16 +116,21 @@ def _random(make):
 
 
 @pytest.fixture(scope="module")
-def generated(release, tmp_path_factory):
+def models(release, tmp_path_factory):
   from lego_jax.models import lego_ldm
 
   workdir = tmp_path_factory.mktemp("work")
   cfg = _cfg(release, workdir)
   prepare_lib.convert_release(cfg.data, workdir)
-  models = tuple(_random(lambda name=name: lego_ldm.build(cfg, 0)[name])
-                 for name in lego_ldm.NAMES)
+  return cfg, workdir, tuple(_random(lambda name=name: lego_ldm.build(cfg, 0)[name])
+                             for name in lego_ldm.NAMES)
+
+
+@pytest.fixture(scope="module")
+def generated(models):
+  cfg, workdir, nets = models
   out = workdir / "generated" / "run"
-  res = generate.generate_split(cfg, workdir, "test", out, models=models, batch_size=4)
+  res = generate.generate_split(cfg, workdir, "test", out, models=nets, batch_size=4)
   assert res["num"] == 4
   return cfg, out
 
@@ -147,6 +152,22 @@ def test_generate_writes_the_release_layout_size_and_original_frames(release, ge
         (release / "val_gt_for_metric" / e["file"]).read_bytes()
     assert (out / "inputs" / e["file"]).read_bytes() == \
         (release / "val" / e["image_0"]).read_bytes()
+
+
+def test_limit_writes_that_many_frames_not_the_whole_batch(models, generated, tmp_path):
+  cfg, workdir, nets = models
+  _, full = generated
+  out = tmp_path / "limited"
+  # One batch of 4 (the compiled program of the full run), of which the first 3 are written.
+  assert generate.generate_split(cfg, workdir, "test", out, models=nets, limit=3,
+                                 batch_size=4)["num"] == 3
+  entries = json.loads((out / "generated.json").read_text())
+  assert entries == json.loads((full / "generated.json").read_text())[:3]
+  for d in ("generated", "reference", "inputs"):
+    assert sorted(str(p.relative_to(out / d)) for p in (out / d).rglob("*.*")) == \
+        sorted(e["file"] for e in entries)
+    for e in entries:
+      assert (out / d / e["file"]).read_bytes() == (full / d / e["file"]).read_bytes()
 
 
 @pytest.fixture(scope="module")

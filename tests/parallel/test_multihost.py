@@ -25,8 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lego_jax import config as config_lib
-from lego_jax.data import prepare
+from helpers import synthetic_records
 from procs import SMALL_LDM, SMALL_VAE, SMALL_VLLM
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,11 +50,7 @@ NOISE_ONLY = "['to_k']['bias']"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-  root = tmp_path_factory.mktemp("multihost_data")
-  cfg = config_lib.load("tiny", ["data.synthetic.num_train=32", "data.synthetic.num_val=8",
-                                 "data.synthetic.num_test=8"])
-  prepare.prepare(cfg, root)
-  return root
+  return synthetic_records(tmp_path_factory.mktemp("multihost_data"), 32, 8, 8)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ one device, with parameters really split; indivisible dimensions stay whole."""
 
 import jax
 import numpy as np
-import pytest
 from jax.sharding import PartitionSpec as P
 
 from lego_jax import config as config_lib

@@ -129,14 +129,9 @@ def test_kill_9_during_a_save_keeps_the_last_good_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-  from lego_jax import config as config_lib
-  from lego_jax.data import prepare
+  from helpers import synthetic_records
 
-  root = tmp_path_factory.mktemp("sigterm_data")
-  cfg = config_lib.load("tiny", ["data.synthetic.num_train=32", "data.synthetic.num_val=8",
-                                 "data.synthetic.num_test=8"])
-  prepare.prepare(cfg, root)
-  return root
+  return synthetic_records(tmp_path_factory.mktemp("sigterm_data"), 32, 8, 8)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):

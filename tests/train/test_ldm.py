@@ -1,10 +1,7 @@
 """The LDM stage's training step: guidance dropout, the loss it optimises, accumulation."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx

@@ -22,7 +22,7 @@ N = 10
 
 def _cfg(**ldm_overrides):
   cfg = config.load("tiny")
-  cfg.data.synthetic.update(num_train=N, num_val=2, num_test=2, frame_size=32)
+  cfg.data.synthetic.update(num_train=N, num_val=2, num_test=2, frame_size=32, num_instruction=0)
   cfg.data.update(num_shards=1, num_workers=0, tokenizer_vocab_size=256, image_size=16,
                   hflip_prob=0.5)
   # The smallest UNet that still reads the context (compiles dominate this file's time).

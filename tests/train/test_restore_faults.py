@@ -4,7 +4,6 @@ a checkpoint of other model shapes is a config mismatch, told apart from damage;
 metrics.jsonl holds each step once; resuming with another data.num_workers is one clear error."""
 
 import json
-import os
 from pathlib import Path
 
 import grain.python as grain

@@ -20,8 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from helpers import synthetic_records
 from lego_jax import config as config_lib
-from lego_jax.data import prepare
 from lego_jax.parallel import distributed
 from procs import SMALL_LDM, SMALL_VAE, SMALL_VLLM, kill_when
 
@@ -35,11 +35,7 @@ LDM = SMALL_LDM + ["--config.ldm_train.batch_size=4"]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
   """Synthetic records + tokenizer, written once by the real prepare-data code."""
-  root = tmp_path_factory.mktemp("resume_data")
-  cfg = config_lib.load("tiny", ["data.synthetic.num_train=32", "data.synthetic.num_val=8",
-                                 "data.synthetic.num_test=8"])
-  prepare.prepare(cfg, root)
-  return root
+  return synthetic_records(tmp_path_factory.mktemp("resume_data"), 32, 8, 8)
 
 
 @pytest.fixture(scope="module")

@@ -160,8 +160,6 @@ def test_convert_command_round_trip(refs, tmp_path):
 def test_convert_sizes_from_the_directory_config_or_the_yaml(refs, tmp_path):
   """`convert` of a diffusers directory needs no size flags: the tiny config's sections (other
   sizes) are not used; a CompVis single file is sized by the yaml beside it."""
-  import dataclasses
-
   import yaml
 
   from lego_jax import config as config_lib
