@@ -41,7 +41,7 @@ def load_trained(cfg, workdir: Path, use_ema: bool = True) -> tuple:
   target = {"frozen": {n: v for n, v in placed.items() if n not in trained},
             ("ema" if use_ema else "trained"): {n: placed[n] for n in trained},
             "latent_scale": jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)}
-  with ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "ldm") as ckpt:
+  with ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "ldm", reader=True) as ckpt:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(
           f"no LDM checkpoint in {ckpt.directory}: run `lego-jax train-ldm` first")

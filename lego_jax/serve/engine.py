@@ -145,7 +145,7 @@ def model_paths(workdir: Path) -> dict[str, Path]:
 def _finished(directory: Path) -> bool:
   if not directory.is_dir():
     return False
-  with ckpt_lib.Checkpointer(directory) as ckpt:
+  with ckpt_lib.Checkpointer(directory, reader=True) as ckpt:
     return ckpt.latest_step() is not None
 
 

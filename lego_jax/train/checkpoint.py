@@ -121,12 +121,18 @@ def _shapes(tree: Any) -> dict[str, tuple]:
 class Checkpointer:
   """CheckpointManager over WORKDIR/checkpoints/<name> with items: state, data, config."""
 
-  def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True,
+               reader: bool = False):
+    """`reader`: only reads (generate, serve, export, a trainer's init from another run). A
+    writer removes unfinished `*.orbax-checkpoint-tmp` directories when it opens, its own
+    leftovers from a killed run; a reader must not: the run may still be training and writing
+    one (a reader opened mid-save once removed it and crashed the training)."""
     self.directory = Path(directory).absolute()
     self.damaged: list[tuple[int, str]] = []  # (step, why) skipped by the last restore
+    # Not Orbax's read_only: it logs three absl warnings on every open.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=True)
+        max_to_keep=keep, enable_async_checkpointing=async_save and not reader,
+        create=not reader, cleanup_tmp_directories=not reader)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "config"))
 

@@ -127,7 +127,7 @@ def load_trained(cfg, workdir: Path) -> VAE:
   one, cfg.vae_train.init_checkpoint as it is (a VAE used untrained, e.g. SD-1.5's)."""
   t = cfg.vae_train
   mesh = sharding.make_mesh(cfg.mesh.shape)
-  with ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "vae") as ckpt:
+  with ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "vae", reader=True) as ckpt:
     if ckpt.latest_step() is None:
       if t.init_checkpoint:
         graphdef, state, _, _ = init_state(cfg, mesh)

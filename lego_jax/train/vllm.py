@@ -398,15 +398,15 @@ def train(cfg, workdir: Path, stop_after: int | None = None):
   return graphdef, state
 
 
-def checkpointer(workdir: Path) -> ckpt_lib.Checkpointer:
-  return ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / NAME)
+def checkpointer(workdir: Path, reader: bool = False) -> ckpt_lib.Checkpointer:
+  return ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / NAME, reader=reader)
 
 
 def trained_source(cfg, workdir: Path) -> str:
   """Which weights `load_trained` returns, as a string that changes when they do."""
   directory = (Path(workdir) / "checkpoints" / NAME).absolute()
   if directory.exists():
-    with checkpointer(workdir) as ckpt:
+    with checkpointer(workdir, reader=True) as ckpt:
       step = ckpt.latest_step()
     if step is not None:  # relative: a moved workdir keeps its extracted features valid
       return f"WORKDIR/checkpoints/{NAME} step {step}"
@@ -431,7 +431,7 @@ def load_trained(cfg, workdir: Path, *, dtype: str | None = None,
     graphdef, params = nnx.split(initialise(cfg, dtype=dtype, remat=False))
     return nnx.merge(graphdef, jax.device_put(params, sharding.state_shardings(mesh, params))), tok
   graphdef, abstract, _, _, _ = init_state(cfg, mesh, 1, abstract=True, dtype=dtype, remat=False)
-  with checkpointer(workdir) as ckpt:  # the weights alone: no optimizer state
+  with checkpointer(workdir, reader=True) as ckpt:  # the weights alone: no optimizer state
     _, state, _ = ckpt.restore({k: abstract[k] for k in ("trained", "frozen")}, partial=True)
   return nnx.merge(graphdef, state["trained"], state["frozen"]), tok
 

@@ -101,6 +101,29 @@ def _env(devices: int) -> dict:
   return env
 
 
+def test_a_reader_leaves_a_running_trainings_unfinished_save_alone(tmp_path):
+  """generate / serve / an export open the checkpoints of a run that may still be training: its
+  in-flight save (an unfinished `<step>.orbax-checkpoint-tmp-<time>` directory) must survive
+  them. A writer opening the directory removes it (its own leftovers from a killed run); a
+  reader that did so once crashed a training mid-save."""
+  d = tmp_path / "ldm"
+  with ckpt_lib.Checkpointer(d) as ckpt:
+    ckpt.save(1, {"w": jnp.ones(3)}, None, {}, force=True)
+  in_flight = d / "2.orbax-checkpoint-tmp-1796340000000000"
+  (in_flight / "state").mkdir(parents=True)
+  for _ in range(2):
+    with ckpt_lib.Checkpointer(d, reader=True) as ckpt:
+      assert ckpt.latest_step() == 1
+    assert in_flight.is_dir()
+  with ckpt_lib.Checkpointer(d) as ckpt:
+    assert ckpt.latest_step() == 1
+  assert not in_flight.exists()
+  assert not (tmp_path / "absent").exists()
+  with ckpt_lib.Checkpointer(tmp_path / "absent", reader=True) as ckpt:
+    assert ckpt.latest_step() is None
+  assert not (tmp_path / "absent").exists()   # a reader creates nothing
+
+
 def test_kill_9_during_a_save_keeps_the_last_good_checkpoint(tmp_path):
   directory = tmp_path / "ck"
   proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(directory)], env=_env(1),
