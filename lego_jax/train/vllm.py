@@ -278,7 +278,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     if accum == 1:
       (loss, correct), grads = grad_fn(trained, frozen, batch, total)
     else:
-      fold = _trains_all_blocks(trained, frozen)
+      # The fold recomputes each block in the backward pass, as remat does: without remat the
+      # blocks' activations are kept and jax.grad's own backward does less work.
+      fold = (_trains_all_blocks(trained, frozen)
+              and nnx.merge(graphdef, trained, frozen).lm.config.remat)
 
       def body(carry, mb):
         # The parameters ride in the (unchanged) carry: NNX refuses to scan its layers over
