@@ -40,7 +40,9 @@ def pairs(results: list[tuple[str, dict]], plan: dict, target: str | None = None
     if stage is None or r.get("config") != plan.get("config"):
       continue
     for row in plan.get("rows", []):
-      if ("error" in row or row.get("stage") != stage
+      # Rows without a compiled program: a compile error, or the target compiler's refusal for
+      # want of HBM (plan's does-not-fit rows): no bytes to compare with.
+      if ("error" in row or "refused" in row or row.get("stage") != stage
           or (target and row.get("target") != target)
           or (not target and not str(row.get("compiler", "")).startswith("gpu"))):
         continue

@@ -207,6 +207,53 @@ class LlamaBlock(nnx.Module):
     return constrain(x, ("batch", "length", "embed")), kv
 
 
+def fold_layer_grads(graphdef, stacked, acc, x, cos, sin, mask):
+  """The blocks (`graphdef`, their stacked state) run over x as the layer scan does, with a
+  backward pass that adds each block's weight gradient into the accumulator `acc` (same tree as
+  `stacked`) in place, layer by layer, and returns that as `acc`'s cotangent; `stacked` gets
+  none. jax.grad's own layer scan returns the blocks' gradient as a fresh stacked array, added to
+  an accumulator afterwards: one more buffer the size of the blocks' weights per micro-batch
+  (docs/plan-targets.md, 2026-12-04). As remat: the forward pass keeps each block's input, the
+  backward pass recomputes the block from it; the arithmetic is that of jax.grad's."""
+
+  def block(state, h, cos, sin, mask):
+    return nnx.merge(graphdef, state)(h, cos, sin, mask, None, None)[0]
+
+  def forward(stacked, x, cos, sin, mask):
+    # The blocks' inputs, what the backward pass starts each block from.
+    def body(h, state):
+      return block(state, h, cos, sin, mask), h
+    return jax.lax.scan(body, x, stacked)
+
+  @jax.custom_vjp
+  def stack(stacked, acc, x, cos, sin, mask):
+    return forward(stacked, x, cos, sin, mask)[0]
+
+  def stack_fwd(stacked, acc, x, cos, sin, mask):
+    h, inputs = forward(stacked, x, cos, sin, mask)
+    return h, (stacked, acc, inputs, cos, sin, mask)
+
+  def stack_bwd(res, ct):
+    stacked, acc, inputs, cos, sin, mask = res
+
+    def body(carry, i):
+      ct_h, acc = carry
+      state = jax.tree.map(lambda a: a[i], stacked)
+      _, vjp = jax.vjp(lambda s, h: block(s, h, cos, sin, mask), state, inputs[i])
+      grads, ct_h = vjp(ct_h)
+      acc = jax.tree.map(
+          lambda a, g: jax.lax.dynamic_update_index_in_dim(a, a[i] + g.astype(a.dtype), i, 0),
+          acc, grads)
+      return (ct_h, acc), None
+
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    (ct_x, acc), _ = jax.lax.scan(body, (ct, acc), jnp.arange(n), reverse=True)
+    return None, acc, ct_x, None, None, None
+
+  stack.defvjp(stack_fwd, stack_bwd)
+  return stack(stacked, acc, x, cos, sin, mask)
+
+
 class Llama(nnx.Module):
   """LlamaForCausalLM. Build: `Llama(LlamaConfig(**cfg.llama), rngs=nnx.Rngs(0))`."""
 
@@ -251,7 +298,8 @@ class Llama(nnx.Module):
                     positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None,
                     lengths: jax.Array | None = None,
-                    cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                    cache: KVCache | None = None,
+                    layer_grads: Any = None) -> tuple[jax.Array, KVCache | None]:
     """The decoder without lm_head: last hidden state AFTER the final RMSNorm, (B, T, hidden).
 
     Args:
@@ -262,6 +310,10 @@ class Llama(nnx.Module):
       lengths: (B,) real (non-padding) tokens of each right-padded row of THIS call; only used
         to advance the cache lengths (default T).
       cache: a `KVCache` to append to and attend over.
+      layer_grads: training only (no cache): a gradient accumulator of the blocks' parameters
+        (the `nnx.State` of `self.layers`, fp32). Differentiated with respect to it, the call
+        gives it plus the blocks' weight gradient, added layer by layer in the backward pass;
+        the blocks' parameters themselves then get no gradient (`fold_layer_grads`).
     Returns:
       (hidden (B, T, hidden), the updated cache or None).
     """
@@ -292,6 +344,13 @@ class Llama(nnx.Module):
       kv = (cache.k, cache.v)
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
 
+    if layer_grads is not None:
+      if cache is not None:
+        raise ValueError("layer_grads is for cache-free (training) calls")
+      graphdef, stacked = nnx.split(self.layers)
+      x = fold_layer_grads(graphdef, stacked, layer_grads, x, cos, sin, mask)
+      return self.norm(x), None
+
     def block(layer, x, cos, sin, mask, write_at, kv):
       return layer(x, cos, sin, mask, write_at, kv)
 
@@ -312,11 +371,13 @@ class Llama(nnx.Module):
                positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
                lengths: jax.Array | None = None,
-               cache: KVCache | None = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+               cache: KVCache | None = None,
+               layer_grads: Any = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
     """Arguments as `hidden_states`. Returns (logits (B, T, vocab), last hidden state after the
     final norm (B, T, hidden), the updated cache or None)."""
     hidden, cache = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
-                                       segment_ids=segment_ids, lengths=lengths, cache=cache)
+                                       segment_ids=segment_ids, lengths=lengths, cache=cache,
+                                       layer_grads=layer_grads)
     return self.logits(hidden), hidden, cache
 
 

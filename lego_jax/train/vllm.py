@@ -213,11 +213,13 @@ def image_features(model: Llava, pixels: jax.Array, zero_image: bool) -> jax.Arr
   return jnp.zeros_like(features) if zero_image else features
 
 
-def answer_nll(model: Llava, batch: dict, zero_image: bool = False):
+def answer_nll(model: Llava, batch: dict, zero_image: bool = False, layer_grads=None):
   """(sum of answer-token negative log-likelihoods, answer tokens, correct argmax predictions)
-  of a batch of `BatchEncoder` arrays. Logits in fp32 whatever the compute dtype."""
+  of a batch of `BatchEncoder` arrays. Logits in fp32 whatever the compute dtype. `layer_grads`:
+  the LLaMA blocks' gradient accumulator (`Llama.hidden_states`)."""
   features = image_features(model, batch["pixels"], zero_image)
-  logits, _, _ = model(batch["ids"], image_features=features)
+  extra = {} if layer_grads is None else {"layer_grads": layer_grads}
+  logits, _, _ = model(batch["ids"], image_features=features, **extra)
   logits = logits.astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
@@ -229,6 +231,20 @@ def answer_nll(model: Llava, batch: dict, zero_image: bool = False):
 
 _BATCH_AXES = {"ids": ("batch", "length"), "targets": ("batch", "length"),
                "weights": ("batch", "length"), "pixels": ("batch", "height", "width", None)}
+
+
+def _trains_all_blocks(trained, frozen) -> bool:
+  """Whether every parameter of the LLaMA blocks trains (the default `^vision/` freezing): then
+  the step accumulates their gradient inside the backward pass (llama.fold_layer_grads)."""
+  try:
+    blocks = trained["lm"]["layers"]
+  except (KeyError, TypeError):
+    return False
+  try:
+    frozen_blocks = jax.tree.leaves(frozen["lm"]["layers"])
+  except (KeyError, TypeError):
+    frozen_blocks = []
+  return bool(jax.tree.leaves(blocks)) and not frozen_blocks
 
 
 def micro_batches(batch: dict, accum: int) -> dict:
@@ -243,12 +259,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
                     accum: int = 1, zero_image: bool = False):
   """The pure step (state, batch, rng) -> (state, metrics); jit it with the state shardings."""
 
-  def loss_fn(trained, frozen, mb, total):
+  def loss_fn(trained, frozen, mb, total, layer_grads=None):
     model = nnx.merge(graphdef, trained, frozen)
-    nll, _, correct = answer_nll(model, mb, zero_image)
+    nll, _, correct = answer_nll(model, mb, zero_image, layer_grads)
     return nll / total, correct
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  # Differentiated with respect to the LLaMA blocks' accumulator too: their gradient is added
+  # into it layer by layer (llama.fold_layer_grads), never held apart.
+  fold_fn = jax.value_and_grad(loss_fn, argnums=(0, 4), has_aux=True)
 
   def step(state, batch, rng):
     del rng  # LLaVA has no dropout: the step is deterministic
@@ -259,13 +278,24 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     if accum == 1:
       (loss, correct), grads = grad_fn(trained, frozen, batch, total)
     else:
+      # The fold recomputes each block in the backward pass, as remat does: without remat the
+      # blocks' activations are kept and jax.grad's own backward does less work.
+      fold = (_trains_all_blocks(trained, frozen)
+              and nnx.merge(graphdef, trained, frozen).lm.config.remat)
+
       def body(carry, mb):
         # The parameters ride in the (unchanged) carry: NNX refuses to scan its layers over
         # variables holding tracers of an outer trace level.
-        params, acc = carry
+        params, (acc, acc_l, acc_c) = carry
         mb = {k: sharding.constrain(v, _BATCH_AXES[k]) for k, v in mb.items()}
-        (l, c), g = grad_fn(*params, mb, total)
-        return (params, jax.tree.map(jnp.add, acc, (g, l, c))), None
+        if not fold:
+          (l, c), g = grad_fn(*params, mb, total)
+          return (params, jax.tree.map(jnp.add, (acc, acc_l, acc_c), (g, l, c))), None
+        (l, c), (g, blocks) = fold_fn(*params, mb, total, acc["lm"]["layers"])
+        # g's block entries are zeros (the blocks' gradient went into `blocks`): replaced.
+        acc = jax.tree.map(jnp.add, acc, g)
+        acc["lm"]["layers"] = blocks
+        return (params, (acc, acc_l + l, acc_c + c)), None
 
       zeros = (jax.tree.map(jnp.zeros_like, trained), jnp.float32(0), jnp.float32(0))
       (_, (grads, loss, correct)), _ = jax.lax.scan(

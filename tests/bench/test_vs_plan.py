@@ -52,3 +52,22 @@ def test_pairs_and_table(tmp_path, capsys):
   assert vs_plan.main(["vs_plan", str(tmp_path), str(tmp_path / "plan.json")]) == 1
   assert vs_plan.main(["vs_plan", str(tmp_path), str(tmp_path / "missing.json")]) == 1
   assert vs_plan.main(["vs_plan"]) == 2
+
+
+def test_refused_rows_are_skipped():
+  # libtpu's out-of-HBM refusal (plan.hbm_refusal): a row with the stage and micro-batch but no
+  # compiled program, so no bytes to compare.
+  refused = {"stage": "ldm", "target": "tpu-v6e-8", "compiler": "tpu",
+             "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "micro_batch_per_device": 32.0,
+             "refused": {"required_bytes": 40 * GIB, "available_bytes": 31 * GIB,
+                         "required_for": "HLO temporaries", "message": "Ran out of memory"},
+             "fits": False}
+  plan = {"config": "lego_ego4d", "rows": [refused, {**refused, "compiler": "gpu",
+                                                     "target": "h100-80g-x8"}]}
+  ldm = {"bench": "ldm-train", "config": "lego_ego4d", "batch": 128, "num_devices": 1,
+         "shapes": {"grad_accum": 4}}
+  assert vs_plan.pairs([("ldm_run", ldm)], plan, "tpu-v6e-8") == []
+  assert vs_plan.pairs([("ldm_run", ldm)], plan) == []
+  compiled = _plan_row("ldm", 32.0, target="tpu-v6e-8", compiler="tpu")
+  plan["rows"].append(compiled)
+  assert [row for _, _, row in vs_plan.pairs([("ldm_run", ldm)], plan, "tpu-v6e-8")] == [compiled]

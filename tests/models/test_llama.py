@@ -348,3 +348,33 @@ def test_from_pretrained_refuses_disagreements_by_field(tmp_path_factory, tmp_pa
   (bad / "config.json").unlink()
   with pytest.raises(PretrainedConfigError, match="no config.json"):
     llama_lib.from_pretrained(bad)
+
+
+def test_layer_grads_fold_the_blocks_gradient_into_the_accumulator():
+  """`layer_grads`: differentiated with respect to the accumulator, the call gives the
+  accumulator plus the blocks' gradient of a plain jax.grad, bit for bit; every other
+  parameter's gradient and the loss are unchanged, and the blocks' own gradient is zero."""
+  _, cfg = _configs("gqa", remat=True, dtype=jnp.bfloat16)
+  graphdef, params = nnx.split(Llama(cfg, rngs=nnx.Rngs(3)))
+  rng = np.random.default_rng(4)
+  ids = jnp.asarray(rng.integers(0, 64, (2, 9)))
+  weights = jnp.asarray(rng.normal(size=(2, 9, 64)).astype(np.float32))
+  acc = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params["layers"])
+
+  def loss(params, acc=None):
+    logits = nnx.merge(graphdef, params)(ids, layer_grads=acc)[0]
+    return jnp.sum(logits.astype(jnp.float32) * weights)
+
+  plain_loss, plain = jax.jit(jax.value_and_grad(loss))(params)
+  folded_loss, (grads, folded) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, acc)
+  assert float(folded_loss) == float(plain_loss)
+  expected = jax.jit(lambda a, g: jax.tree.map(jnp.add, a, g))(acc, plain["layers"])
+  for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(grads["layers"]))
+  for name in ("embed_tokens", "norm", "lm_head"):
+    for a, b in zip(jax.tree.leaves(grads[name]), jax.tree.leaves(plain[name])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="cache-free"):
+    nnx.merge(graphdef, params)(ids, layer_grads=acc,
+                                cache=nnx.merge(graphdef, params).init_cache(2, 16))

@@ -220,3 +220,28 @@ def test_bf16_compute_keeps_fp32_master_weights_and_opt_state():
     losses[dtype] = float(metrics["loss"])
   assert np.isfinite(losses["bfloat16"])
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+
+
+def test_accumulating_step_holds_no_second_weight_sized_gradient():
+  """The step `lego-jax plan` compiles (plan.vllm_stage: abstract state, FSDP over 4 devices),
+  with grad_accum 4: XLA:CPU's temporaries stay below 3.1x the trained weights' per-device fp32
+  bytes (2.83x measured). jax.grad's stacked gradient of the LLaMA blocks, added to the
+  accumulator after each micro-batch, took them to 3.34x (the blocks' gradient now goes into the
+  accumulator layer by layer, llama.fold_layer_grads; docs/plan-targets.md, 2026-12-04)."""
+  from lego_jax import plan
+  cfg = small_cfg(grad_accum=4, batch_size=16, max_length=64)
+  # Weights dominate the temporaries: 8 blocks of width 256, short sequences.
+  cfg.llama.update(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=8)
+  cfg.llava.update(text_hidden=256)
+  mesh = sharding.make_mesh((1, 4, 1), devices=jax.devices()[:4])
+  stage = plan.vllm_stage(cfg, mesh)
+  with sharding.use_mesh(mesh):
+    lowered = jax.jit(stage.step, in_shardings=(stage.shardings, None, None),
+                      out_shardings=(stage.shardings, None), donate_argnums=0).lower(
+                          stage.state, stage.batch, jax.eval_shape(lambda: jax.random.key(0)))
+  # The buffers, not the machine code, are measured: LLVM's optimisations off (as the plan).
+  compiled = lowered.compile({"xla_backend_optimization_level": 0,
+                              "xla_llvm_disable_expensive_passes": True})
+  shard = stage.trained_params * 4 / 4
+  ratio = compiled.memory_analysis().temp_size_in_bytes / shard
+  assert ratio < 3.1, ratio
