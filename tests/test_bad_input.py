@@ -300,7 +300,7 @@ def test_prepare_data_on_a_real_full_or_read_only_disk(tmp_path, fault):
   work = mnt / "w"
   cmd = (f"{sys.executable} -m lego_jax prepare-data --workdir={work} "
          "--config.data.synthetic.num_train=16 --config.data.synthetic.num_val=4 "
-         "--config.data.synthetic.num_test=4")
+         "--config.data.synthetic.num_test=4 --config.data.synthetic.num_instruction=0")
   setup = {"disk full": f"mount -t tmpfs -o size=1200k tmpfs {mnt}",
            "read-only": f"mount -t tmpfs tmpfs {mnt} && mkdir {work} && echo kept > "
                         f"{work}/notes.txt && mount -o remount,ro {mnt}"}[fault]
