@@ -90,6 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
       ema_scope="unet",               # the release's LitEma(model): UNet only ("trained": all)
       use_image_embedding=True, use_text_embedding=True,
       text_source="generated",        # CLIP text of: "generated" R, "annotation", or "action"
+      train_text_source="",           # in training pairs, if not text_source (tiny: annotation)
       drop_text_prob=0.05, drop_both_prob=0.05, drop_image_prob=0.05, remat=True,
       cache_frozen=False, scale_by_std=False, init="sd15", init_checkpoint="", init_use_ema=True,
       skip_nonfinite=False, log_every=50, ckpt_every=1000,

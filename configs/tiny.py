@@ -29,9 +29,13 @@ def get_config() -> ml_collections.ConfigDict:
   # descriptions; the LDM's pairs never show `holdout`'s combinations, while 512 instruction-only
   # frames (frame + action + description, no target) cover all of them. The test split alternates
   # held-out and seen combinations, and the demo scores the two groups apart.
+  # Half the training pairs are done against the rule (the other hand; for "pick up" another
+  # destination), as their descriptions state: the action label alone then does not fix the
+  # effect, so the LDM learns to read the description (ldm_train.train_text_source below);
+  # val and test keep the rules.
   cfg.data.synthetic.update(combination_rules=True,
                             holdout=("stir bowl", "pick up pan", "pick up carrot"),
-                            num_instruction=512)
+                            num_instruction=512, hand_swap=0.5)
   cfg.data.num_shards = 2
   # The synthetic descriptions say left/right and which hand: a flipped pair would contradict
   # its own text, so the embedded default does not flip (real LEGO data keeps the release's 0.5).
@@ -74,7 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.ldm_train.update(batch_size=8, grad_accum=1, num_steps=320, lr=5e-4, ema_decay=0.999,
                        ema_scope="trained",
                        log_every=40, ckpt_every=160, sample_every=160, init="random",
-                       scale_by_std=True, cache_frozen=True, prediction_type="v_prediction")
+                       scale_by_std=True, cache_frozen=True, prediction_type="v_prediction",
+                       # The training pairs' own descriptions (they state swapped hands);
+                       # sampling reads the VLLM's R (text_source "generated") as LEGO does.
+                       train_text_source="annotation")
   # Guidance off and clamped output: on the briefly trained tiny LDM, the paper's 7.5 / 1.5 and
   # per-image min-max stretched errors into washed-out frames (docs/experiments/tiny-demo.md).
   # Lossless PNGs and the project's post-processing order keep the demo's frames (and its

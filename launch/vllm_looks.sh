@@ -34,7 +34,7 @@ CONFIG="${CONFIG:-configs/tiny.py}"
 # configs/tiny.py's held-out-combinations world gives each combination its own hand (stated by the
 # text), which would let a blind model name the hand. Extra flags after these win.
 PLAIN=(--config.data.synthetic.combination_rules=false "--config.data.synthetic.holdout=()"
-       --config.data.synthetic.num_instruction=0)
+       --config.data.synthetic.hand_swap=0 --config.data.synthetic.num_instruction=0)
 EXTRA=("${PLAIN[@]}" "$@")
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi

@@ -34,6 +34,7 @@ def synthetic_records(root: Path, num_train: int, num_val: int, num_test: int,
 
   cfg = config_lib.load(config)
   cfg.data.synthetic.update(num_train=num_train, num_val=num_val, num_test=num_test,
-                            num_instruction=0, combination_rules=False, holdout=())
+                            num_instruction=0, combination_rules=False, holdout=(),
+                            hand_swap=0.0)
   prepare.prepare(cfg, root)
   return root

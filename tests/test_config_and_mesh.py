@@ -68,6 +68,7 @@ def test_differences_and_the_demo_baseline_come_from_the_ablation_file(tmp_path)
   ablation = config_lib.load("configs/ablations/ip2p_action.py:tiny")
   assert config_lib.differences(tiny, ablation) == {
       ("name",): "tiny/ip2p_action", ("ldm_train", "text_source"): "action",
+      ("ldm_train", "train_text_source"): "action",
       ("ldm_train", "use_image_embedding"): False, ("ldm_train", "use_text_embedding"): False}
   # The demo's baseline: the same switches on the demo's config (with its overrides kept), and
   # its own records / tokenizer paths.
@@ -77,3 +78,20 @@ def test_differences_and_the_demo_baseline_come_from_the_ablation_file(tmp_path)
   assert {k: v for k, v in diff.items() if k[0] != "data"} == config_lib.differences(tiny, ablation)
   assert base.ldm_train.num_steps == 7
   assert diff[("data", "records_dir")] == str((tmp_path / "records").absolute())
+
+
+def test_training_text_can_differ_from_the_sampling_text(monkeypatch):
+  from lego_jax.models import lego_ldm
+
+  monkeypatch.setattr(lego_ldm, "load_clip_tokenizer", lambda cfg, workdir: None)
+  batch = {"generated": ["R"], "description": ["D"], "action": ["A"]}
+  for name, train, sample in [("configs/lego_ego4d.py", "R", "R"), ("tiny", "D", "R"),
+                              ("configs/ablations/ip2p_action.py:tiny", "A", "A"),
+                              ("configs/ablations/description_only.py:tiny", "D", "R")]:
+    cfg = config_lib.load(name)
+    lego_ldm.check(cfg)
+    assert lego_ldm.TextIds(cfg, "w", train=True).texts(batch) == [train], name
+    assert lego_ldm.TextIds(cfg, "w").texts(batch) == [sample], name
+  cfg = config_lib.load("tiny", ["ldm_train.train_text_source=vllm"])
+  with pytest.raises(ValueError, match="train_text_source='vllm'"):
+    lego_ldm.check(cfg)

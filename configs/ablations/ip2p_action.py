@@ -15,6 +15,7 @@ def get_config(base: str = "lego_ego4d"):
   cfg = config.load(pathlib.Path(__file__).resolve().parent.parent / f"{base or 'lego_ego4d'}.py")
   cfg.name = f"{cfg.name}/ip2p_action"
   cfg.ldm_train.text_source = "action"
+  cfg.ldm_train.train_text_source = "action"  # the label in training too, whatever the base says
   cfg.ldm_train.use_image_embedding = False
   cfg.ldm_train.use_text_embedding = False
   return cfg

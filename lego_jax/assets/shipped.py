@@ -187,7 +187,8 @@ def write_ldm(path: Path, models: tuple, cfg) -> Path:
   tmp.unlink()
   meta = {"latent_scale": float(vae.config.scaling_factor),
           "ldm_train": {k: cfg.ldm_train.get(k) for k in TRAINING_OPTIONS + (
-              "num_steps", "batch_size", "lr", "text_source", "use_image_embedding",
+              "num_steps", "batch_size", "lr", "text_source", "train_text_source",
+              "use_image_embedding",
               "use_text_embedding") if k in cfg.ldm_train},
           "data": data_settings(cfg), "config": cfg.name}
   return weights_io.write_safetensors(sd, path, metadata={

@@ -10,6 +10,7 @@ import functools
 import gc
 import math
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -93,6 +94,16 @@ class Impl:
   compiles_on_first_call: bool = False
 
 
+_T0 = time.perf_counter()
+
+
+def phase(words: str) -> None:
+  """One line on stderr per phase (seconds since import): a bench killed by its timeout still
+  says where its time went (on an H200 the full-size UNet train step outlasted 140 s without a
+  word, 2026-12-04)."""
+  print(f"bench [{time.perf_counter() - _T0:7.1f} s] {words}", file=sys.stderr, flush=True)
+
+
 def _timed(step: Callable[[], Any], cpu_s: list[float] | None = None) -> float:
   """Wall seconds of one step; with `cpu_s`, also appends the process's CPU seconds (every
   thread: XLA:CPU runs independent ops on a pool of one thread per core)."""
@@ -127,8 +138,10 @@ def measure(factories: list[tuple[str, Callable[[], Impl]]], *, steps: int, warm
 
   if interleave:
     impls = []
-    for _, make in factories:
+    for name, make in factories:
+      phase(f"{name}: building")
       impls.append(make())
+      phase(f"{name}: built; warm-up")
       _warm(impls[-1], warmup)
     for r in range(repeats):
       for impl in (impls if r % 2 == 0 else impls[::-1]):
@@ -136,10 +149,14 @@ def measure(factories: list[tuple[str, Callable[[], Impl]]], *, steps: int, warm
     for impl in impls:
       impl.close()
   else:
-    for _, make in factories:
+    for name, make in factories:
+      phase(f"{name}: building")
       impl = make()
+      phase(f"{name}: built; warm-up")
       _warm(impl, warmup)
+      phase(f"{name}: timing {steps * repeats} steps")
       record(impl, steps * repeats)
+      phase(f"{name}: done")
       impl.close()
       del impl
       gc.collect()
@@ -228,11 +245,14 @@ def jax_impl(program: Program, devices) -> tuple[Impl, dict]:
   jitted = jax.jit(program.fn, donate_argnums=(0,) if program.carry else (), **kwargs)
   with sharding.use_mesh(program.mesh):
     start = time.perf_counter()
+    phase("jax: tracing and lowering")
     traced = jitted.trace(*program.args)
     lowered = traced.lower()
     lowered_at = time.perf_counter()
+    phase(f"jax: lowered in {lowered_at - start:.1f} s; compiling")
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
+    phase(f"jax: compiled in {compiled_at - lowered_at:.1f} s; counting FLOPs")
     if program.flops_fn is None:
       counted = flops_lib.count_jaxpr(traced.jaxpr.jaxpr, program.while_trips)
     else:  # the same step without remat: model FLOPs

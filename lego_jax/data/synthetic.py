@@ -32,6 +32,15 @@ that the diffusion model's training pairs do not teach.
   num_instruction    extra scenes for the VLLM only (llava_train.json: frame, action,
                      description, no target frame), cycling through EVERY combination, held-out
                      ones included: clips synth_instruct_*.
+  hand_swap          the fraction of TRAIN pairs done against the rule: the other hand, and
+                     for "pick up" another destination, which their descriptions state. Then the
+                     action label alone does not fix the effect in the LDM's pairs (the issue's
+                     "facts the descriptions state and the label does not"), so an LDM that
+                     draws the right hand must read the description. The val and test pairs and
+                     the instruction frames keep the rules, and the swapped pairs' conversations
+                     are left out of llava_train.json: the VLLM learns how an action is properly
+                     done, and no frame shows a swap, so no VLLM could predict one. Drawn from a
+                     stream of its own: the other pairs are those of hand_swap=0.
 
 Written like the real release so the real converters run on it:
   frames/<clip>/<action>/<frame>.jpg (+ mask.png), lego_<split>.json
@@ -141,6 +150,7 @@ class Options:
   combination_rules: bool = False
   holdout: tuple[str, ...] = ()
   num_instruction: int = 0
+  hand_swap: float = 0.0
 
   def __post_init__(self):
     unknown = [c for c in self.holdout if c not in COMBINATIONS]
@@ -150,6 +160,10 @@ class Options:
       raise ValueError("holdout lists every combination: no training pair would be left")
     if self.num_instruction < 0:
       raise ValueError(f"num_instruction={self.num_instruction} must be >= 0")
+    if not 0.0 <= self.hand_swap <= 1.0:
+      raise ValueError(f"hand_swap={self.hand_swap} must be in [0, 1]")
+    if self.hand_swap and not self.combination_rules:
+      raise ValueError("hand_swap needs combination_rules (it swaps against the rules)")
 
   def stamp(self) -> dict:
     """The settings that differ from the plain world (what write_release's stamp records)."""
@@ -160,6 +174,8 @@ class Options:
       out["holdout"] = sorted(self.holdout)
     if self.num_instruction:
       out["num_instruction"] = int(self.num_instruction)
+    if self.hand_swap:
+      out["hand_swap"] = float(self.hand_swap)
     return out
 
 
@@ -463,6 +479,17 @@ def make_action(verb: str, target: int, scene: Scene, narrated: bool,
   return Action(verb, target, choose_hand(o), narrated)
 
 
+def swap(action: Action, rng: np.random.Generator) -> Action:
+  """The action done against its combination's rule: the other hand and, for "pick up",
+  one of the two other destinations."""
+  destination = action.destination
+  if destination is not None:
+    others = [d for d in LOCATIONS if d != destination]
+    destination = others[int(rng.integers(len(others)))]
+  return dataclasses.replace(action, hand="right" if action.hand == "left" else "left",
+                             destination=destination)
+
+
 def sample_actions(scene: Scene, rng: np.random.Generator, count: int,
                    options: Options = Options(), banned: Sequence[str] = ()) -> list[Action]:
   """Up to `count` actions on distinct objects, none of a `banned` combination (fewer when the
@@ -721,7 +748,15 @@ def generate_split(split: str, num: int, seed: int, size: int,
       continue
     frame = _render(scene, size, None)[0]
     for k, action in enumerate(actions):
-      yield clip, str(k), render_example(scene, action, size, frame, options.holdout)
+      swapped = False
+      if split == "train" and options.hand_swap:
+        swap_rng = np.random.default_rng([seed, SPLITS.index(split), scene_index - 1, k, 7])
+        if swap_rng.random() < options.hand_swap:
+          action, swapped = swap(action, swap_rng), True
+      ex = render_example(scene, action, size, frame, options.holdout)
+      if options.hand_swap:
+        ex.meta["swapped"] = swapped
+      yield clip, str(k), ex
     made += len(actions)
 
 
@@ -820,9 +855,10 @@ def write_release(root: str | Path, counts: dict[str, int], seed: int, size: int
         annotation.setdefault(clip, {})[action_id] = {
             "image_0": rel_in, "image_1": rel_out, "action": ex.raw_action,
             "llava_forecast_finetune": ex.description}
-        llava.append({"id": f"{clip}/{action_id}", "image": rel_in, "conversations": [
-            {"from": "human", "value": human_turn(ex.action)},
-            {"from": "gpt", "value": ex.description}]})
+        if not ex.meta.get("swapped"):  # the VLLM learns how an action is properly done
+          llava.append({"id": f"{clip}/{action_id}", "image": rel_in, "conversations": [
+              {"from": "human", "value": human_turn(ex.action)},
+              {"from": "gpt", "value": ex.description}]})
         clip_meta = metadata.setdefault(clip, {"height": size, "width": size, "fps": 30,
                                                "actions": {}})
         clip_meta["actions"][action_id] = {"mask": rel_mask, "meta": ex.meta}

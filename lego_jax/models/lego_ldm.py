@@ -37,6 +37,18 @@ def check(cfg) -> None:
   t = cfg.ldm_train
   if t.text_source not in TEXT_SOURCES:
     raise ValueError(f"ldm_train.text_source={t.text_source!r}: one of {TEXT_SOURCES}")
+  if t.get("train_text_source", "") not in ("",) + TEXT_SOURCES:
+    raise ValueError(f"ldm_train.train_text_source={t.train_text_source!r}: empty (as "
+                     f"text_source) or one of {TEXT_SOURCES}")
+
+
+def train_text_source(cfg) -> str:
+  """The text the training pairs are conditioned on: `train_text_source`, else `text_source`
+  (sampling always uses text_source). The embedded default trains LEGO on the annotation's
+  description, which states how each training pair was done (its world swaps hands against the
+  rules in some pairs: lego_jax/data/synthetic.py), and samples from the VLLM's R."""
+  t = cfg.ldm_train
+  return t.get("train_text_source", "") or t.text_source
 
 
 def trained_names(cfg) -> tuple[str, ...]:
@@ -47,7 +59,8 @@ def trained_names(cfg) -> tuple[str, ...]:
 
 def uses_features(cfg) -> bool:
   t = cfg.ldm_train
-  return t.use_image_embedding or t.use_text_embedding or t.text_source == "generated"
+  return (t.use_image_embedding or t.use_text_embedding or t.text_source == "generated"
+          or train_text_source(cfg) == "generated")
 
 
 def schedule_of(cfg) -> NoiseSchedule:
@@ -96,9 +109,9 @@ def models_from(graphdefs, params: dict, latent_scale) -> tuple:
 class TextIds:
   """Host side: the chosen text of each example -> (B, 77) CLIP token ids."""
 
-  def __init__(self, cfg, workdir: Path):
+  def __init__(self, cfg, workdir: Path, train: bool = False):
     self.tokenize = load_clip_tokenizer(cfg, workdir)
-    self.source = cfg.ldm_train.text_source
+    self.source = train_text_source(cfg) if train else cfg.ldm_train.text_source
     self.text_len = cfg.conditioner.text_len
 
   def texts(self, batch: dict) -> list[str]:

@@ -17,7 +17,9 @@ the UNet only). EMA with LitEma's warm-up over every trained parameter.
 
 Ablations and baselines are the same trainer with switches: `text_source` ("generated" R,
 "annotation" description, or "action" label only: InstructPix2Pix fine-tuned), and
-`use_image_embedding` / `use_text_embedding`.
+`use_image_embedding` / `use_text_embedding`. `train_text_source` (default: as text_source)
+conditions the training pairs on another text than sampling does (the embedded default: the
+annotation's description, which states each pair's hand).
 """
 
 from __future__ import annotations
@@ -307,7 +309,7 @@ def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = Tru
   mesh = sharding.make_mesh(cfg.mesh.shape)
   common.check_schedule("ldm_train", t, mesh)
   graphdefs, state, shardings, tx = init_state(cfg, workdir, mesh)
-  text_ids = lego_ldm.TextIds(cfg, workdir)
+  text_ids = lego_ldm.TextIds(cfg, workdir, train=True)
   empty_ids = jnp.asarray(text_ids.empty())
   step = jax.jit(make_train_step(cfg, graphdefs, tx, schedule_of(cfg), empty_ids),
                  in_shardings=(shardings, None, None), out_shardings=(shardings, None),

@@ -54,10 +54,10 @@ def fingerprint(frozen_params, settings: dict) -> str:
 
 
 def settings_of(cfg, num_records: int, workdir: Path) -> dict:
-  t = cfg.ldm_train
-  s = {"image_size": int(cfg.data.image_size), "text_source": t.text_source,
+  source = lego_ldm.train_text_source(cfg)
+  s = {"image_size": int(cfg.data.image_size), "text_source": source,
        "flips": bool(cfg.data.hflip_prob > 0), "num_records": int(num_records)}
-  if t.text_source == "generated":  # the text is the VLLM's: tie the cache to that extraction
+  if source == "generated":  # the text is the VLLM's: tie the cache to that extraction
     s["features"] = store.read_info(Path(workdir) / "features", "train").get("settings")
   return s
 

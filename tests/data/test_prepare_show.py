@@ -25,7 +25,8 @@ def _cfg(**data):
   # The plain world (pairs and instruction records one to one); tests/data/test_synthetic_heldout.py
   # covers the held-out-combinations world configs/tiny.py runs.
   cfg.data.synthetic.update(num_train=10, num_val=3, num_test=4, frame_size=32,
-                            combination_rules=False, holdout=(), num_instruction=0)
+                            combination_rules=False, holdout=(), num_instruction=0,
+                            hand_swap=0.0)
   cfg.data.update({"num_shards": 2, "num_workers": 2, "tokenizer_vocab_size": 256, **data})
   return cfg
 
@@ -176,7 +177,8 @@ def test_small_synthetic_records_have_exact_sizes_in_the_plain_world(tmp_path):
     assert summary[kind]["num_records"] == {"train": 4, "val": 2, "test": 2}, kind
   cfg = config.load("tiny", ["data.synthetic.num_train=4", "data.synthetic.num_val=2",
                              "data.synthetic.num_test=2", "data.synthetic.num_instruction=0",
-                             "data.synthetic.combination_rules=false", "data.synthetic.holdout=()"])
+                             "data.synthetic.combination_rules=false", "data.synthetic.holdout=()",
+                             "data.synthetic.hand_swap=0"])
   plain = tmp_path / "plain"
   prepare.prepare(cfg, plain)
   for kind in ("pairs", "instruct"):

@@ -172,3 +172,65 @@ def test_targets_put_the_object_and_the_hand_where_the_description_says():
     assert "put it down" not in ex.description
     x0, _, x1, _ = ex.meta["bbox_target"]
     assert abs((x0 + x1) / 2 - synthetic.COLUMN_X[column] * SIZE) < 0.1 * SIZE
+
+
+def test_hand_swap_does_some_training_pairs_against_the_rule_and_says_so(tmp_path):
+  counts = {"train": 40, "val": 4, "test": 8}
+  write = lambda name, swap: synthetic.write_release(
+      tmp_path / name, counts, seed=3, size=32, progress=False, objects=(1, 1),
+      options=Options(combination_rules=True, holdout=HOLDOUT, hand_swap=swap))
+  ruled, swapped = write("ruled", 0.0), write("swapped", 0.5)
+  meta = json.loads(swapped.metadata.read_text())
+  ruled_meta = json.loads(ruled.metadata.read_text())
+  notes = json.loads(swapped.annotations["train"].read_text())
+  flags = []
+  for clip, m in meta.items():
+    split = clip.split("_")[1]
+    for action_id, a in m["actions"].items():
+      mm, rule_hand = a["meta"], synthetic.RULES[a["meta"]["combination"]][0]
+      flags.append((split, mm["swapped"]))
+      assert (mm["hand"] != rule_hand) == mm["swapped"]
+      if mm["swapped"]:
+        rule_destination = synthetic.RULES[mm["combination"]][1]
+        assert mm.get("destination") != rule_destination or rule_destination is None
+        assert notes[clip][action_id]["llava_forecast_finetune"].startswith(
+            f"The {mm['hand']} hand")
+      else:  # the same pair as in the ruled world, byte for byte
+        assert mm == {**ruled_meta[clip]["actions"][action_id]["meta"], "swapped": False}
+  train = [f for s, f in flags if s == "train"]
+  # The VLLM's conversations: the pairs done by the rule only (no frame shows a swap).
+  talked = {r["id"] for r in json.loads(swapped.llava["train"].read_text())}
+  assert talked == {f"{clip}/{a}" for clip, m in meta.items() if clip.startswith("synth_train")
+                    for a, x in m["actions"].items() if not x["meta"]["swapped"]}
+  assert len(train) == counts["train"] and 0.25 <= np.mean(train) <= 0.75
+  assert not any(f for s, f in flags if s != "train")  # val and test keep the rules
+  for rel in ("test", "val"):  # their files are those of the ruled world
+    assert (swapped.annotations[rel].read_bytes() == ruled.annotations[rel].read_bytes())
+  inputs = lambda root: {p.relative_to(root): p.read_bytes()
+                         for p in sorted(root.glob("frames/synth_train_*/*/*.jpg"))}
+  a, b = inputs(ruled.root), inputs(swapped.root)
+  assert a.keys() == b.keys() and sum(a[k] != b[k] for k in a) > 0  # only the targets differ
+  assert json.loads((swapped.root / "synthetic.json").read_text())["hand_swap"] == 0.5
+  with pytest.raises(ValueError, match="needs combination_rules"):
+    Options(hand_swap=0.5)
+  with pytest.raises(ValueError, match=r"hand_swap=1.5 must be in \[0, 1\]"):
+    Options(combination_rules=True, hand_swap=1.5)
+
+
+def test_a_swapped_action_draws_the_other_hand_and_destination():
+  rng = np.random.default_rng(0)
+  obj = Obj("cup", "blue", 0, 1, x=synthetic.COLUMN_X[0], y=synthetic.ROW_Y[1],
+            scale=0.24, facing=1)
+  scene = _scene(obj)
+  rule = synthetic.make_action("pick up", 0, scene, False, Options(combination_rules=True))
+  action = synthetic.swap(rule, rng)
+  assert (rule.hand, action.hand) == ("left", "right")
+  assert action.destination in ("left", "middle") and rule.destination == "right"
+  ex = synthetic.render_example(scene, action, SIZE)
+  assert ex.description.startswith("The right hand") and ex.meta["hand"] == "right"
+  assert f"put it down {synthetic.ON_WORDS[action.destination]}" in ex.description
+  bottom = action_region.colour_match(ex.target, scene.sleeve, 30.0)[-SIZE // 6:]
+  assert bottom[:, SIZE // 2:].sum() > bottom[:, :SIZE // 2].sum()
+  x0, _, x1, _ = ex.meta["bbox_target"]
+  want = synthetic.COLUMN_X[synthetic.LOCATIONS.index(action.destination)] * SIZE
+  assert abs((x0 + x1) / 2 - want) < 0.1 * SIZE

@@ -129,7 +129,7 @@ exec {sys.executable} "$@"
   data = (f"--config=configs/tiny.py --config.data.records_dir={workdir}/data/records "
           f"--config.data.tokenizer_dir={workdir}/data/tokenizer")
   steps = ("--config.data.synthetic.combination_rules=false --config.data.synthetic.holdout=() "
-           "--config.data.synthetic.num_instruction=0 --config.vllm_train.num_steps=7")
+           "--config.data.synthetic.hand_swap=0 --config.data.synthetic.num_instruction=0 --config.vllm_train.num_steps=7")
   assert commands == [
       f"-m lego_jax prepare-data --config=configs/tiny.py --workdir={workdir}/data {steps}",
       # The run's own setting comes last, so it wins over the extra flags.
