@@ -21,4 +21,5 @@ export JAX_PLATFORMS=cpu
 # Only "--" flags: XLA stops reading XLA_FLAGS at the first bare word, which silently dropped the
 # 8 fake devices conftest.py appends after it.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false"
-python -m pytest -n "${LEGO_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder tests "$@"
+# The 25 slowest tests, printed last: where the 20-minute CI budget goes.
+python -m pytest -n "${LEGO_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=25 tests "$@"
