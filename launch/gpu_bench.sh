@@ -118,29 +118,20 @@ bench() {
   local rc=$?
   echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/$name.log"
   [ $rc -eq 0 ] || tail -n 15 "$OUT/$name.log"
+  return $rc
 }
 
 # Preflight (real GPU only): the tiny config's train-ldm step with XLA's default GPU flags. The
 # deviceless H100 compile refused that step ("Couldn't find output tile sizes" in a Triton GEMM,
 # issue #15); if the real compiler refuses it too, every bench below runs with Triton GEMMs off
-# (the one flag that compiled it), and OUT/xla_flags.txt says so. Seconds when it compiles.
+# (the one flag that compiled it), and OUT/xla_flags.txt says so. 62 s on the H200 (2026-12-04).
 if [ "$DRY" != 1 ]; then
-  echo "=== preflight: tiny ldm-train step, default XLA flags" | tee "$OUT/preflight.log"
-  timeout --signal=TERM --kill-after=10 $((90 * SCALE)) "$PY" -m lego_jax bench ldm-train \
-    --config=configs/tiny.py --workdir="$OUT/workdir" --out="$OUT/preflight_tiny_ldm.json" \
-    --steps=5 --repeats=1 --warmup_steps=1 >> "$OUT/preflight.log" 2>&1
-  rc=$?
-  echo "=== preflight: exit $rc" | tee -a "$OUT/preflight.log"
-  if [ $rc -ne 0 ]; then
-    tail -n 8 "$OUT/preflight.log"
+  PREFLIGHT="ldm-train --steps=5 --repeats=1 --warmup_steps=1"
+  CONFIG="--config=configs/tiny.py" bench preflight_tiny_ldm 90 $PREFLIGHT || {
     export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false"
-    echo "=== preflight: again with XLA_FLAGS=$XLA_FLAGS" | tee -a "$OUT/preflight.log"
-    timeout --signal=TERM --kill-after=10 $((90 * SCALE)) "$PY" -m lego_jax bench ldm-train \
-      --config=configs/tiny.py --workdir="$OUT/workdir" \
-      --out="$OUT/preflight_tiny_ldm_no_triton_gemm.json" --steps=5 --repeats=1 \
-      --warmup_steps=1 >> "$OUT/preflight.log" 2>&1
-    echo "=== preflight: exit $? without Triton GEMMs" | tee -a "$OUT/preflight.log"
-  fi
+    echo "=== preflight failed: the benches below run with XLA_FLAGS=$XLA_FLAGS"
+    CONFIG="--config=configs/tiny.py" bench preflight_tiny_ldm_no_triton_gemm 90 $PREFLIGHT
+  }
 fi
 echo "XLA_FLAGS=${XLA_FLAGS:-}" > "$OUT/xla_flags.txt"
 

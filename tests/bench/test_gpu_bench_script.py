@@ -33,3 +33,23 @@ def test_full_size_command_lines(tmp_path):
     assert args.index("--config=configs/lego_ego4d.py") < (first_override or len(args)), args
   vllm = benches[2]
   assert "--config.llama.hidden_size=2048" in vllm and "--seq_len=2048" in vllm
+
+
+def test_a_refused_preflight_turns_triton_gemms_off_for_every_bench(tmp_path):
+  log = tmp_path / "calls.txt"
+  fake = tmp_path / "python"
+  # The tiny preflight fails (as the deviceless H100 compile did); everything else succeeds.
+  fake.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exec python3 "$@"\n'
+                  f'printf "%s | %s\\n" "$*" "$XLA_FLAGS" >> {log}\n'
+                  'case "$*" in *configs/tiny.py*) exit 1;; esac\nexit 0\n')
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "ONLY": "unet",
+         "XLA_FLAGS": ""}
+  subprocess.run(["bash", str(ROOT / "launch" / "gpu_bench.sh")], env=env, check=True,
+                 capture_output=True, text=True, timeout=60)
+  benches = [line for line in log.read_text().splitlines()
+             if line.startswith("-m lego_jax bench ")]
+  assert len(benches) == 3, benches  # the preflight, its retry, the UNet bench
+  assert "triton" not in benches[0] and benches[1].endswith("--xla_gpu_enable_triton_gemm=false")
+  assert "unet-train" in benches[2] and benches[2].endswith("--xla_gpu_enable_triton_gemm=false")
+  assert "triton_gemm=false" in (tmp_path / "out" / "xla_flags.txt").read_text()
