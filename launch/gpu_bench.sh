@@ -32,12 +32,14 @@
 # INSTALL=1 (pip install -e ".[cuda,torch]" first: needs an index), WHEELS=DIR (install the
 # wheels in DIR offline first, e.g. a lease machine that lacks some of lego_jax's dependencies).
 # What the benches import that a CUDA image with jax, flax, optax, torch and transformers may
-# lack (checked 2026-12-03 by importing the bench path with each package blocked): ml_collections
-# and grain + array_record (at import), diffusers (the torch baselines); fetch them where pip
-# reaches an index, e.g. for Python 3.12:
+# lack (the H200 lease image of 2026-12-04 lacked all of these; found by importing the bench
+# path with each package blocked): ml_collections, grain + array_record + portpicker,
+# simplejpeg, tensorboardX (at import), diffusers + importlib_metadata (the torch baselines);
+# fetch them where pip reaches an index, e.g. for Python 3.12:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform \
-#     manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl ml_collections==1.1.0 \
-#     grain==0.2.18 array_record==0.8.6 portpicker==1.6.0 diffusers==0.42.1
+#     manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
+#     ml_collections==1.1.0 grain==0.2.18 array_record==0.8.6 portpicker==1.6.0 \
+#     simplejpeg==1.9.0 tensorboardX==2.6.5 diffusers==0.42.1 importlib_metadata==10.2.0
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
