@@ -83,7 +83,11 @@ def get_config() -> ml_collections.ConfigDict:
       zero_image=False)               # ablation: image features zeroed (a text-only model)
   cfg.vllm_generate = dict(temperature=0.2, top_p=1.0, top_k=50, greedy=False, max_new_tokens=1024,
                            seed=42, batch_size=16, feature_dtype="float16", part_size=1000,
-                           compute_dtype="bfloat16")
+                           compute_dtype="bfloat16",
+                           # per-layer weight copies in the decode loop: XLA:GPU copies each
+                           # layer out of the stacked weights every step otherwise (one more
+                           # copy of the blocks' weights in memory; False: the stacked scan)
+                           unstack_layers=True)
   cfg.ldm_train = dict(
       batch_size=1024, grad_accum=4, num_steps=20000, lr=1e-4, weight_decay=0.01,
       b1=0.9, b2=0.999, eps=1e-8, ema_decay=0.9999, train_projections=True,

@@ -225,7 +225,8 @@ class Program:
 
   fn(*args) -> outputs. With `carry` the first output replaces args[0] for the next call (a train
   state; it is donated). flops_fn: what to count when it is not fn itself (the step without
-  remat); while_trips: the trip count of its while loops (decode).
+  remat); while_trips: the trip count of its while loops (decode); compiler_options: XLA options
+  of this program's compile.
   """
   fn: Callable
   args: tuple
@@ -235,6 +236,7 @@ class Program:
   out_shardings: Any = None
   flops_fn: Callable | None = None
   while_trips: int = 1
+  compiler_options: dict | None = None
 
 
 def jax_impl(program: Program, devices) -> tuple[Impl, dict]:
@@ -250,7 +252,7 @@ def jax_impl(program: Program, devices) -> tuple[Impl, dict]:
     lowered = traced.lower()
     lowered_at = time.perf_counter()
     phase(f"jax: lowered in {lowered_at - start:.1f} s; compiling")
-    compiled = lowered.compile()
+    compiled = lowered.compile(program.compiler_options)
     compiled_at = time.perf_counter()
     phase(f"jax: compiled in {compiled_at - lowered_at:.1f} s; counting FLOPs")
     if program.flops_fn is None:

@@ -253,20 +253,23 @@ def decode_program(cfg, batch: int, prompt_len: int, new_tokens: int, dtype, par
       max_new_tokens=new_tokens, greedy=jnp.asarray(bool(g.greedy)),
       temperature=jnp.asarray(float(g.temperature), jnp.float32),
       top_p=jnp.asarray(float(g.top_p), jnp.float32), top_k=jnp.asarray(int(g.top_k), jnp.int32),
-      eos_id=jnp.asarray(-1, jnp.int32), pad_id=jnp.asarray(0, jnp.int32))
+      eos_id=jnp.asarray(-1, jnp.int32), pad_id=jnp.asarray(0, jnp.int32),
+      unstack_layers=bool(g.get("unstack_layers", True)))
   cache_dtype = jnp.dtype(dtype)
 
   def generate(state, embeds, lengths, key, knobs):
     return decode._generate(graphdef, state, embeds, lengths, key, knobs, cache_dtype)
 
   program = Program(generate, (state, embeds, lengths, jax.random.key(0), knobs), mesh,
-                    while_trips=new_tokens - 1)
+                    while_trips=new_tokens - 1,
+                    compiler_options=decode.compiler_options(mesh.devices.flat[0].platform))
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
   shapes = {"prompt": [batch, prompt_len], "new_tokens": new_tokens,
             "params": param_count(state), "weight_bytes": int(weight_bytes),
             "param_dtype": jnp.dtype(param_dtype).name,
             "sampling": {"greedy": bool(g.greedy), "temperature": float(g.temperature),
-                         "top_k": int(g.top_k), "top_p": float(g.top_p)}}
+                         "top_k": int(g.top_k), "top_p": float(g.top_p)},
+            "unstack_layers": bool(knobs.unstack_layers)}
   return program, shapes
 
 

@@ -29,7 +29,7 @@ from lego_jax.models.llava import Llava
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=("greedy", "temperature", "top_p", "top_k", "eos_id", "pad_id",
                                 "min_new_tokens"),
-                   meta_fields=("max_new_tokens",))
+                   meta_fields=("max_new_tokens", "unstack_layers"))
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How tokens are chosen. Greedy (argmax) or temperature -> top-k -> top-p sampling, the order
@@ -41,7 +41,13 @@ class SamplingConfig:
   without one is refused rather than stopping at a guessed id. `min_new_tokens` keeps EOS from
   being chosen before that many tokens (transformers' MinNewTokensLengthLogitsProcessor).
 
-  A pytree: only `max_new_tokens` is static, so changing the other knobs does not recompile.
+  `unstack_layers` says how the step runs, not what it computes: the blocks run from per-layer
+  copies of their weights (`Llama.layer_states`; on XLA:GPU the stacked scan copies every layer's
+  weights each step) at the cost of one copy of the blocks' weights while a call runs; False
+  keeps the stacked scan (half the weight memory).
+
+  A pytree: only `max_new_tokens` and `unstack_layers` are static, so changing the other knobs
+  does not recompile.
   """
   max_new_tokens: int = 1024
   greedy: bool = False
@@ -51,6 +57,7 @@ class SamplingConfig:
   eos_id: int | None = None      # the tokenizer's end-of-sequence id (see for_tokenizer)
   pad_id: int = 0                # written after a row's end-of-sequence token
   min_new_tokens: int = 0        # EOS is masked out while fewer tokens than this were generated
+  unstack_layers: bool = True    # per-layer weight copies in the decode loop (see above)
 
   @classmethod
   def for_tokenizer(cls, tokenizer, **knobs) -> "SamplingConfig":
@@ -118,8 +125,10 @@ def _generate(graphdef, state, inputs_embeds, lengths, key, config: SamplingConf
   lm: Llama = nnx.merge(graphdef, state)
   b, t, e = inputs_embeds.shape
   n = config.max_new_tokens
-  cache = lm.init_cache(b, t + n, cache_dtype)
-  hidden, cache = lm.hidden_states(inputs_embeds=inputs_embeds, lengths=lengths, cache=cache)
+  layers = lm.layer_states() if config.unstack_layers else None
+  cache = lm.init_cache(b, t + n, cache_dtype, per_layer=config.unstack_layers)
+  hidden, cache = lm.hidden_states(inputs_embeds=inputs_embeds, lengths=lengths, cache=cache,
+                                   layers=layers)
   h = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]    # (B, E)
   tok = next_token(lm.logits(h), jax.random.fold_in(key, 0), config, 0)
   tokens = jnp.full((b, n), config.pad_id, jnp.int32).at[:, 0].set(tok)
@@ -132,11 +141,11 @@ def _generate(graphdef, state, inputs_embeds, lengths, key, config: SamplingConf
     return (step < n) & ~jnp.all(done)
 
   def body(carry):
-    step, tok, cache, tokens, rows, done, num, params = carry
+    step, tok, cache, tokens, rows, done, num, (params, layers) = carry
     # The parameters travel in the (loop-invariant) carry: NNX refuses to run its scan over
     # variables that hold tracers of an outer trace level.
     lm_step: Llama = nnx.merge(graphdef, params)
-    hidden, cache = lm_step.hidden_states(tok[:, None], cache=cache)
+    hidden, cache = lm_step.hidden_states(tok[:, None], cache=cache, layers=layers)
     h = hidden[:, 0]
     new = next_token(lm_step.logits(h), jax.random.fold_in(key, step), config, step)
     new = jnp.where(done, config.pad_id, new)
@@ -144,14 +153,34 @@ def _generate(graphdef, state, inputs_embeds, lengths, key, config: SamplingConf
     rows = jax.lax.dynamic_update_index_in_dim(rows, jnp.where(done[:, None], 0, h), step, axis=1)
     num = num + (~done).astype(jnp.int32)
     done = done | (new == config.eos_id)
-    return step + 1, new, cache, tokens, rows, done, num, params
+    return step + 1, new, cache, tokens, rows, done, num, (params, layers)
 
-  carry = (jnp.int32(1), tok, cache, tokens, rows, done, num, state)
+  carry = (jnp.int32(1), tok, cache, tokens, rows, done, num, (state, layers))
   _, _, _, tokens, rows, _, num, _ = jax.lax.while_loop(cond, body, carry)
   return Generation(tokens, rows, num)
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "cache_dtype"))
+# XLA:GPU's dot merger joins the q, k and v projections (dots that share their input) into one
+# dot over the concatenated weights; where the GEMM cannot read that concatenation fused (cuBLAS),
+# it is a copy of those weights in every decode step (seen in the deviceless H200 compile at batch
+# 16, docs/experiments/2026-12-04-decode-weights.md). Threshold 0 MB: no merging.
+GPU_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
+def compiler_options(platform: str) -> dict | None:
+  """The decode loop's XLA options for a device platform ("cpu", "gpu"/"cuda", "tpu")."""
+  return dict(GPU_COMPILER_OPTIONS) if platform in ("gpu", "cuda", "rocm") else None
+
+
+@functools.cache
+def _generate_jit(platform: str):
+  return jax.jit(_generate, static_argnames=("graphdef", "cache_dtype"),
+                 compiler_options=compiler_options(platform))
+
+
+def _platform(tree) -> str:
+  leaf = jax.tree.leaves(tree)[0]
+  return next(iter(leaf.devices())).platform if hasattr(leaf, "devices") else jax.default_backend()
 
 
 def generate(lm: Llama, inputs_embeds: jax.Array, lengths: jax.Array, config: SamplingConfig,
@@ -180,8 +209,9 @@ def generate(lm: Llama, inputs_embeds: jax.Array, lengths: jax.Array, config: Sa
       top_p=jnp.asarray(config.top_p, jnp.float32), top_k=jnp.asarray(config.top_k, jnp.int32),
       eos_id=jnp.asarray(config.eos_id, jnp.int32), pad_id=jnp.asarray(config.pad_id, jnp.int32),
       min_new_tokens=jnp.asarray(config.min_new_tokens, jnp.int32))
-  return _generate_jit(graphdef, state, inputs_embeds, jnp.asarray(lengths, jnp.int32), key,
-                       knobs, cache_dtype=jnp.dtype(cache_dtype or lm.config.dtype))
+  run = _generate_jit(_platform(state))
+  return run(graphdef, state, inputs_embeds, jnp.asarray(lengths, jnp.int32), key, knobs,
+             cache_dtype=jnp.dtype(cache_dtype or lm.config.dtype))
 
 
 def generate_from_ids(lm: Llama, input_ids: jax.Array, lengths: jax.Array, config: SamplingConfig,

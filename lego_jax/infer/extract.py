@@ -79,7 +79,8 @@ def sampling_config(cfg, tok: Tokenizer) -> decode.SamplingConfig:
   return decode.SamplingConfig.for_tokenizer(
       tok, max_new_tokens=int(g.max_new_tokens), greedy=bool(g.greedy),
       temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k),
-      min_new_tokens=int(g.get("min_new_tokens", 0)))
+      min_new_tokens=int(g.get("min_new_tokens", 0)),
+      unstack_layers=bool(g.get("unstack_layers", True)))
 
 
 @nnx.jit(static_argnames=("zero_image",))

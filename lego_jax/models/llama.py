@@ -13,6 +13,7 @@ is needed for training or prefill, token t of every row sits at position t exact
 ran alone, and the cache of row b is filled in slots [0, lengths[b]).
 
 KV cache: `KVCache(k, v, lengths)` with k, v of shape (layers, batch, max_len, kv_heads, head_dim)
+(or, for per-layer weights, tuples of one (batch, max_len, kv_heads, head_dim) buffer per layer)
 and lengths (batch,) int32 = filled slots per row. A call with a cache writes its T new keys and
 values into slots lengths[b] .. lengths[b] + T - 1 of each row and attends over the whole
 fixed-size buffer with a per-row mask, so one prefill then any number of one-token decode steps
@@ -78,16 +79,22 @@ class LlamaConfig:
 class KVCache:
   """Keys/values of every layer in a fixed-size buffer, plus the filled length of each row.
 
-  k, v: (layers, batch, max_len, kv_heads, head_dim); lengths: (batch,) int32. A call appending
-  T tokens needs lengths + T <= max_len in every row (size it prompt + new tokens).
+  k, v: (layers, batch, max_len, kv_heads, head_dim), or tuples of per-layer (batch, max_len,
+  kv_heads, head_dim) buffers (`init_cache(per_layer=True)`, for calls with per-layer weights);
+  lengths: (batch,) int32. A call appending T tokens needs lengths + T <= max_len in every row
+  (size it prompt + new tokens).
   """
-  k: jax.Array
-  v: jax.Array
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
   lengths: jax.Array
 
   @property
+  def per_layer(self) -> bool:
+    return isinstance(self.k, (tuple, list))
+
+  @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return (self.k[0] if self.per_layer else self.k).shape[-3]
 
 
 _CACHE_AXES = ("layers", "batch", "kv_length", "heads", "kv")
@@ -276,13 +283,30 @@ class Llama(nnx.Module):
                                 param_dtype=cfg.param_dtype,
                                 kernel_init=_normal(0.02, ("embed", "vocab")), rngs=rngs)
 
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache of `max_len` slots per row (dtype defaults to the compute dtype)."""
+  def init_cache(self, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> KVCache:
+    """An empty cache of `max_len` slots per row (dtype defaults to the compute dtype);
+    `per_layer`: one buffer per layer, the cache of calls with `layers=self.layer_states()`."""
     cfg = self.config
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dtype = dtype or cfg.dtype
-    zeros = lambda: constrain(jnp.zeros(shape, dtype), _CACHE_AXES)
+    if per_layer:
+      zeros = lambda: tuple(constrain(jnp.zeros(shape, dtype), _CACHE_AXES[1:])
+                            for _ in range(cfg.num_layers))
+    else:
+      zeros = lambda: constrain(jnp.zeros((cfg.num_layers, *shape), dtype), _CACHE_AXES)
     return KVCache(zeros(), zeros(), jnp.zeros((batch,), jnp.int32))
+
+  def layer_states(self) -> list[nnx.State]:
+    """The blocks' parameters as one state per layer, for `hidden_states(layers=...)`.
+
+    Why: inside XLA:GPU's decode loop, a GEMM cannot read its weight from a slice of the stacked
+    (layers, in, out) array; XLA first copies every layer's weights out of it, each step (3x the
+    weight traffic of LLaMA-2-13B decoding at batch 1; at batch 16 the stacked KV cache is copied
+    too: docs/experiments/2026-12-04-decode-weights.md). Separate per-layer buffers are read in
+    place. Under jit the slices are one copy of the
+    blocks' weights (made once per call, held while it runs)."""
+    _, stacked = nnx.split(self.layers)
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.num_layers)]
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """(B, T) int -> (B, T, hidden) in the compute dtype."""
@@ -299,7 +323,8 @@ class Llama(nnx.Module):
                     segment_ids: jax.Array | None = None,
                     lengths: jax.Array | None = None,
                     cache: KVCache | None = None,
-                    layer_grads: Any = None) -> tuple[jax.Array, KVCache | None]:
+                    layer_grads: Any = None,
+                    layers: list[nnx.State] | None = None) -> tuple[jax.Array, KVCache | None]:
     """The decoder without lm_head: last hidden state AFTER the final RMSNorm, (B, T, hidden).
 
     Args:
@@ -314,6 +339,8 @@ class Llama(nnx.Module):
         (the `nnx.State` of `self.layers`, fp32). Differentiated with respect to it, the call
         gives it plus the blocks' weight gradient, added layer by layer in the backward pass;
         the blocks' parameters themselves then get no gradient (`fold_layer_grads`).
+      layers: inference: `self.layer_states()`, run as an unrolled loop of per-layer weights
+        instead of the scan over the stacked ones (same numbers); a cache must be per-layer.
     Returns:
       (hidden (B, T, hidden), the updated cache or None).
     """
@@ -336,6 +363,9 @@ class Llama(nnx.Module):
         raise ValueError("segment_ids are for cache-free (training) calls")
       if t > cache.max_len:
         raise ValueError(f"{t} tokens do not fit a cache of {cache.max_len} slots")
+      if cache.per_layer != (layers is not None):
+        raise ValueError("a per-layer cache goes with per-layer weights (layers=) and a stacked "
+                         "cache with the stacked scan")
       write_at = cache.lengths
       query_slot = write_at[:, None] + steps                                    # (B, T)
       if positions is None:
@@ -345,8 +375,8 @@ class Llama(nnx.Module):
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
 
     if layer_grads is not None:
-      if cache is not None:
-        raise ValueError("layer_grads is for cache-free (training) calls")
+      if cache is not None or layers is not None:
+        raise ValueError("layer_grads is for cache-free (training) calls of the stacked blocks")
       graphdef, stacked = nnx.split(self.layers)
       x = fold_layer_grads(graphdef, stacked, layer_grads, x, cos, sin, mask)
       return self.norm(x), None
@@ -354,16 +384,29 @@ class Llama(nnx.Module):
     def block(layer, x, cos, sin, mask, write_at, kv):
       return layer(x, cos, sin, mask, write_at, kv)
 
-    if cfg.remat:
-      block = nnx.remat(block)
-    scan = nnx.scan(block, in_axes=(0, nnx.Carry, None, None, None, None, 0),
-                    out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: "layers"})
-    x, kv = scan(self.layers, x, cos, sin, mask, write_at, kv)
+    if layers is not None:
+      if len(layers) != cfg.num_layers:
+        raise ValueError(f"{len(layers)} layer states for {cfg.num_layers} layers")
+      graphdef, _ = nnx.split(self.layers)
+      kv_in = [None] * cfg.num_layers if kv is None else list(zip(*kv))
+      kv_out = []
+      for state, layer_kv in zip(layers, kv_in):
+        x, layer_kv = nnx.merge(graphdef, state)(x, cos, sin, mask, write_at, layer_kv)
+        kv_out.append(layer_kv)
+      kv = None if kv is None else tuple(zip(*kv_out))
+      axes = _CACHE_AXES[1:]
+    else:
+      if cfg.remat:
+        block = nnx.remat(block)
+      scan = nnx.scan(block, in_axes=(0, nnx.Carry, None, None, None, None, 0),
+                      out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: "layers"})
+      x, kv = scan(self.layers, x, cos, sin, mask, write_at, kv)
+      axes = _CACHE_AXES
     x = self.norm(x)
     if cache is not None:
       added = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-      cache = KVCache(constrain(kv[0], _CACHE_AXES), constrain(kv[1], _CACHE_AXES),
-                      cache.lengths + added)
+      keep = lambda a: jax.tree.map(lambda buf: constrain(buf, axes), a)
+      cache = KVCache(keep(kv[0]), keep(kv[1]), cache.lengths + added)
     return x, cache
 
   def __call__(self, input_ids: jax.Array | None = None, *,
@@ -372,12 +415,14 @@ class Llama(nnx.Module):
                segment_ids: jax.Array | None = None,
                lengths: jax.Array | None = None,
                cache: KVCache | None = None,
-               layer_grads: Any = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+               layer_grads: Any = None,
+               layers: list[nnx.State] | None = None
+               ) -> tuple[jax.Array, jax.Array, KVCache | None]:
     """Arguments as `hidden_states`. Returns (logits (B, T, vocab), last hidden state after the
     final norm (B, T, hidden), the updated cache or None)."""
     hidden, cache = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
                                        segment_ids=segment_ids, lengths=lengths, cache=cache,
-                                       layer_grads=layer_grads)
+                                       layer_grads=layer_grads, layers=layers)
     return self.logits(hidden), hidden, cache
 
 

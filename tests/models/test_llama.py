@@ -120,13 +120,16 @@ def test_gradients_with_remat_match_torch(tmp_path_factory):
   hf.zero_grad()
 
 
-def test_kv_cache_prefill_then_decode_equals_full_forward(tmp_path_factory):
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
+def test_kv_cache_prefill_then_decode_equals_full_forward(per_layer, tmp_path_factory):
   hf, _ = reference("gqa", tmp_path_factory)
   model = ours("gqa", tmp_path_factory)
   ids = np.random.default_rng(2).integers(0, 64, (2, 9))
   ref_logits, ref_hidden, _ = hf_run(hf, ids)
-  cache = model.init_cache(2, 12)
-  step = nnx.jit(lambda m, x, c: m(x, cache=c))
+  cache = model.init_cache(2, 12, per_layer=per_layer)
+  # per_layer: the blocks run from per-layer weight copies with one cache buffer per layer
+  # (what generation does), the same numbers as the stacked scan.
+  step = nnx.jit(lambda m, x, c: m(x, cache=c, layers=m.layer_states() if per_layer else None))
   logits, hidden, cache = step(model, jnp.asarray(ids[:, :5]), cache)
   outs, hids = [logits], [hidden]
   for t in range(5, 9):  # one compiled decode step, reused
@@ -134,9 +137,15 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(tmp_path_factory):
     outs.append(logits)
     hids.append(hidden)
   np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 9])
-  assert cache.k.shape == (2, 2, 12, 2, 8)
+  if per_layer:
+    assert [k.shape for k in cache.k] == [(2, 12, 2, 8)] * 2 and cache.max_len == 12
+  else:
+    assert cache.k.shape == (2, 2, 12, 2, 8) and cache.max_len == 12
   assert rel_l2(jnp.concatenate(outs, 1), ref_logits) <= 1e-4
   assert rel_l2(jnp.concatenate(hids, 1), ref_hidden) <= 1e-4
+  other = model.init_cache(2, 12, per_layer=not per_layer)
+  with pytest.raises(ValueError, match="per-layer cache goes with per-layer weights"):
+    step(model, jnp.asarray(ids[:, :5]), other)
 
 
 def test_right_padded_batch_rows_equal_each_row_alone(tmp_path_factory):
@@ -205,15 +214,22 @@ def test_bf16_generation_greedy_matches_fp32_reference_and_sampling_knobs(tmp_pa
       ref = hf.generate(torch.as_tensor(ids[row:row + 1, :n]), do_sample=False, max_new_tokens=4,
                         eos_token_id=None, pad_token_id=0)
     np.testing.assert_array_equal(np.asarray(greedy.tokens[row]), ref[0, n:].numpy())
+  # The stacked scan (unstack_layers=False) makes the same tokens and H_t rows.
+  stacked = run(greedy=True, unstack_layers=False)
+  np.testing.assert_array_equal(np.asarray(stacked.tokens), np.asarray(greedy.tokens))
+  np.testing.assert_allclose(np.asarray(stacked.hidden, np.float32),
+                             np.asarray(greedy.hidden, np.float32), atol=2e-2)
+  np.testing.assert_array_equal(np.asarray(run(5, temperature=5.0, unstack_layers=False).tokens),
+                                np.asarray(run(5, temperature=5.0).tokens))
   greedy = np.asarray(greedy.tokens)
-  compiled = decode._generate_jit._cache_size()
+  compiled = decode._generate_jit("cpu")._cache_size()
   # A vanishing nucleus or k=1 leaves only the argmax, whatever the temperature.
   np.testing.assert_array_equal(run(temperature=1.0, top_p=1e-6).tokens, greedy)
   np.testing.assert_array_equal(run(temperature=1.0, top_k=1).tokens, greedy)
   hot = lambda seed: np.asarray(run(seed, temperature=5.0).tokens)
   np.testing.assert_array_equal(hot(7), hot(7))
   assert not np.array_equal(hot(7), hot(8))
-  assert decode._generate_jit._cache_size() == compiled   # the knobs are traced, not static
+  assert decode._generate_jit("cpu")._cache_size() == compiled   # the knobs are traced, not static
 
   # The stop is the tokenizer's EOS (transformers' tokenizer fields here), never a guessed id:
   # with row 0's first greedy token as EOS, row 0 stops at once unless min_new_tokens forbids it,
@@ -232,7 +248,7 @@ def test_bf16_generation_greedy_matches_fp32_reference_and_sampling_knobs(tmp_pa
       assert int(out.num_tokens[row]) == len(ref)
       np.testing.assert_array_equal(np.asarray(out.tokens[row, :len(ref)]), ref)
     assert int(out.num_tokens[0]) == 1 if min_new == 0 else int(out.num_tokens[0]) >= min_new
-  assert decode._generate_jit._cache_size() == compiled
+  assert decode._generate_jit("cpu")._cache_size() == compiled
   with pytest.raises(ValueError, match="eos_id is not set"):
     decode.generate_from_ids(model, ids, lengths, decode.SamplingConfig(max_new_tokens=4))
   # top-p keeps exactly the best tokens whose mass above them is < p.
