@@ -21,5 +21,13 @@ export JAX_PLATFORMS=cpu
 # Only "--" flags: XLA stops reading XLA_FLAGS at the first bare word, which silently dropped the
 # 8 fake devices conftest.py appends after it.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false"
+# One JAX compilation cache for the run, new each time: the two test processes and the commands
+# the tests start compile many of the same programs (the tiny config's steps in several files);
+# each is compiled once. Tests that need a cache of their own still set theirs.
+if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+  JAX_COMPILATION_CACHE_DIR="$(mktemp -d)"
+  trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+  export JAX_COMPILATION_CACHE_DIR
+fi
 # The 25 slowest tests, printed last: where the 20-minute CI budget goes.
 python -m pytest -n "${LEGO_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=25 tests "$@"

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from lego_jax.eval import report
+from procs import SMALL_LDM, SMALL_VLLM
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = [
@@ -32,6 +33,10 @@ SMOKE = [
     "--config.sampler.num_steps=2",
     "--config.vllm_generate.max_new_tokens=8",
     "--config.checkpoint.async_save=false",
+    # The smallest LLaMA, CLIP and UNet the other command tests train (compiling the tiny config's
+    # models took most of this test's 3.5 minutes); the frozen encoders stay cached, the tiny
+    # default's path (SMALL_LDM puts them in the step for the tests that cover that path).
+    *SMALL_VLLM, *[f for f in SMALL_LDM if not f.startswith("--config.ldm_train.cache_frozen")],
 ]
 SCORES = ("frame_psnr", "region_psnr", "outside_psnr", "placement", "hand_iou", "hand_hit", "hand_error")
 STAGES = ("prepare-data", "train-vae", "train-vllm", "extract", "train-ldm (LEGO)",
