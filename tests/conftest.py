@@ -7,6 +7,8 @@ XLA's and runs tens of times slower.
 import importlib
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
@@ -39,6 +41,18 @@ SLOW_FIRST = ("tests/parallel/test_multihost.py", "tests/train/test_resume.py",
               "tests/data/test_worker_exit.py")
 
 
+# Tests marked `extended` cost minutes and repeat what a cheaper test covers for another model;
+# the 20-minute CI on 2 cores leaves them out (docs/testing.md lists them), LEGO_EXTENDED_TESTS=1
+# runs them.
+EXTENDED = os.environ.get("LEGO_EXTENDED_TESTS") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
   rank = {path: i for i, path in enumerate(SLOW_FIRST)}
   items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOW_FIRST)))
+  if not EXTENDED:
+    skip = pytest.mark.skip(reason="extended test, outside the CI budget: LEGO_EXTENDED_TESTS=1 "
+                                   "bash launch/test.sh runs it")
+    for item in items:
+      if "extended" in item.keywords:
+        item.add_marker(skip)

@@ -196,6 +196,7 @@ def test_vllm_on_two_processes_equals_one_process(data, env, tmp_path):
   _two_equal_one("train-vllm", "vllm", args, data, env, tmp_path)
 
 
+@pytest.mark.extended  # 3 min of the CI's 20; the VAE and VLLM tests above hold the same promise
 def test_ldm_on_two_processes_equals_one_process(data, env, ldm_inputs, tmp_path):
   args = [*VAE, *LDM, "--config.ldm_train.num_steps=2"]
 
