@@ -192,6 +192,11 @@ if want unet_variants; then
     --steps=10 --repeats=1
 fi
 if want decode_variants; then
+  # The stacked-scan decode the first lease measured (46.8 tok/s), against decode1's per-layer
+  # weights (docs/experiments/2026-12-04-decode-weights.md).
+  bench decode_b1_stacked 90 vllm-decode --batch=1 --new_tokens=$(size 128 4) $DT \
+    --param_dtype=$(size bfloat16 float32) $(size "" --prompt_len=8) --steps=2 --repeats=1 \
+    --warmup_steps=1 --config.vllm_generate.unstack_layers=false
   bench decode_b1_vs_torch 900 vllm-decode --batch=1 --new_tokens=$(size 128 4) $DT \
     --param_dtype=$(size bfloat16 float32) --baseline=torch --steps=3 --repeats=1
   bench decode_b16_fp32_weights 600 vllm-decode --batch=$(size 16 2) \
