@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import re
 import sys
 
@@ -104,10 +103,8 @@ def compile_decode(llama_config, device, batch: int, prompt_len: int, new_tokens
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
   state = jax.tree.map(lambda x: spec(x.shape, x.dtype), state)
   knobs = decode.SamplingConfig(max_new_tokens=new_tokens, eos_id=-1, top_k=50,
-                                unstack_layers=unstack_layers)
-  knobs = jax.tree.map(lambda x: spec(jnp.shape(x), jnp.asarray(x).dtype), dataclasses.replace(
-      knobs, **{f: jnp.asarray(getattr(knobs, f)) for f in (
-          "greedy", "temperature", "top_p", "top_k", "eos_id", "pad_id", "min_new_tokens")}))
+                                unstack_layers=unstack_layers).traced()
+  knobs = jax.tree.map(lambda x: spec(x.shape, x.dtype), knobs)
   key = jax.eval_shape(lambda: jax.random.key(0))
   args = (graphdef, state, spec((batch, prompt_len, llama_config.hidden_size), llama_config.dtype),
           spec((batch,), jnp.int32), spec(key.shape, key.dtype), knobs)

@@ -250,11 +250,9 @@ def decode_program(cfg, batch: int, prompt_len: int, new_tokens: int, dtype, par
   lengths = jnp.full((batch,), prompt_len, jnp.int32)
   # eos_id -1 never matches a token: every row makes exactly `new_tokens` tokens.
   knobs = decode.SamplingConfig(
-      max_new_tokens=new_tokens, greedy=jnp.asarray(bool(g.greedy)),
-      temperature=jnp.asarray(float(g.temperature), jnp.float32),
-      top_p=jnp.asarray(float(g.top_p), jnp.float32), top_k=jnp.asarray(int(g.top_k), jnp.int32),
-      eos_id=jnp.asarray(-1, jnp.int32), pad_id=jnp.asarray(0, jnp.int32),
-      unstack_layers=bool(g.get("unstack_layers", True)))
+      max_new_tokens=new_tokens, greedy=bool(g.greedy), temperature=float(g.temperature),
+      top_p=float(g.top_p), top_k=int(g.top_k), eos_id=-1, pad_id=0,
+      unstack_layers=bool(g.get("unstack_layers", True))).traced()
   cache_dtype = jnp.dtype(dtype)
 
   def generate(state, embeds, lengths, key, knobs):

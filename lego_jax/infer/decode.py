@@ -59,6 +59,16 @@ class SamplingConfig:
   min_new_tokens: int = 0        # EOS is masked out while fewer tokens than this were generated
   unstack_layers: bool = True    # per-layer weight copies in the decode loop (see above)
 
+  def traced(self) -> "SamplingConfig":
+    """The knobs as arrays of fixed dtypes: what the jitted generation takes, so that a change
+    of temperature, top-k/p, EOS or padding does not recompile it."""
+    return dataclasses.replace(
+        self, greedy=jnp.asarray(self.greedy, bool),
+        temperature=jnp.asarray(self.temperature, jnp.float32),
+        top_p=jnp.asarray(self.top_p, jnp.float32), top_k=jnp.asarray(self.top_k, jnp.int32),
+        eos_id=jnp.asarray(self.eos_id, jnp.int32), pad_id=jnp.asarray(self.pad_id, jnp.int32),
+        min_new_tokens=jnp.asarray(self.min_new_tokens, jnp.int32))
+
   @classmethod
   def for_tokenizer(cls, tokenizer, **knobs) -> "SamplingConfig":
     """Stops at `tokenizer`'s EOS and pads with its pad id (eos when it has none). Takes the
@@ -203,14 +213,8 @@ def generate(lm: Llama, inputs_embeds: jax.Array, lengths: jax.Array, config: Sa
                      "SamplingConfig.for_tokenizer(tokenizer, ...) or give eos_id (-1: no stop)")
   key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
   graphdef, state = nnx.split(lm)
-  knobs = dataclasses.replace(
-      config, greedy=jnp.asarray(config.greedy, bool),
-      temperature=jnp.asarray(config.temperature, jnp.float32),
-      top_p=jnp.asarray(config.top_p, jnp.float32), top_k=jnp.asarray(config.top_k, jnp.int32),
-      eos_id=jnp.asarray(config.eos_id, jnp.int32), pad_id=jnp.asarray(config.pad_id, jnp.int32),
-      min_new_tokens=jnp.asarray(config.min_new_tokens, jnp.int32))
   run = _generate_jit(_platform(state))
-  return run(graphdef, state, inputs_embeds, jnp.asarray(lengths, jnp.int32), key, knobs,
+  return run(graphdef, state, inputs_embeds, jnp.asarray(lengths, jnp.int32), key, config.traced(),
              cache_dtype=jnp.dtype(cache_dtype or lm.config.dtype))
 
 

@@ -303,8 +303,8 @@ class Llama(nnx.Module):
     (layers, in, out) array; XLA first copies every layer's weights out of it, each step (3x the
     weight traffic of LLaMA-2-13B decoding at batch 1; at batch 16 the stacked KV cache is copied
     too: docs/experiments/2026-12-04-decode-weights.md). Separate per-layer buffers are read in
-    place. Under jit the slices are one copy of the
-    blocks' weights (made once per call, held while it runs)."""
+    place. Under jit the slices are one copy of the blocks' weights (made once per call, held
+    while it runs)."""
     _, stacked = nnx.split(self.layers)
     return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.num_layers)]
 
