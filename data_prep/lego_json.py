@@ -36,7 +36,13 @@ class RecordError(ValueError):
 
 
 class ConversionError(ValueError):
-  """The input as a whole cannot be converted (unreadable file, empty split, too many bad)."""
+  """The input as a whole cannot be converted (unreadable file, empty split, too many bad): a
+  fault in the data (exit 1 through the command line)."""
+
+
+class ConversionSettingsError(ConversionError):
+  """The conversion's settings or output directory are the problem, not the data (an allowance
+  out of range, records of other inputs already in the output): exit 2."""
 
 
 class Repeated(list):

@@ -27,7 +27,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 # TFDS asks for one shard count for all splits; a 32-example val split must not get 64 shards.
 from tensorflow_datasets.core.utils import shard_utils
 
-from data_prep.lego_json import ConversionError, RecordError
+from data_prep.lego_json import ConversionError, ConversionSettingsError, RecordError
 from lego_jax.data import records
 
 MAX_LISTED_BAD = 20
@@ -170,16 +170,16 @@ def convert(records_dir: str | Path, kind: str, splits: dict[str, SplitInput], *
     meta = records.build_metadata(records_dir, kind)
     old = meta.get("fingerprint", {})
     if old != fingerprint:
-      raise ConversionError(
+      raise ConversionSettingsError(
           f"{path} holds {kind} records written from other inputs (differing: "
           f"{', '.join(_differences(old, fingerprint))}); delete it or choose another workdir")
     info = tfds.builder_from_directory(str(path)).info
     return ConvertResult(path, True, {s: info.splits[s].num_examples for s in info.splits},
                          dict(meta.get("bad", {})), dict(meta.get("num_bad", {})))
   if not 0.0 <= max_bad_fraction <= 1.0:
-    raise ConversionError(f"max_bad_fraction={max_bad_fraction} is not in [0, 1]")
+    raise ConversionSettingsError(f"max_bad_fraction={max_bad_fraction} is not in [0, 1]")
   if num_shards < 1:
-    raise ConversionError(f"num_shards={num_shards} must be at least 1")
+    raise ConversionSettingsError(f"num_shards={num_shards} must be at least 1")
 
   builder = Lego(splits=splits, workers=workers, max_bad_fraction=max_bad_fraction,
                  fingerprint=fingerprint, config=kind, data_dir=str(records_dir),

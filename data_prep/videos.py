@@ -739,13 +739,16 @@ def main(argv: list[str] | None = None) -> None:
 
   def _main(_):
     logging.set_verbosity(logging.ERROR)
-    from data_prep.lego_json import ConversionError
+    from data_prep.lego_json import ConversionError, ConversionSettingsError
 
     try:
       return run(FLAGS)
-    except (UsageError, ConversionError, FileNotFoundError) as e:
+    except (UsageError, ConversionSettingsError, FileNotFoundError) as e:
       print(f"data_prep.videos: error: {e}", file=sys.stderr)
       return 2
+    except ConversionError as e:  # the annotation or metadata files: a data fault
+      print(f"data_prep.videos: error: {e}", file=sys.stderr)
+      return 1
 
   app.run(_main, argv=argv)
 

@@ -144,6 +144,34 @@ def test_a_workdir_that_cannot_be_written_is_one_line_exit_1(capsys, tmp_path, m
   assert line.endswith(f": {reason} (--workdir must be a writable directory with free space)")
 
 
+def test_prepare_data_a_broken_annotation_is_a_data_fault_exit_1(capsys, tmp_path):
+  """The annotation file itself is the culprit (exit 1, named); settings that clash with the
+  records already in the workdir stay a usage error (exit 2)."""
+  broken = tmp_path / "train.json"
+  broken.write_text('{"clip": {"0": ')
+  (tmp_path / "frames").mkdir()
+  release = ["--config.data.source=lego_json", f"--config.data.frames_dir={tmp_path / 'frames'}",
+             "--config.data.instructions=released_vllm_outputs"]
+  code, _, err = _cli(capsys, "prepare-data", f"--workdir={tmp_path / 'w'}", *release,
+                      f"--config.data.annotation_train={broken}")
+  assert code == 1
+  line = _one_line(err)
+  assert line.startswith("lego-jax prepare-data: error: train annotation JSON ")
+  assert str(broken) in line and "is not valid JSON" in line
+  assert not list((tmp_path / "w").rglob("*.array_record*"))
+
+  small = ["--config.data.synthetic.num_train=4", "--config.data.synthetic.num_val=0",
+           "--config.data.synthetic.num_test=0", "--config.data.synthetic.num_instruction=0"]
+  code, _, err = _cli(capsys, "prepare-data", f"--workdir={tmp_path / 's'}", *small)
+  assert code == 0, err
+  written = {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*.array_record*")}
+  code, _, err = _cli(capsys, "prepare-data", f"--workdir={tmp_path / 's'}", *small,
+                      "--config.data.num_shards=3")
+  assert code == 2
+  assert "written from other inputs" in _one_line(err) and "num_shards" in err
+  assert written and {p: p.stat().st_mtime_ns for p in written} == written  # kept as they were
+
+
 def _small_vae_cfg(*extra):
   return config_lib.load("tiny", [f[len("--config."):] for f in SMALL_VAE] + list(extra))
 

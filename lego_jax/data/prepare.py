@@ -22,7 +22,7 @@ from pathlib import Path
 from absl import logging
 
 from data_prep import llava_json, lego_json, tfds_builder
-from data_prep.lego_json import ConversionError
+from data_prep.lego_json import ConversionError, ConversionSettingsError
 from lego_jax.data import prompts, records, synthetic, tokenizer
 from lego_jax.data.pipeline import records_dir_of
 
@@ -310,13 +310,16 @@ def _print_summary(summary: dict) -> None:
 
 
 def main(cfg, workdir: Path) -> int:
-  from lego_jax.errors import UserError
+  from lego_jax.errors import DataError, UserError
 
   logging.set_verbosity(logging.ERROR)  # bad records are listed in the summary instead
   try:
     summary = prepare(cfg, workdir)
-  except (ConversionError, DataConfigError, tokenizer.TokenizerError, FileExistsError) as e:
+  except (ConversionSettingsError, DataConfigError, tokenizer.TokenizerError,
+          FileExistsError) as e:
     raise UserError(str(e)) from None
+  except ConversionError as e:  # the annotation files themselves: a data fault
+    raise DataError(str(e)) from None
   except (OSError, RuntimeError) as e:
     full = _disk_error(e, workdir)
     if full is None:
