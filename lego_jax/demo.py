@@ -458,7 +458,8 @@ def shipped_rows(cfg, workdir: Path, limit: int, stages: Stages, grid_rows: int)
          "lego_vs_baselines": comparisons(scores["methods"]), "descriptions": accuracy,
          "files": files, "trained": {w: shipped.metadata(w)["ldm_train"] for w in shipped.LDMS},
          "grid": str(grid.relative_to(workdir)),
-         "note": (f"The same models trained longer (LDMs {meta['ldm_train'].get('num_steps')} "
+         "note": (f"The same models trained longer (LDMs "
+                  f"{meta.get('trained_steps', meta['ldm_train'].get('num_steps'))} "
                   f"steps; lego_jax/assets/tiny/README.md says how), loaded from "
                   f"{shipped.DIR.name}/ after their sha256 checks, generating on the same "
                   "held-out frames with the same sampler settings, scored the same way.")}

@@ -121,6 +121,33 @@ def test_demo_report_and_images(demo_run):
   assert "it/s" in proc.stderr or "s/it" in proc.stderr  # the stages' progress bars
 
 
+def test_export_writes_a_demo_runs_models_as_shipped_files(demo_run, tmp_path):
+  """The shipped recipe's last step (`python -m lego_jax.assets.shipped`) on the demo's run: the
+  files verify, say the steps their checkpoints reached, and load back to the EMA weights."""
+  from lego_jax import config
+  from lego_jax.assets import shipped
+  from lego_jax.infer import ldm as ldm_infer
+  from lego_jax.weights.state import flat_params
+
+  workdir, _ = demo_run
+  overrides = [f.removeprefix("--config.") for f in SMOKE]
+  out = tmp_path / "files"
+  proc = subprocess.run([sys.executable, "-m", "lego_jax.assets.shipped", "configs/tiny.py",
+                         str(workdir), str(out), *overrides],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert set(shipped.verify(out)) == {shipped.VLLM, shipped.TOKENIZER, *shipped.LDMS.values()}
+  for which, run in (("lego", workdir), ("action_label", workdir / "baseline_action_label")):
+    meta = shipped.metadata(which, out)
+    assert meta["trained_steps"] == ldm_infer.latest_step(run) == 3, (which, meta)
+  cfg = config.load("configs/tiny.py", overrides)
+  got = flat_params(shipped.load_ldm(shipped.config_for(cfg, "lego", out))[0])
+  want = flat_params(ldm_infer.load_trained(cfg, workdir)[0])
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_array_equal(got[k], np.asarray(want[k]).astype(np.float16).astype(np.float32), k)
+
+
 def test_nice_ticks_are_round_and_cover_the_range():
   assert report.nice_ticks(0, 800) == [0, 200, 400, 600, 800]
   assert report.nice_ticks(0.13, 0.96) == pytest.approx([0.2, 0.4, 0.6, 0.8])

@@ -164,17 +164,20 @@ def export(cfg, workdir: Path, baseline_dir: Path, out: Path = DIR,
 
     baseline_cfg = baseline_config(cfg, workdir)
   for which, (c, w) in {"lego": (cfg, workdir), "action_label": (baseline_cfg, baseline_dir)}.items():
-    write_ldm(out / LDMS[which], ldm_infer.load_trained(c, w, use_ema=True), c)
+    write_ldm(out / LDMS[which], ldm_infer.load_trained(c, w, use_ema=True), c,
+              trained_steps=ldm_infer.latest_step(w))
   names = [VLLM, TOKENIZER, *LDMS.values()]
   sums = {n: sha256(out / n) for n in names}
   (out / SUMS).write_text("".join(f"{sums[n]}  {n}\n" for n in names))
   return sums
 
 
-def write_ldm(path: Path, models: tuple, cfg) -> Path:
+def write_ldm(path: Path, models: tuple, cfg, trained_steps: int | None = None) -> Path:
   """(unet, conditioner, clip_text, vae) -> one CompVis single file at `path` in float16 (half
   the bytes; loading widens them back exactly), with the metadata `config_for` reads: the VAE's
-  latent scale, `cfg`'s ldm_train options and data settings."""
+  latent scale, `cfg`'s ldm_train options and data settings. `trained_steps`: the step of the
+  checkpoint the weights come from; it is the file's `ldm_train.num_steps` (the config's own
+  num_steps says how long a run was asked to be, not how far the exported one got)."""
   from lego_jax.weights import io as weights_io
   from lego_jax.weights.checkpoints import export_ldm_single_file
 
@@ -191,6 +194,8 @@ def write_ldm(path: Path, models: tuple, cfg) -> Path:
               "use_image_embedding",
               "use_text_embedding") if k in cfg.ldm_train},
           "data": data_settings(cfg), "config": cfg.name}
+  if trained_steps is not None:
+    meta["trained_steps"] = meta["ldm_train"]["num_steps"] = int(trained_steps)
   return weights_io.write_safetensors(sd, path, metadata={
       "format": "pt", "source": "lego_jax", "lego_jax": json.dumps(meta, sort_keys=True)})
 

@@ -28,6 +28,16 @@ from lego_jax.parallel import sharding
 from lego_jax.train import checkpoint as ckpt_lib
 
 
+def latest_step(workdir: Path) -> int:
+  """The step of WORKDIR's latest finished train-ldm checkpoint (the one load_trained reads)."""
+  with ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "ldm", reader=True) as ckpt:
+    step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no LDM checkpoint in {Path(workdir) / 'checkpoints' / 'ldm'}: "
+                            "run `lego-jax train-ldm` first")
+  return int(step)
+
+
 def load_trained(cfg, workdir: Path, use_ema: bool = True) -> tuple:
   """(unet, conditioner, clip_text, vae) from WORKDIR's latest train-ldm checkpoint: its EMA
   weights (`use_ema`) or its current ones."""

@@ -4,6 +4,7 @@ are there, their hashes, their size within the budget, and that they load throug
 own loaders and generate frames that keep the input's scene (a random or mis-loaded LDM does not)."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -57,7 +58,8 @@ def test_ldm_file_round_trip_keeps_weights_scale_and_options(tmp_path):
   unet, conditioner, clip_text, vae = models
   vae.config = dataclasses.replace(vae.config, scaling_factor=0.7)
   for which in shipped.LDMS.values():
-    shipped.write_ldm(tmp_path / which, (unet, conditioner, clip_text, vae), cfg)
+    shipped.write_ldm(tmp_path / which, (unet, conditioner, clip_text, vae), cfg,
+                      trained_steps=1234)
   fresh = config.load("configs/tiny.py")
   got = shipped.load_ldm(shipped.config_for(fresh, "lego", tmp_path))
   for a, b in zip((unet, conditioner, clip_text, vae), got):
@@ -69,6 +71,15 @@ def test_ldm_file_round_trip_keeps_weights_scale_and_options(tmp_path):
   c = shipped.config_for(fresh, "lego", tmp_path)
   assert (c.ldm_train.prediction_type, c.ldm_train.min_snr_gamma) == ("v_prediction", 5.0)
   assert shipped.data_mismatch(fresh, tmp_path) is None
+  # The steps the weights were trained for, not the config's num_steps (320 in tiny.py).
+  meta = shipped.metadata("lego", tmp_path)
+  assert meta["trained_steps"] == meta["ldm_train"]["num_steps"] == 1234
+  shipped.write_ldm(tmp_path / "plain.safetensors", (unet, conditioner, clip_text, vae), cfg)
+  from safetensors import safe_open
+
+  with safe_open(str(tmp_path / "plain.safetensors"), "numpy") as f:
+    plain = json.loads(f.metadata()["lego_jax"])
+  assert "trained_steps" not in plain and plain["ldm_train"]["num_steps"] == cfg.ldm_train.num_steps
   other = config.load("configs/tiny.py", ["data.synthetic.num_train=32"])
   assert "data.synthetic" in shipped.data_mismatch(other, tmp_path)
 
@@ -78,6 +89,9 @@ def test_shipped_files_match_their_sha256_and_fit_the_budget():
   sums = shipped.verify()
   assert set(sums) == {shipped.VLLM, shipped.TOKENIZER, *shipped.LDMS.values()}
   assert sum((shipped.DIR / n).stat().st_size for n in sums) <= BUDGET_BYTES
+  # Both LDMs say how long they were trained, and it is the same: the demo compares them.
+  steps = {w: shipped.metadata(w).get("trained_steps") for w in shipped.LDMS}
+  assert steps["lego"] == steps["action_label"] and steps["lego"] > 320, steps
 
 
 def _psnr(a, b, mask):
