@@ -264,7 +264,8 @@ def score(cfg, workdir: Path, runs: dict[str, Path], examples: list[dict]) -> di
           "by_combination": combination_split(examples, per_example)}
 
 
-_DESTINATION = re.compile(r"put it down (on the left side|in the middle|on the right side)")
+_DESTINATION = re.compile(  # a pick-up's, or (synthetic push) a push's
+    r"(?:put it down|until it stands) (on the left side|in the middle|on the right side)")
 
 
 def stated_facts(examples: list[dict]) -> dict[str, float]:

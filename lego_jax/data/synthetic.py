@@ -41,6 +41,10 @@ that the diffusion model's training pairs do not teach.
                      are left out of llava_train.json: the VLLM learns how an action is properly
                      done, and no frame shows a swap, so no VLLM could predict one. Drawn from a
                      stream of its own: the other pairs are those of hand_swap=0.
+  push               (needs combination_rules) every kind but the drawer can also be pushed along
+                     the table to its combination's destination ("push the red pan"), so the
+                     LDM's pairs show every kind carried somewhere, also the kinds whose pick-up
+                     is held out (docs/experiments/heldout-combinations.md, Run 7).
 
 Written like the real release so the real converters run on it:
   frames/<clip>/<action>/<frame>.jpg (+ mask.png), lego_<split>.json
@@ -89,8 +93,10 @@ HORIZON = 0.3
 SKIN = ((224, 172, 138), (198, 140, 102), (160, 106, 72), (236, 190, 160))
 SLEEVES = ((70, 70, 78), (225, 225, 220), (40, 40, 44), (150, 150, 160), (118, 96, 74))
 NARRATED = {"pick up": "picks up", "cut": "cuts", "open": "opens", "stir": "stirs",
-            "wipe": "wipes"}
+            "wipe": "wipes", "push": "pushes"}
 COMBINATIONS = tuple(f"{v} {k}" for k, verbs in VERBS.items() for v in verbs)  # "pick up cup"
+PUSHED = tuple(k for k in KINDS if k != "drawer")  # Options.push: the kinds that slide
+PUSH_COMBINATIONS = tuple(f"push {k}" for k in PUSHED)
 # combination -> (hand, where "pick up" puts the object down) under Options.combination_rules.
 # Written so that no other combination gives a combination's rule away: each kind's verbs use
 # different hands, and each verb's kinds are split between the hands and destinations.
@@ -100,6 +106,12 @@ RULES: dict[str, tuple[str, str | None]] = {
     "pick up pan": ("left", "left"), "pick up sponge": ("right", "middle"),
     "stir bowl": ("left", None), "stir pan": ("right", None), "cut carrot": ("left", None),
     "wipe sponge": ("left", None), "open drawer": ("right", None),
+    # Options.push. The kinds whose pick-up or stir the demo holds out push with the other hand
+    # than that combination's (and pans / carrots to another destination), so their pushes do not
+    # give the held-out rules away.
+    "push cup": ("right", "left"), "push bowl": ("right", "middle"),
+    "push knife": ("right", "right"), "push carrot": ("left", "middle"),
+    "push pan": ("right", "right"), "push sponge": ("left", "left"),
 }
 
 
@@ -151,12 +163,14 @@ class Options:
   holdout: tuple[str, ...] = ()
   num_instruction: int = 0
   hand_swap: float = 0.0
+  push: bool = False
 
   def __post_init__(self):
-    unknown = [c for c in self.holdout if c not in COMBINATIONS]
+    combos = combinations(self)
+    unknown = [c for c in self.holdout if c not in combos]
     if unknown:
-      raise ValueError(f"holdout combination {unknown[0]!r} is not one of {COMBINATIONS}")
-    if len(set(self.holdout)) == len(COMBINATIONS):
+      raise ValueError(f"holdout combination {unknown[0]!r} is not one of {combos}")
+    if len(set(self.holdout)) == len(combos):
       raise ValueError("holdout lists every combination: no training pair would be left")
     if self.num_instruction < 0:
       raise ValueError(f"num_instruction={self.num_instruction} must be >= 0")
@@ -164,6 +178,8 @@ class Options:
       raise ValueError(f"hand_swap={self.hand_swap} must be in [0, 1]")
     if self.hand_swap and not self.combination_rules:
       raise ValueError("hand_swap needs combination_rules (it swaps against the rules)")
+    if self.push and not self.combination_rules:
+      raise ValueError("push needs combination_rules (they say where each kind is pushed)")
 
   def stamp(self) -> dict:
     """The settings that differ from the plain world (what write_release's stamp records)."""
@@ -176,7 +192,18 @@ class Options:
       out["num_instruction"] = int(self.num_instruction)
     if self.hand_swap:
       out["hand_swap"] = float(self.hand_swap)
+    if self.push:
+      out["push"] = True
     return out
+
+
+def combinations(options: Options) -> tuple[str, ...]:
+  """Every verb-kind combination of the world `options` make."""
+  return COMBINATIONS + (PUSH_COMBINATIONS if options.push else ())
+
+
+def verbs_of(kind: str, options: Options) -> tuple[str, ...]:
+  return VERBS[kind] + (("push",) if options.push and kind in PUSHED else ())
 
 
 def combination(verb: str, o: "Obj") -> str:
@@ -497,10 +524,11 @@ def sample_actions(scene: Scene, rng: np.random.Generator, count: int,
   "pick up" (which most kinds afford) does not crowd out the rarer verbs."""
   out: list[Action] = []
   free = list(range(len(scene.objects)))
-  fits_verb = lambda v, i: (v in VERBS[scene.objects[i].kind]
+  fits_verb = lambda v, i: (v in verbs_of(scene.objects[i].kind, options)
                             and combination(v, scene.objects[i]) not in banned)
   for _ in range(count):
-    verbs = sorted({v for i in free for v in VERBS[scene.objects[i].kind] if fits_verb(v, i)})
+    verbs = sorted({v for i in free for v in verbs_of(scene.objects[i].kind, options)
+                    if fits_verb(v, i)})
     if not verbs:
       break
     verb = verbs[int(rng.integers(len(verbs)))]
@@ -514,7 +542,8 @@ def sample_actions(scene: Scene, rng: np.random.Generator, count: int,
 def action_text(verb: str, o: Obj) -> str:
   thing = f"the {o.colour} {o.kind}"
   return {"pick up": f"pick up {thing}", "cut": f"cut {thing}", "open": f"open {thing}",
-          "stir": f"stir the food in {thing}", "wipe": f"wipe the table with {thing}"}[verb]
+          "stir": f"stir the food in {thing}", "wipe": f"wipe the table with {thing}",
+          "push": f"push {thing}"}[verb]
 
 
 def _wipe_direction(o: Obj, hand: str) -> int:
@@ -559,6 +588,9 @@ def describe(verb: str, o: Obj, hand: str, destination: str | None = None) -> st
     direction = "right" if _wipe_direction(o, hand) > 0 else "left"
     return (f"{hand_word} presses the {thing} {on_where} of the table and wipes toward the "
             f"{direction}, leaving a wet streak.")
+  if verb == "push":
+    return (f"{hand_word} presses against the {thing} {on_where} of the table and slides it "
+            f"along the table until it stands {ON_WORDS[destination]} of the table.")
   raise ValueError(f"unknown verb {verb!r}")
 
 
@@ -608,6 +640,8 @@ def _render(scene: Scene, size: int, action: Action | None):
       c.rect(lo - 0.28 * s, y - 0.16 * s, hi + 0.28 * s, y + 0.04 * s,
              fill=_shade(scene.table, 0.8), radius=0.06 * s, track=False)   # wet streak
       x += shift
+    if is_target and action.verb == "push":  # slid along its row to the destination column
+      x = COLUMN_X[LOCATIONS.index(action.destination)]
     if is_target and action.verb == "pick up":
       if action.destination is not None:  # carried to the near row of its destination column
         x, y = COLUMN_X[LOCATIONS.index(action.destination)], ROW_Y[1]
@@ -647,7 +681,7 @@ def _render(scene: Scene, size: int, action: Action | None):
         extra.append(lambda fx=fx, fy=fy, g=grip: (  # the spoon
             c.line([(fx, fy), g], fill=(176, 180, 188), width=0.02, track=False),
             c.ellipse(fx, fy, 0.028, 0.014, fill=(176, 180, 188), track=False)))
-      elif action.verb == "wipe":
+      elif action.verb in ("wipe", "push"):
         grip = points["body"]
   for draw in extra:
     draw()
@@ -733,7 +767,7 @@ def generate_split(split: str, num: int, seed: int, size: int,
   seen combinations, so half its pairs are held out (a scene affording no allowed combination
   is skipped)."""
   objects = check_objects(objects)
-  held_in = tuple(c for c in COMBINATIONS if c not in options.holdout)
+  held_in = tuple(c for c in combinations(options) if c not in options.holdout)
   made, scene_index = 0, 0
   while made < num:
     rng = scene_rng(seed, split, scene_index)
@@ -763,11 +797,12 @@ def generate_split(split: str, num: int, seed: int, size: int,
 def generate_instructions(num: int, seed: int, size: int, objects: tuple[int, int] = OBJECTS,
                           options: Options = Options()):
   """Instruction-only examples (no target frame): yields (clip_id, frame, action text,
-  description, combination); example i is of COMBINATIONS[i % 11], on the first scene of
-  its own random stream that has an object of that kind."""
+  description, combination); example i is of combinations(options)[i % 11 (17 with push)], on
+  the first scene of its own random stream that has an object of that kind."""
   objects = check_objects(objects)
+  combos = combinations(options)
   for index in range(num):
-    combo = COMBINATIONS[index % len(COMBINATIONS)]
+    combo = combos[index % len(combos)]
     verb, kind = combo.rsplit(" ", 1)
     for attempt in range(10_000):
       rng = np.random.default_rng([seed, len(SPLITS), index, attempt])

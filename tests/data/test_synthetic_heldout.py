@@ -72,16 +72,25 @@ def test_no_other_combination_gives_a_rule_away():
   by_kind, by_verb = collections.defaultdict(set), collections.defaultdict(list)
   for combo, (hand, destination) in synthetic.RULES.items():
     verb, kind = combo.rsplit(" ", 1)
-    by_kind[kind].add(hand)
+    if verb != "push":
+      by_kind[kind].add(hand)
     by_verb[verb].append((hand, destination))
-    assert (destination is not None) == (verb == "pick up")
-  assert set(synthetic.RULES) == set(synthetic.COMBINATIONS)
+    assert (destination is not None) == (verb in ("pick up", "push"))
+  assert set(synthetic.RULES) == set(synthetic.COMBINATIONS + synthetic.PUSH_COMBINATIONS)
   for kind, verbs in synthetic.VERBS.items():  # each kind's verbs use different hands
     assert len(by_kind[kind]) == min(len(verbs), 2), kind
   for verb, rules in by_verb.items():  # no verb has one hand or one destination for all kinds
     if len(rules) > 1:
       assert len({h for h, _ in rules}) == 2, verb
-  assert len({d for _, d in by_verb["pick up"]}) == 3
+  assert len({d for _, d in by_verb["pick up"]}) == len({d for _, d in by_verb["push"]}) == 3
+  # With pushes, every other combination of a held-out combination's kind uses the other hand,
+  # and its push another destination: the kind gives the held-out rule away no more than before.
+  for combo in HOLDOUT:
+    hand, destination = synthetic.RULES[combo]
+    kind = combo.rsplit(" ", 1)[1]
+    others = [r for c, r in synthetic.RULES.items() if c.rsplit(" ", 1)[1] == kind and c != combo]
+    assert len(others) >= 2 and all(h != hand for h, _ in others), combo
+    assert destination is None or synthetic.RULES[f"push {kind}"][1] != destination, combo
 
 
 def test_training_pairs_hold_out_what_the_instructions_cover(tmp_path):
@@ -131,9 +140,9 @@ def _scene(obj: Obj) -> Scene:
 
 
 def test_targets_put_the_object_and_the_hand_where_the_description_says():
-  options = Options(combination_rules=True)
+  options = Options(combination_rules=True, push=True)
   plain = {}
-  for combo in synthetic.COMBINATIONS:
+  for combo in synthetic.COMBINATIONS + synthetic.PUSH_COMBINATIONS:
     verb, kind = combo.rsplit(" ", 1)
     hand, destination = synthetic.RULES[combo]
     for column in range(3):
@@ -153,7 +162,8 @@ def test_targets_put_the_object_and_the_hand_where_the_description_says():
       if destination is None:
         assert "put it down" not in ex.description and "destination" not in ex.meta
         continue
-      assert f"put it down {synthetic.ON_WORDS[destination]} of the table" in ex.description
+      phrase = "until it stands" if verb == "push" else "put it down"
+      assert f"{phrase} {synthetic.ON_WORDS[destination]} of the table" in ex.description
       assert ex.meta["destination"] == destination
       # The object's pixels are at the destination column in the target, wherever it stood.
       x0, y0, x1, y1 = ex.meta["bbox_target"]
@@ -165,8 +175,9 @@ def test_targets_put_the_object_and_the_hand_where_the_description_says():
       on_table[:int(synthetic.HORIZON * SIZE) + 2] = False
       ys, xs = np.nonzero(on_table)
       assert len(xs) >= 3 and abs(xs.mean() - want) < 0.12 * SIZE, (combo, column)
-      plain[combo, column] = synthetic.render_example(
-          scene, synthetic.make_action(verb, 0, scene, False), SIZE)
+      if verb == "pick up":
+        plain[combo, column] = synthetic.render_example(
+            scene, synthetic.make_action(verb, 0, scene, False), SIZE)
   # Without the rules the same pick-up lifts the object where it stood.
   for (combo, column), ex in plain.items():
     assert "put it down" not in ex.description
@@ -234,3 +245,27 @@ def test_a_swapped_action_draws_the_other_hand_and_destination():
   x0, _, x1, _ = ex.meta["bbox_target"]
   want = synthetic.COLUMN_X[synthetic.LOCATIONS.index(action.destination)] * SIZE
   assert abs((x0 + x1) / 2 - want) < 0.1 * SIZE
+
+
+def test_push_shows_every_kind_but_the_drawer_carried_in_the_training_pairs(tmp_path):
+  """Options.push: pushes of every kind but the drawer join the pairs (the kinds whose pick-up is
+  held out included), the instruction frames cycle through all 17 combinations, and the setting
+  is stamped; without combination rules it is refused."""
+  options = Options(combination_rules=True, holdout=HOLDOUT, num_instruction=17, push=True)
+  counts = {"train": 80, "val": 4, "test": 16}
+  files = synthetic.write_release(tmp_path / "raw", counts, seed=3, size=32, progress=False,
+                                  objects=(1, 1), options=options)
+  meta = json.loads(files.metadata.read_text())
+  train = collections.Counter(
+      a["meta"]["combination"] for clip, m in meta.items() if clip.startswith("synth_train")
+      for a in m["actions"].values())
+  assert {"push pan", "push carrot"} <= set(train) and not set(HOLDOUT) & set(train)
+  extra = [r for r in json.loads(files.llava["train"].read_text())
+           if r["id"].startswith("synth_instruct_")]
+  assert collections.Counter(r["combination"] for r in extra) == {
+      c: 1 for c in synthetic.COMBINATIONS + synthetic.PUSH_COMBINATIONS}
+  assert json.loads((files.root / "synthetic.json").read_text())["push"] is True
+  with pytest.raises(ValueError, match="push needs combination_rules"):
+    Options(push=True)
+  with pytest.raises(ValueError, match="'push drawer'"):
+    Options(combination_rules=True, push=True, holdout=("push drawer",))
