@@ -36,7 +36,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
     raise ValueError(f"FID statistics differ in shape: {mu1.shape} vs {mu2.shape}")
   diff = mu1 - mu2
-  covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+  # No `disp=`: SciPy 1.18 removes it; without it sqrtm returns the same matrix alone (warning,
+  # not printing, when the product is near singular).
+  covmean = linalg.sqrtm(sigma1.dot(sigma2))
   if not np.isfinite(covmean).all():
     logging.warning("FID: singular product; adding %s to the covariance diagonals", eps)
     offset = np.eye(sigma1.shape[0]) * eps
