@@ -164,8 +164,8 @@ def export(cfg, workdir: Path, baseline_dir: Path, out: Path = DIR,
 
     baseline_cfg = baseline_config(cfg, workdir)
   for which, (c, w) in {"lego": (cfg, workdir), "action_label": (baseline_cfg, baseline_dir)}.items():
-    write_ldm(out / LDMS[which], ldm_infer.load_trained(c, w, use_ema=True), c,
-              trained_steps=ldm_infer.latest_step(w))
+    step, models = ldm_infer.load_trained_step(c, w, use_ema=True)
+    write_ldm(out / LDMS[which], models, c, trained_steps=step)
   names = [VLLM, TOKENIZER, *LDMS.values()]
   sums = {n: sha256(out / n) for n in names}
   (out / SUMS).write_text("".join(f"{sums[n]}  {n}\n" for n in names))

@@ -28,19 +28,15 @@ from lego_jax.parallel import sharding
 from lego_jax.train import checkpoint as ckpt_lib
 
 
-def latest_step(workdir: Path) -> int:
-  """The step of WORKDIR's latest finished train-ldm checkpoint (the one load_trained reads)."""
-  with ckpt_lib.Checkpointer(Path(workdir) / "checkpoints" / "ldm", reader=True) as ckpt:
-    step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no LDM checkpoint in {Path(workdir) / 'checkpoints' / 'ldm'}: "
-                            "run `lego-jax train-ldm` first")
-  return int(step)
-
-
 def load_trained(cfg, workdir: Path, use_ema: bool = True) -> tuple:
   """(unet, conditioner, clip_text, vae) from WORKDIR's latest train-ldm checkpoint: its EMA
   weights (`use_ema`) or its current ones."""
+  return load_trained_step(cfg, workdir, use_ema)[1]
+
+
+def load_trained_step(cfg, workdir: Path, use_ema: bool = True) -> tuple[int, tuple]:
+  """(step, models) of `load_trained`: the step of the checkpoint actually read (the newest one
+  that restores; a damaged newer one is skipped)."""
   lego_ldm.check(cfg)
   mesh = sharding.make_mesh(cfg.mesh.shape)
   graphdefs, params = lego_ldm.abstract(cfg)
@@ -55,9 +51,9 @@ def load_trained(cfg, workdir: Path, use_ema: bool = True) -> tuple:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(
           f"no LDM checkpoint in {ckpt.directory}: run `lego-jax train-ldm` first")
-    _, state, _ = ckpt.restore(target, partial=True)
+    step, state, _ = ckpt.restore(target, partial=True)
   weights = dict(state["frozen"], **state["ema" if use_ema else "trained"])
-  return lego_ldm.models_from(graphdefs, weights, state["latent_scale"])
+  return int(step), lego_ldm.models_from(graphdefs, weights, state["latent_scale"])
 
 
 def to_uint8(images: np.ndarray, mode: str) -> np.ndarray:
