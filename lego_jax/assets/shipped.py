@@ -163,21 +163,48 @@ def export(cfg, workdir: Path, baseline_dir: Path, out: Path = DIR,
     from lego_jax.baseline import baseline_config
 
     baseline_cfg = baseline_config(cfg, workdir)
-  for which, (c, w) in {"lego": (cfg, workdir), "action_label": (baseline_cfg, baseline_dir)}.items():
+  runs = {"lego": (cfg, workdir), "action_label": (baseline_cfg, baseline_dir)}
+  inits = {which: init_record(w) for which, (_, w) in runs.items()}  # before OUT is written
+  for which, (c, w) in runs.items():
     step, models = ldm_infer.load_trained_step(c, w, use_ema=True)
-    write_ldm(out / LDMS[which], models, c, trained_steps=step)
+    write_ldm(out / LDMS[which], models, c, trained_steps=step, init=inits[which])
   names = [VLLM, TOKENIZER, *LDMS.values()]
   sums = {n: sha256(out / n) for n in names}
   (out / SUMS).write_text("".join(f"{sums[n]}  {n}\n" for n in names))
   return sums
 
 
-def write_ldm(path: Path, models: tuple, cfg, trained_steps: int | None = None) -> Path:
+def init_record(run_dir: Path) -> dict | None:
+  """The LDM file a train-ldm run in `run_dir` started from (its saved config's
+  ldm_train.init "lego"): {file, sha256, trained_steps (None when the file does not say)};
+  None for a run from scratch or one without a saved config."""
+  from safetensors import safe_open
+
+  saved = Path(run_dir) / "config.train-ldm.json"
+  if not saved.is_file():
+    return None
+  t = json.loads(saved.read_text()).get("ldm_train", {})
+  if t.get("init") != "lego":
+    return None
+  path = Path(t["init_checkpoint"])
+  if not path.is_file():
+    raise UserError(f"{saved} says the LDM started from {path}, which is missing: the steps "
+                    "before this run cannot be counted")
+  with safe_open(str(path), "numpy") as f:
+    meta = json.loads((f.metadata() or {}).get("lego_jax", "{}"))
+  return {"file": path.name, "sha256": sha256(path), "trained_steps": meta.get("trained_steps")}
+
+
+def write_ldm(path: Path, models: tuple, cfg, trained_steps: int | None = None,
+              init: dict | None = None) -> Path:
   """(unet, conditioner, clip_text, vae) -> one CompVis single file at `path` in float16 (half
   the bytes; loading widens them back exactly), with the metadata `config_for` reads: the VAE's
   latent scale, `cfg`'s ldm_train options and data settings. `trained_steps`: the step of the
   checkpoint the weights come from; it is the file's `ldm_train.num_steps` (the config's own
-  num_steps says how long a run was asked to be, not how far the exported one got)."""
+  num_steps says how long a run was asked to be, not how far the exported one got). `init`:
+  the file the run started from (`init_record`), kept in the metadata; its trained steps are
+  added, so a fine-tuned file says how long its weights were trained in all, and
+  `run_steps` how many of those the last run made."""
   from lego_jax.weights import io as weights_io
   from lego_jax.weights.checkpoints import export_ldm_single_file
 
@@ -195,7 +222,12 @@ def write_ldm(path: Path, models: tuple, cfg, trained_steps: int | None = None) 
               "use_text_embedding") if k in cfg.ldm_train},
           "data": data_settings(cfg), "config": cfg.name}
   if trained_steps is not None:
-    meta["trained_steps"] = meta["ldm_train"]["num_steps"] = int(trained_steps)
+    total = int(trained_steps)
+    if init is not None:
+      meta["init"] = dict(init)
+      meta["run_steps"] = total
+      total += int(init.get("trained_steps") or 0)
+    meta["trained_steps"] = meta["ldm_train"]["num_steps"] = total
   return weights_io.write_safetensors(sd, path, metadata={
       "format": "pt", "source": "lego_jax", "lego_jax": json.dumps(meta, sort_keys=True)})
 

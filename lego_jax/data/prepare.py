@@ -40,7 +40,7 @@ DATA_KEYS = frozenset({
 SYNTHETIC_KEYS = frozenset({"num_train", "num_val", "num_test", "seed", "frame_size", "objects",
                             # the held-out-combinations world (synthetic.Options; default off)
                             "combination_rules", "holdout", "num_instruction", "hand_swap",
-                            "push"})
+                            "push", "balance_poses"})
 SOURCES = ("synthetic", "lego_json")
 # Where the VLLM's training targets come from when a split has no LLaVA file: "gpt_curated"
 # requires the GPT-curated file for train (the paper's instruction tuning); "released_vllm_outputs"
@@ -113,7 +113,8 @@ def synthetic_options(s) -> synthetic.Options:
                              holdout=tuple(holdout),
                              num_instruction=int(s.get("num_instruction", 0)),
                              hand_swap=float(s.get("hand_swap", 0.0)),
-                             push=bool(s.get("push", False)))
+                             push=bool(s.get("push", False)),
+                             balance_poses=bool(s.get("balance_poses", False)))
   except ValueError as e:
     raise DataConfigError(f"cfg.data.synthetic: {e}") from None
 

@@ -45,6 +45,16 @@ that the diffusion model's training pairs do not teach.
                      the table to its combination's destination ("push the red pan"), so the
                      LDM's pairs show every kind carried somewhere, also the kinds whose pick-up
                      is held out (docs/experiments/heldout-combinations.md, Run 7).
+  balance_poses      (acts on hand_swap's pairs; without them it changes nothing) a swapped
+                     "pick up" is done in any (hand, destination) pose but its rule's, drawn with weight 1 / (1 + the number of held-in pick-up
+                     rules with that pose), instead of the other hand and one of the two other
+                     destinations. The rules of the held-in pick-ups use the crossing and middle
+                     poses, so without it the same-side poses (the left hand lifting to the left,
+                     the right to the right: the held-out pick-ups' rules) come only from a few
+                     swaps, ~1.5% of the pairs; with it every pose is about as common. The
+                     held-out test then asks the LDM to compose a seen pose with a kind, not to
+                     draw a pose it has barely seen (docs/experiments/heldout-combinations.md,
+                     Run 8). Only swapped pick-ups change: the other pairs are those without it.
 
 Written like the real release so the real converters run on it:
   frames/<clip>/<action>/<frame>.jpg (+ mask.png), lego_<split>.json
@@ -164,6 +174,7 @@ class Options:
   num_instruction: int = 0
   hand_swap: float = 0.0
   push: bool = False
+  balance_poses: bool = False
 
   def __post_init__(self):
     combos = combinations(self)
@@ -194,6 +205,8 @@ class Options:
       out["hand_swap"] = float(self.hand_swap)
     if self.push:
       out["push"] = True
+    if self.balance_poses and self.hand_swap:  # without swaps it changes nothing
+      out["balance_poses"] = True
     return out
 
 
@@ -506,10 +519,19 @@ def make_action(verb: str, target: int, scene: Scene, narrated: bool,
   return Action(verb, target, choose_hand(o), narrated)
 
 
-def swap(action: Action, rng: np.random.Generator) -> Action:
+def swap(action: Action, rng: np.random.Generator, options: Options = Options()) -> Action:
   """The action done against its combination's rule: the other hand and, for "pick up",
-  one of the two other destinations."""
+  one of the two other destinations; with options.balance_poses a "pick up" takes any other
+  (hand, destination) pose, the poses fewer held-in rules show drawn more often (module doc)."""
   destination = action.destination
+  if destination is not None and options.balance_poses and action.verb == "pick up":
+    rule = (action.hand, destination)
+    shown = [RULES[c] for c in combinations(options)
+             if c.startswith("pick up ") and c not in options.holdout]
+    poses = [(h, d) for h in ("left", "right") for d in LOCATIONS if (h, d) != rule]
+    weights = np.asarray([1.0 / (1 + shown.count(p)) for p in poses])
+    hand, destination = poses[int(rng.choice(len(poses), p=weights / weights.sum()))]
+    return dataclasses.replace(action, hand=hand, destination=destination)
   if destination is not None:
     others = [d for d in LOCATIONS if d != destination]
     destination = others[int(rng.integers(len(others)))]
@@ -786,7 +808,7 @@ def generate_split(split: str, num: int, seed: int, size: int,
       if split == "train" and options.hand_swap:
         swap_rng = np.random.default_rng([seed, SPLITS.index(split), scene_index - 1, k, 7])
         if swap_rng.random() < options.hand_swap:
-          action, swapped = swap(action, swap_rng), True
+          action, swapped = swap(action, swap_rng, options), True
       ex = render_example(scene, action, size, frame, options.holdout)
       if options.hand_swap:
         ex.meta["swapped"] = swapped

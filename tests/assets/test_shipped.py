@@ -80,6 +80,25 @@ def test_ldm_file_round_trip_keeps_weights_scale_and_options(tmp_path):
   with safe_open(str(tmp_path / "plain.safetensors"), "numpy") as f:
     plain = json.loads(f.metadata()["lego_jax"])
   assert "trained_steps" not in plain and plain["ldm_train"]["num_steps"] == cfg.ldm_train.num_steps
+  # A run fine-tuned from such a file (train-ldm's saved config: init "lego") counts its steps.
+  run = tmp_path / "finetune"
+  run.mkdir()
+  assert shipped.init_record(run) is None  # no saved config: nothing to count
+  (run / "config.train-ldm.json").write_text(json.dumps(
+      {"ldm_train": {"init": "lego", "init_checkpoint": str(tmp_path / "ldm_lego.safetensors")}}))
+  init = shipped.init_record(run)
+  assert init == {"file": "ldm_lego.safetensors", "trained_steps": 1234,
+                  "sha256": shipped.sha256(tmp_path / "ldm_lego.safetensors")}
+  shipped.write_ldm(run / "ft.safetensors", (unet, conditioner, clip_text, vae), cfg,
+                    trained_steps=100, init=init)
+  with safe_open(str(run / "ft.safetensors"), "numpy") as f:
+    tuned = json.loads(f.metadata()["lego_jax"])
+  assert tuned["trained_steps"] == tuned["ldm_train"]["num_steps"] == 1334
+  assert tuned["run_steps"] == 100 and tuned["init"] == init
+  (run / "config.train-ldm.json").write_text(json.dumps(
+      {"ldm_train": {"init": "lego", "init_checkpoint": str(tmp_path / "gone.safetensors")}}))
+  with pytest.raises(UserError, match="gone.safetensors, which is missing"):
+    shipped.init_record(run)
   other = config.load("configs/tiny.py", ["data.synthetic.num_train=32"])
   assert "data.synthetic" in shipped.data_mismatch(other, tmp_path)
 

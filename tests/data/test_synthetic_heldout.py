@@ -247,6 +247,68 @@ def test_a_swapped_action_draws_the_other_hand_and_destination():
   assert abs((x0 + x1) / 2 - want) < 0.1 * SIZE
 
 
+def test_balance_poses_draws_the_poses_no_held_in_rule_shows_more_often():
+  """A swapped pick-up under balance_poses takes any (hand, destination) pose but its rule's,
+  with weight 1 / (1 + held-in pick-up rules of that pose): for the demo's held-out world the
+  two same-side poses (no held-in rule) twice as often as each of the three others."""
+  options = Options(combination_rules=True, holdout=HOLDOUT, hand_swap=0.5, balance_poses=True)
+  obj = Obj("cup", "blue", 0, 1, x=synthetic.COLUMN_X[0], y=synthetic.ROW_Y[1],
+            scale=0.24, facing=1)
+  rule = synthetic.make_action("pick up", 0, _scene(obj), False, options)
+  assert (rule.hand, rule.destination) == ("left", "right")
+  rng = np.random.default_rng(0)
+  drawn = collections.Counter((a.hand, a.destination)
+                              for a in (synthetic.swap(rule, rng, options) for _ in range(7000)))
+  assert ("left", "right") not in drawn and len(drawn) == 5
+  for pose, want in {("left", "left"): 2 / 7, ("right", "right"): 2 / 7, ("left", "middle"): 1 / 7,
+                     ("right", "left"): 1 / 7, ("right", "middle"): 1 / 7}.items():
+    assert abs(drawn[pose] / 7000 - want) < 0.02, (pose, drawn)
+  # Other verbs swap as without it: the other hand.
+  stir = synthetic.make_action("stir", 0, _scene(Obj("pan", "red", 0, 1, 0.2, 0.67, 0.2, 1)),
+                               False, options)
+  assert synthetic.swap(stir, rng, options).hand != stir.hand
+  # Without swaps it changes nothing, and the plain world's settings stay as they were.
+  assert Options(combination_rules=True, balance_poses=True).stamp() == {"combination_rules": True}
+  assert prepare.synthetic_options(config_lib.load("configs/tiny.py").data.synthetic).balance_poses
+
+
+def test_balance_poses_puts_the_held_out_pick_ups_poses_in_the_training_pairs(tmp_path):
+  """Only the swapped pick-ups change; in the training pairs the same-side poses go from a few
+  percent of the pick-ups to about as many as the others, and the files say so."""
+  counts = {"train": 240, "val": 4, "test": 8}
+  write = lambda name, balance: synthetic.write_release(
+      tmp_path / name, counts, seed=3, size=32, progress=False, objects=(1, 1),
+      options=Options(combination_rules=True, holdout=HOLDOUT, hand_swap=0.5,
+                      balance_poses=balance))
+  before, after = write("before", False), write("after", True)
+  metas = [json.loads(f.metadata.read_text()) for f in (before, after)]
+  notes = json.loads(after.annotations["train"].read_text())
+  poses = [collections.Counter(), collections.Counter()]
+  for clip, m in metas[1].items():
+    for action_id, a in m["actions"].items():
+      mm, old = a["meta"], metas[0][clip]["actions"][action_id]["meta"]
+      if not (mm["swapped"] and mm["verb"] == "pick up"):
+        assert mm == old  # the same pair, byte for byte
+        continue
+      assert (mm["hand"], mm["destination"]) != synthetic.RULES[mm["combination"]]
+      text = notes[clip][action_id]["llava_forecast_finetune"]
+      assert text.startswith(f"The {mm['hand']} hand")
+      assert f"put it down {synthetic.ON_WORDS[mm['destination']]}" in text
+  for i, meta in enumerate(metas):
+    for clip, m in meta.items():
+      for a in m["actions"].values():
+        if clip.startswith("synth_train") and a["meta"]["verb"] == "pick up":
+          poses[i][(a["meta"]["hand"], a["meta"]["destination"])] += 1
+  same_side = lambda c: c[("left", "left")] + c[("right", "right")]
+  total = sum(poses[0].values())
+  assert total == sum(poses[1].values()) > 60
+  assert same_side(poses[0]) / total < 0.15 < 0.2 < same_side(poses[1]) / total
+  for rel in ("test", "val"):
+    assert after.annotations[rel].read_bytes() == before.annotations[rel].read_bytes()
+  assert after.llava["train"].read_bytes() == before.llava["train"].read_bytes()
+  assert json.loads((after.root / "synthetic.json").read_text())["balance_poses"] is True
+
+
 def test_push_shows_every_kind_but_the_drawer_carried_in_the_training_pairs(tmp_path):
   """Options.push: pushes of every kind but the drawer join the pairs (the kinds whose pick-up is
   held out included), the instruction frames cycle through all 17 combinations, and the setting
