@@ -147,6 +147,32 @@ def test_export_writes_a_demo_runs_models_as_shipped_files(demo_run, tmp_path):
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_array_equal(got[k], np.asarray(want[k]).astype(np.float16).astype(np.float32), k)
+  # --ldms-only (LDMs fine-tuned beside shipped VLLM and tokenizer): the same LDM files, and
+  # the VLLM and tokenizer it finds in OUT kept; without them, a one-line error.
+  export = lambda dest: subprocess.run(
+      [sys.executable, "-m", "lego_jax.assets.shipped", "configs/tiny.py", str(workdir),
+       str(dest), "--ldms-only", *overrides], cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  bare = export(tmp_path / "bare")
+  assert bare.returncode == 1 and "vllm.safetensors is not there" in bare.stderr, bare.stderr[-2000:]
+  assert "Traceback" not in bare.stderr
+  only = tmp_path / "only"
+  only.mkdir()
+  for n in (shipped.VLLM, shipped.TOKENIZER):
+    (only / n).write_bytes((out / n).read_bytes())
+  proc = export(only)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  sums = shipped.verify(only)
+  assert {n: sums[n] for n in (shipped.VLLM, shipped.TOKENIZER)} == {
+      n: shipped.verify(out)[n] for n in (shipped.VLLM, shipped.TOKENIZER)}
+  from safetensors import safe_open
+  from safetensors.numpy import load_file
+
+  for which, name in shipped.LDMS.items():  # content, not bytes: safetensors writes its
+    a, b = load_file(str(out / name)), load_file(str(only / name))  # metadata keys unordered
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), which
+    with safe_open(str(out / name), "numpy") as f, safe_open(str(only / name), "numpy") as g:
+      assert f.metadata() == g.metadata(), which
 
 
 def test_nice_ticks_are_round_and_cover_the_range():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -143,22 +144,30 @@ def data_settings(cfg) -> dict:
 # ------------------------------------------------------------------------- writing the files
 
 def export(cfg, workdir: Path, baseline_dir: Path, out: Path = DIR,
-           baseline_cfg=None) -> dict[str, str]:
+           baseline_cfg=None, ldms_only: bool = False) -> dict[str, str]:
   """Writes the shipped files from the trained checkpoints of a demo-like run: WORKDIR's VLLM,
   tokenizer and LEGO LDM, BASELINE_DIR's action-label LDM (default config: the demo's
-  `baseline_config`). Returns {file: sha256} (also written to SHA256SUMS)."""
-  from lego_jax.models.llava import save_llava
+  `baseline_config`). `ldms_only`: the two LDMs alone, for LDMs fine-tuned next to a VLLM and
+  tokenizer already in OUT (which must then be there). Returns {file: sha256} (also written to
+  SHA256SUMS)."""
   from lego_jax.infer import ldm as ldm_infer
-  from lego_jax.train import vllm as vllm_stage
 
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   workdir, baseline_dir = Path(workdir), Path(baseline_dir)
-  model, _ = vllm_stage.load_trained(cfg, workdir, dtype="float32")
-  save_llava(model, out / VLLM)
-  from lego_jax.data.tokenizer import tokenizer_dir
+  if ldms_only:
+    missing = [n for n in (VLLM, TOKENIZER) if not (out / n).is_file()]
+    if missing:
+      raise UserError(f"--ldms-only keeps the VLLM and tokenizer in {out}, but {missing[0]} is "
+                      "not there: copy the files the LDMs were trained with into it first")
+  else:
+    from lego_jax.data.tokenizer import tokenizer_dir
+    from lego_jax.models.llava import save_llava
+    from lego_jax.train import vllm as vllm_stage
 
-  shutil.copyfile(tokenizer_dir(cfg.data, workdir) / TOKENIZER, out / TOKENIZER)
+    model, _ = vllm_stage.load_trained(cfg, workdir, dtype="float32")
+    save_llava(model, out / VLLM)
+    shutil.copyfile(tokenizer_dir(cfg.data, workdir) / TOKENIZER, out / TOKENIZER)
   if baseline_cfg is None:
     from lego_jax.baseline import baseline_config
 
@@ -233,25 +242,33 @@ def write_ldm(path: Path, models: tuple, cfg, trained_steps: int | None = None,
 
 
 def main(argv: list[str]) -> int:
-  """python -m lego_jax.assets.shipped CONFIG WORKDIR OUT [section.key=value ...]: export a
-  demo-like run's trained VLLM and both LDMs (WORKDIR/baseline_action_label) as the shipped
-  files in OUT, the config with the overrides the run was trained with."""
+  """python -m lego_jax.assets.shipped CONFIG WORKDIR OUT [--ldms-only] [section.key=value ...]:
+  export a demo-like run's trained VLLM and both LDMs (WORKDIR/baseline_action_label) as the
+  shipped files in OUT, the config with the overrides the run was trained with. --ldms-only:
+  the two LDMs alone (fine-tuned next to the VLLM and tokenizer already in OUT)."""
   from lego_jax import config as config_lib
 
-  if len(argv) < 3 or argv[0] in ("-h", "--help"):
+  ldms_only = "--ldms-only" in argv
+  argv = [a for a in argv if a != "--ldms-only"]
+  if argv[:1] in (["-h"], ["--help"]):
     print(main.__doc__)
+    return 0
+  if len(argv) < 3:
+    print(main.__doc__, file=sys.stderr)
     return 2
   cfg = config_lib.load(argv[0], argv[3:])
   workdir = Path(argv[1])
   from lego_jax.baseline import BASELINE_DIR
 
-  sums = export(cfg, workdir, workdir / BASELINE_DIR, Path(argv[2]))
+  try:
+    sums = export(cfg, workdir, workdir / BASELINE_DIR, Path(argv[2]), ldms_only=ldms_only)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   for n, s in sums.items():
     print(f"{s}  {n}")
   return 0
 
 
 if __name__ == "__main__":
-  import sys
-
   sys.exit(main(sys.argv[1:]))

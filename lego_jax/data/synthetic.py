@@ -46,9 +46,9 @@ that the diffusion model's training pairs do not teach.
                      LDM's pairs show every kind carried somewhere, also the kinds whose pick-up
                      is held out (docs/experiments/heldout-combinations.md, Run 7).
   balance_poses      (acts on hand_swap's pairs; without them it changes nothing) a swapped
-                     "pick up" is done in any (hand, destination) pose but its rule's, drawn with weight 1 / (1 + the number of held-in pick-up
-                     rules with that pose), instead of the other hand and one of the two other
-                     destinations. The rules of the held-in pick-ups use the crossing and middle
+                     "pick up" is done in any (hand, destination) pose but its rule's, drawn
+                     with weight 1 / (1 + the number of held-in pick-up rules with that pose),
+                     instead of the other hand and one of the two other destinations. The rules of the held-in pick-ups use the crossing and middle
                      poses, so without it the same-side poses (the left hand lifting to the left,
                      the right to the right: the held-out pick-ups' rules) come only from a few
                      swaps, ~1.5% of the pairs; with it every pose is about as common. The
