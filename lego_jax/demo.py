@@ -65,7 +65,7 @@ CONFIG_SECTIONS = ("data", "vae", "vae_train", "clip_vision", "llama", "llava", 
                    "eval", "demo", "mesh", "checkpoint")
 
 
-DEFAULTS = {"scale": 1.0, "num_test": 0, "grid_rows": 8, "shipped": True}
+DEFAULTS = {"scale": 1.0, "num_test": 0, "grid_rows": 8, "shipped": True, "shipped_sampler": {}}
 # method -> how the report names it
 METHODS = {
     "lego": "LEGO (VLLM description + H_i + H_t)",
@@ -99,6 +99,12 @@ def settings(cfg) -> dict:
     out.update({k: cfg.demo[k] for k in cfg.demo.keys()})
   if not out["scale"] > 0:
     raise ConfigError(f"cfg.demo.scale={out['scale']} must be positive")
+  over = dict(out["shipped_sampler"] or {})
+  bad = sorted(set(over) - set(cfg.sampler.keys()))
+  if bad:
+    raise ConfigError(f"cfg.demo.shipped_sampler: {', '.join(bad)} not a cfg.sampler key "
+                      f"(known: {', '.join(sorted(cfg.sampler.keys()))})")
+  out["shipped_sampler"] = over
   return out
 
 
@@ -383,6 +389,7 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
       "final_losses": final_losses(workdir, baseline_dir),
       "steps": {"vae": cfg.vae_train.num_steps, "vllm": cfg.vllm_train.num_steps,
                 "ldm": cfg.ldm_train.num_steps, "sampler": cfg.sampler.num_steps},
+      "sampler": {k: cfg.sampler[k] for k in SAMPLER_SHOWN},
       "scale": float(demo["scale"]),
       "encoders": encoders_note(cfg),
       "timings": stages.timings,
@@ -390,7 +397,8 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
   if scores["by_combination"]:
     metrics["by_combination"] = scores["by_combination"]
   if demo["shipped"]:
-    metrics["shipped"] = shipped_rows(cfg, workdir, limit, stages, int(demo["grid_rows"]))
+    metrics["shipped"] = shipped_rows(cfg, workdir, limit, stages, int(demo["grid_rows"]),
+                                      demo["shipped_sampler"])
   plots = stages.run("report", write_plots, workdir, baseline_dir, runs, examples,
                      int(demo["grid_rows"]))
   metrics["timings"] = stages.timings
@@ -406,13 +414,18 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
 
 
 SHIPPED_DIR = "shipped"
+# the sampler settings metrics.json records for each block
+SAMPLER_SHOWN = ("kind", "num_steps", "text_guidance", "image_guidance")
 
 
-def shipped_rows(cfg, workdir: Path, limit: int, stages: Stages, grid_rows: int) -> dict:
+def shipped_rows(cfg, workdir: Path, limit: int, stages: Stages, grid_rows: int,
+                 sampler: dict | None = None) -> dict:
   """The shipped checkpoints (lego_jax/assets/tiny/: the same models trained longer) on the
   demo's held-out frames, scored as the from-scratch run: their VLLM's descriptions and features
-  (extract), both LDMs' generations, their VAE's round trip, in WORKDIR/shipped. {"skipped": why}
-  when there are none or they were trained on other data settings."""
+  (extract), both LDMs' generations, their VAE's round trip, in WORKDIR/shipped. `sampler`:
+  cfg.sampler keys both shipped LDMs sample with instead (cfg.demo.shipped_sampler: settings
+  chosen for the shipped files, which sample differently from the briefly trained models).
+  {"skipped": why} when there are none or they were trained on other data settings."""
   from lego_jax.assets import shipped
 
   if not shipped.available():
@@ -428,6 +441,7 @@ def shipped_rows(cfg, workdir: Path, limit: int, stages: Stages, grid_rows: int)
   for which in shipped.LDMS:
     c = shipped.config_for(cfg, which)
     c.data.records_dir = records_dir   # the demo's own held-out frames
+    c.sampler.update(dict(sampler or {}))
     cfgs[which] = c if which == "lego" else baseline_config(c, sdir)
   accuracy = stages.run("extract (shipped VLLM)", _extract, cfgs["lego"], sdir)
   runs, vae = {}, None
@@ -459,11 +473,16 @@ def shipped_rows(cfg, workdir: Path, limit: int, stages: Stages, grid_rows: int)
          "lego_vs_baselines": comparisons(scores["methods"]), "descriptions": accuracy,
          "files": files, "trained": {w: shipped.metadata(w)["ldm_train"] for w in shipped.LDMS},
          "grid": str(grid.relative_to(workdir)),
+         "sampler": {k: cfgs["lego"].sampler[k] for k in SAMPLER_SHOWN},
          "note": (f"The same models trained longer (LDMs "
                   f"{meta.get('trained_steps', meta['ldm_train'].get('num_steps'))} "
                   f"steps; lego_jax/assets/tiny/README.md says how), loaded from "
                   f"{shipped.DIR.name}/ after their sha256 checks, generating on the same "
-                  "held-out frames with the same sampler settings, scored the same way.")}
+                  "held-out frames with " + (
+                      "the same sampler settings" if not sampler else "the sampler settings "
+                      "of cfg.demo.shipped_sampler (" + ", ".join(
+                          f"{k}={v}" for k, v in sorted(sampler.items())) + ")")
+                  + ", scored the same way.")}
   if scores["by_combination"]:
     out["by_combination"] = scores["by_combination"]
   return out

@@ -272,3 +272,17 @@ def test_report_marks_seen_and_held_out_examples(tmp_path):
   assert page.count('style="width:128px;height:128px"') == 9  # 4x a 32-px frame
   assert "<div class='caption'>the VLLM: d1</div>" in page
   assert "<div class='caption'>ground truth: r2</div>" in page
+
+
+def test_shipped_sampler_settings_name_sampler_keys():
+  from lego_jax import config as config_lib
+  from lego_jax import demo
+
+  cfg = config_lib.load("configs/tiny.py")
+  cfg.demo = dict(scale=1.0, shipped_sampler={"kind": "ddim", "image_guidance": 2.0})
+  assert demo.settings(cfg)["shipped_sampler"] == {"kind": "ddim", "image_guidance": 2.0}
+  cfg.demo = dict(shipped_sampler={"image_guidence": 2.0})
+  with pytest.raises(config_lib.ConfigError, match="image_guidence not a cfg.sampler key"):
+    demo.settings(cfg)
+  cfg.demo = dict(scale=1.0)   # none given: the shipped files sample as the config does
+  assert demo.settings(cfg)["shipped_sampler"] == {}

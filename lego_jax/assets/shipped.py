@@ -226,7 +226,7 @@ def write_ldm(path: Path, models: tuple, cfg, trained_steps: int | None = None,
   tmp.unlink()
   meta = {"latent_scale": float(vae.config.scaling_factor),
           "ldm_train": {k: cfg.ldm_train.get(k) for k in TRAINING_OPTIONS + (
-              "num_steps", "batch_size", "lr", "text_source", "train_text_source",
+              "num_steps", "batch_size", "lr", "lr_schedule", "text_source", "train_text_source",
               "use_image_embedding",
               "use_text_embedding") if k in cfg.ldm_train},
           "data": data_settings(cfg), "config": cfg.name}

@@ -54,6 +54,23 @@ CONFIG_SECTIONS = ("data", "vae", "vae_train", "unet", "clip_text", "conditioner
                    "sampler", "mesh", "checkpoint", "seed")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_of(t):
+  """ldm_train's learning rate: constant (the release's) or, with lr_schedule="cosine", cosine to
+  0 over this run's num_steps, so a fine-tune from a saved LDM (init="lego") ends annealed
+  rather than at its peak rate. An unknown schedule is a ConfigError."""
+  kind = t.get("lr_schedule", "constant")
+  if kind not in LR_SCHEDULES:
+    raise ConfigError(f"ldm_train.lr_schedule={kind!r}: one of {', '.join(LR_SCHEDULES)}")
+  if kind == "constant":
+    # a plain float, not a schedule: the optimizer state (and so every saved checkpoint's
+    # layout) stays what it was before the option existed
+    return float(t.lr)
+  return common.learning_rate(float(t.lr), int(t.num_steps), 0.0, kind)
+
+
 def initialise(cfg, workdir: Path) -> dict[str, nnx.Module]:
   """{name: module} of lego_ldm.NAMES as the config's `init` says: random UNet and
   conditioner with train-vae's VAE, or every weight from an SD-1.5 / LEGO file."""
@@ -215,6 +232,7 @@ def init_state(cfg, workdir: Path, mesh, *, abstract: bool = False):
   instead (plan's compile targets); nothing is initialised or read from disk."""
   t = cfg.ldm_train
   lego_ldm.check(cfg)
+  lr = learning_rate_of(t)
   if abstract:
     graphdefs, params = lego_ldm.abstract(cfg)
   else:
@@ -223,7 +241,7 @@ def init_state(cfg, workdir: Path, mesh, *, abstract: bool = False):
   trained_names = lego_ldm.trained_names(cfg)
   trained = {n: params[n] for n in lego_ldm.NAMES if n in trained_names}
   frozen = {n: params[n] for n in lego_ldm.NAMES if n not in trained_names}
-  tx = common.adamw(trained, t.lr, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps)
+  tx = common.adamw(trained, lr, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps)
   # latent_scale is saved with the checkpoint: generation decodes with the factor training used.
   state, shardings = common.make_state(
       mesh, tx, trained, frozen, ema=True, abstract=abstract,

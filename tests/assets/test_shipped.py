@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from lego_jax import config
+from lego_jax import config, demo
 from lego_jax.assets import shipped
 from lego_jax.data import synthetic
 from lego_jax.data.tokenizer import load_clip_tokenizer
@@ -124,6 +124,7 @@ def test_shipped_ldm_loads_and_generates_the_kept_scene(tmp_path):
   c = shipped.config_for(config.load("configs/ablations/ip2p_action.py:tiny"), "action_label")
   assert shipped.data_mismatch(cfg) is None
   vllm.initialise(shipped.config_for(cfg, "lego"))   # the VLLM file loads in full
+  c.sampler.update(demo.settings(cfg)["shipped_sampler"])   # as the demo samples them
   models = shipped.load_ldm(c)
   examples = [e for _, _, e in synthetic.generate_split("test", 2, seed=0, size=64,
                                                         objects=(1, 1))]

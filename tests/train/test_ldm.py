@@ -110,3 +110,22 @@ def test_non_finite_step_leaves_the_state_unchanged(setup):
   assert int(new["nonfinite"]) == 1 and int(new["step"]) == 0
   for x, y in zip(jax.tree.leaves(new["trained"]), jax.tree.leaves(st["trained"])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_lr_schedule_constant_is_the_release_float_and_cosine_anneals_to_zero():
+  t = _cfg().ldm_train
+  t.update(lr=2e-4, num_steps=1600)
+  # constant: a float, so the optimizer state (and saved checkpoints' layout) is unchanged
+  assert ldm.learning_rate_of(t) == 2e-4
+  t.lr_schedule = "cosine"
+  lr = ldm.learning_rate_of(t)
+  np.testing.assert_allclose([float(lr(s)) for s in (0, 800, 1600)], [2e-4, 1e-4, 0.0],
+                             atol=1e-9)
+  # the annealed rate reaches the update: AdamW's first step moves a weight by ~lr
+  tx = common.adamw({"w": jnp.zeros(())}, lr)
+  opt = tx.init({"w": jnp.zeros(())})
+  upd, _ = tx.update({"w": jnp.ones(())}, opt, {"w": jnp.zeros(())})
+  np.testing.assert_allclose(float(upd["w"]), -2e-4, rtol=1e-3)
+  t.lr_schedule = "linear"
+  with pytest.raises(config_lib.ConfigError, match="ldm_train.lr_schedule='linear'"):
+    ldm.learning_rate_of(t)
