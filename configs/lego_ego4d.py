@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
                            unstack_layers=True)
   cfg.ldm_train = dict(
       batch_size=1024, grad_accum=4, num_steps=20000, lr=1e-4, weight_decay=0.01,
-      lr_schedule="constant",         # the release's; "cosine": to 0 over num_steps (fine-tunes)
+      lr_schedule="constant",         # the release's; "cosine": to 0 over num_steps, logged as lr
       b1=0.9, b2=0.999, eps=1e-8, ema_decay=0.9999, train_projections=True,
       ema_scope="unet",               # the release's LitEma(model): UNet only ("trained": all)
       use_image_embedding=True, use_text_embedding=True,

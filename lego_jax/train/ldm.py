@@ -176,6 +176,7 @@ def diffusion_loss(trained, frozen, graphdefs, batch, keys, mixer_key, *, cfg,
 def make_train_step(cfg, graphdefs, tx, schedule, empty_ids):
   t = cfg.ldm_train
   accum = max(int(t.grad_accum), 1)
+  lr = learning_rate_of(t)
 
   def step(state, batch, rng):
     loss_fn = functools.partial(diffusion_loss, frozen=state["frozen"], graphdefs=graphdefs,
@@ -204,6 +205,8 @@ def make_train_step(cfg, graphdefs, tx, schedule, empty_ids):
     new_state = dict(state, **kept,
                      step=state["step"] + ok.astype(jnp.int32),
                      nonfinite=state["nonfinite"] + 1 - ok.astype(jnp.int32))
+    if callable(lr):  # a schedule: log the rate this update used (its count is the step's)
+      aux = dict(aux, lr=lr(state["step"]))
     return new_state, aux
 
   return step

@@ -129,3 +129,20 @@ def test_lr_schedule_constant_is_the_release_float_and_cosine_anneals_to_zero():
   t.lr_schedule = "linear"
   with pytest.raises(config_lib.ConfigError, match="ldm_train.lr_schedule='linear'"):
     ldm.learning_rate_of(t)
+
+
+def test_cosine_step_logs_the_rate_it_used():
+  cfg = _cfg(lr_schedule="cosine", num_steps=4)
+  graphdefs, state, _ = _state(cfg)
+  tx = common.adamw(state["trained"], ldm.learning_rate_of(cfg.ldm_train), weight_decay=0.0)
+  state = dict(state, opt_state=tx.init(state["trained"]))
+  step = jax.jit(ldm.make_train_step(cfg, graphdefs, tx, NoiseSchedule(),
+                                     jnp.zeros((1, 77), jnp.int32)))
+  batch = jax.tree.map(jnp.asarray, _batch())
+  rates = []
+  for _ in range(3):
+    state, aux = step(state, batch, jax.random.key(0))
+    rates.append(float(aux["lr"]))
+  # cosine over 4 steps from 3e-3: steps 0, 1, 2
+  np.testing.assert_allclose(rates, [3e-3 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(3)],
+                             rtol=1e-5)
