@@ -52,6 +52,7 @@ from lego_jax.eval.lpips import build_lpips, lpips_distance
 from lego_jax.eval.weight_files import MissingWeightsError
 from lego_jax.infer import extract as extract_stage
 from lego_jax.infer import generate as generate_stage
+from lego_jax.infer import sampler as sampler_lib
 from lego_jax.train import ldm as ldm_stage
 from lego_jax.train import vae as vae_stage
 from lego_jax.train import vllm as vllm_stage
@@ -104,6 +105,11 @@ def settings(cfg) -> dict:
   if bad:
     raise ConfigError(f"cfg.demo.shipped_sampler: {', '.join(bad)} not a cfg.sampler key "
                       f"(known: {', '.join(sorted(cfg.sampler.keys()))})")
+  # checked here, not when the first frame is sampled ten minutes of training later
+  for where, kind in (("cfg.sampler.kind", cfg.sampler.kind),
+                      ("cfg.demo.shipped_sampler.kind", over.get("kind", cfg.sampler.kind))):
+    if kind not in sampler_lib.SAMPLERS:
+      raise ConfigError(f"{where}={kind!r}: one of {', '.join(sampler_lib.SAMPLERS)}")
   out["shipped_sampler"] = over
   return out
 
@@ -441,7 +447,7 @@ def shipped_rows(cfg, workdir: Path, limit: int, stages: Stages, grid_rows: int,
   for which in shipped.LDMS:
     c = shipped.config_for(cfg, which)
     c.data.records_dir = records_dir   # the demo's own held-out frames
-    c.sampler.update(dict(sampler or {}))
+    c.sampler.update(sampler or {})
     cfgs[which] = c if which == "lego" else baseline_config(c, sdir)
   accuracy = stages.run("extract (shipped VLLM)", _extract, cfgs["lego"], sdir)
   runs, vae = {}, None

@@ -284,5 +284,8 @@ def test_shipped_sampler_settings_name_sampler_keys():
   cfg.demo = dict(shipped_sampler={"image_guidence": 2.0})
   with pytest.raises(config_lib.ConfigError, match="image_guidence not a cfg.sampler key"):
     demo.settings(cfg)
+  cfg.demo = dict(shipped_sampler={"kind": "euler"})   # refused before any training
+  with pytest.raises(config_lib.ConfigError, match="shipped_sampler.kind='euler': one of"):
+    demo.settings(cfg)
   cfg.demo = dict(scale=1.0)   # none given: the shipped files sample as the config does
   assert demo.settings(cfg)["shipped_sampler"] == {}
