@@ -106,10 +106,8 @@ def settings(cfg) -> dict:
     raise ConfigError(f"cfg.demo.shipped_sampler: {', '.join(bad)} not a cfg.sampler key "
                       f"(known: {', '.join(sorted(cfg.sampler.keys()))})")
   # checked here, not when the first frame is sampled ten minutes of training later
-  for where, kind in (("cfg.sampler.kind", cfg.sampler.kind),
-                      ("cfg.demo.shipped_sampler.kind", over.get("kind", cfg.sampler.kind))):
-    if kind not in sampler_lib.SAMPLERS:
-      raise ConfigError(f"{where}={kind!r}: one of {', '.join(sampler_lib.SAMPLERS)}")
+  sampler_lib.check_settings(cfg.sampler)
+  sampler_lib.check_settings(over, "cfg.demo.shipped_sampler")
   out["shipped_sampler"] = over
   return out
 

@@ -88,6 +88,25 @@ def test_a_negative_generate_limit_is_refused_at_start(capsys, tmp_path):
                             "generate (0: all)")
 
 
+@pytest.mark.parametrize("command", ["generate", "serve", "train-ldm"])
+@pytest.mark.parametrize("flag,message", [
+    ("--config.sampler.kind=euler", "cfg.sampler.kind='euler': one of euler_ancestral, ddim"),
+    ("--config.sampler.output_norm=none", "cfg.sampler.output_norm='none': one of minmax, clamp"),
+    ("--config.sampler.postprocess=pil", "cfg.sampler.postprocess='pil': one of release, project"),
+    ("--config.sampler.num_steps=0", "cfg.sampler.num_steps=0: a whole number of steps, 1 or more"),
+])
+def test_bad_sampler_settings_are_refused_before_any_model_loads(capsys, tmp_path, command, flag,
+                                                                 message):
+  # generate and serve used to find out at the first batch (a ValueError's traceback, after the
+  # models had loaded and the output folders were made); train-ldm at its first sample
+  code, _, err = _cli(capsys, command, "--config=configs/tiny.py", f"--workdir={tmp_path}", flag)
+  assert code == 2
+  assert _one_line(err) == f"lego-jax {command}: error: {message}"
+  # nothing made but the CLI's record of the invocation (serve reads the workdir only)
+  record = [] if command in cli.READ_ONLY else [f"config.{command}.json"]
+  assert [f.name for f in tmp_path.iterdir()] == record
+
+
 def test_batch_split_over_data_parallel_devices():
   cfg = config_lib.load("tiny", ["ldm_train.batch_size=6", "mesh.shape=(4,1,2)"])
   mesh = sharding.make_mesh(cfg.mesh.shape)

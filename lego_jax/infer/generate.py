@@ -43,6 +43,7 @@ from lego_jax.data import pipeline, records, synthetic
 from lego_jax.errors import UserError
 from lego_jax.eval import images as eval_images
 from lego_jax.infer import ldm as ldm_infer
+from lego_jax.infer import sampler as sampler_lib
 from lego_jax.infer import single
 from lego_jax.infer.ldm import frames_uint8, run_batch, to_uint8
 from lego_jax.models import lego_ldm
@@ -185,11 +186,8 @@ def generate_split(cfg, workdir: Path, split: str, out: Path, models=None, limit
   """Generates every example of `split` (the first `limit` of them when limit > 0); writes generated/reference/inputs files in the release's
   <clip>/<action>/<frame> layout and sizes, plus generated.json (module doc)."""
   s = cfg.sampler
+  sampler_lib.check_settings(s)
   postprocess, image_format = s.get("postprocess", "release"), s.get("image_format", "release")
-  if postprocess not in ("release", "project"):
-    raise ValueError(f"sampler.postprocess={postprocess!r}: release or project")
-  if image_format not in ("release", "png"):
-    raise ValueError(f"sampler.image_format={image_format!r}: release or png")
   models = models or ldm_infer.load_trained(cfg, workdir, use_ema=s.use_ema)
   text_ids = lego_ldm.TextIds(cfg, workdir)
   empty = text_ids.empty()
@@ -246,6 +244,7 @@ def generate_split(cfg, workdir: Path, split: str, out: Path, models=None, limit
 
 def main(cfg, workdir: Path) -> int:
   FLAGS = flags.FLAGS
+  sampler_lib.check_settings(cfg.sampler)   # before the models load (both paths below)
   if FLAGS.image or FLAGS.action:
     return single.generate_one(cfg, workdir, FLAGS.image, FLAGS.action, flags.FLAGS.out)
   if _LIMIT.value < 0:

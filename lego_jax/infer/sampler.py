@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lego_jax.config import ConfigError
 from lego_jax.infer.schedule import NoiseSchedule, denoiser_scalings, x0_and_eps
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]   # (x, sigma scalar) -> denoised x
@@ -31,6 +32,20 @@ EpsFn = Callable[[jax.Array, jax.Array], jax.Array]       # (x_t, t scalar) -> e
 UNetApply = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 SAMPLERS = ("euler_ancestral", "ddim")
+# cfg.sampler's keys with a fixed set of values (generate's post-processing and file format too)
+CHOICES = {"kind": SAMPLERS, "output_norm": ("minmax", "clamp"),
+           "postprocess": ("release", "project"), "image_format": ("release", "png")}
+
+
+def check_settings(s, where: str = "cfg.sampler") -> None:
+  """A sampler section (cfg.sampler, or the demo's shipped_sampler overrides) checked before
+  any model loads or file is written: a ConfigError naming the key, not a ValueError from the
+  first batch after minutes of loading or training."""
+  for key, allowed in CHOICES.items():
+    if key in s and s[key] not in allowed:
+      raise ConfigError(f"{where}.{key}={s[key]!r}: one of {', '.join(allowed)}")
+  if "num_steps" in s and not (isinstance(s["num_steps"], int) and s["num_steps"] >= 1):
+    raise ConfigError(f"{where}.num_steps={s['num_steps']!r}: a whole number of steps, 1 or more")
 
 
 def _typed_key(key: jax.Array) -> jax.Array:

@@ -259,6 +259,7 @@ def _name(filename: str) -> str:
 
 
 def main(cfg, workdir: Path) -> int:
+  from lego_jax.infer import sampler as sampler_lib
   from lego_jax.serve import engine as engine_lib
 
   try:
@@ -270,6 +271,7 @@ def main(cfg, workdir: Path) -> int:
           "pip install -e '.[serve]'", file=sys.stderr)
     return 1
   workdir = Path(workdir)
+  sampler_lib.check_settings(cfg.sampler)   # before the models load and compile
   lack = engine_lib.missing(cfg, workdir)
   if lack:
     print(f"lego-jax serve: error: {lack}", file=sys.stderr)

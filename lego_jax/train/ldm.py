@@ -39,6 +39,7 @@ from lego_jax.config import ConfigError
 from lego_jax.data import images
 from lego_jax.data import pipeline
 from lego_jax.infer import ldm as ldm_infer
+from lego_jax.infer import sampler as sampler_lib
 from lego_jax.infer import schedule as schedule_lib
 from lego_jax.infer.schedule import NoiseSchedule
 from lego_jax.models import lego_ldm
@@ -329,6 +330,8 @@ def train(cfg, workdir: Path, stop_after: int | None = None, samples: bool = Tru
   t = cfg.ldm_train
   mesh = sharding.make_mesh(cfg.mesh.shape)
   common.check_schedule("ldm_train", t, mesh)
+  if samples and t.sample_every:   # its samples use cfg.sampler: fail now, not at the first sample
+    sampler_lib.check_settings(cfg.sampler)
   graphdefs, state, shardings, tx = init_state(cfg, workdir, mesh)
   text_ids = lego_ldm.TextIds(cfg, workdir, train=True)
   empty_ids = jnp.asarray(text_ids.empty())
