@@ -23,7 +23,8 @@ batch is garbage-collected, on a background thread: batches alive at exit (or fr
 it) and the batches still queued in an iterator nobody closed were left to multiprocessing's
 resource tracker ("There appear to be N leaked shared_memory objects" at the end of the demo).
 So the loaders here unlink each batch's blocks as it arrives (the mapping stays valid until the
-arrays go; nothing is copied) and their iterators close: `close()`, `with`, or when exhausted.
+arrays go; nothing is copied) and their iterators close: `close()`, `with`, or when exhausted;
+closing waits until Grain has unlinked the batches its buffers still held (`_finish_unlinks`).
 
 Batch (per host) of the pair pipeline, B = batch size, S = image_size, V = vllm_image_size:
   input, target  (B, S, S, 3) uint8                   mask       (B, S, S, 1) bool (action pixels)
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import threading
 import weakref
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -219,6 +221,30 @@ def _own_shared_memory(batch):
   return batch
 
 
+def _finish_unlinks() -> None:
+  """Waits until Grain has unlinked the shared memory of the batches a closed iterator dropped.
+
+  Batches the workers had finished but nobody read (an evaluation left after its first batch:
+  the whole epoch is already in Grain's interleave buffers, opened) are dropped on close, but
+  they sit in reference cycles, and Grain unlinks their blocks on its deletion thread pool,
+  which an exiting process does not wait for: without this the resource tracker reported them
+  as leaked. So: collect the cycles, then hold every pool thread at one barrier, which each
+  reaches only after the deletions queued before it have run."""
+  import gc
+
+  from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+  pool = SharedMemoryArray._del_thread_pool  # noqa: SLF001  (None: no worker ever ran here)
+  if pool is None:
+    return
+  gc.collect()
+  n = pool._processes  # noqa: SLF001  (ThreadPool's thread count)
+  barrier = threading.Barrier(n)
+  waits = [pool.apply_async(barrier.wait, (60.0,)) for _ in range(n)]
+  for w in waits:
+    w.wait(120.0)
+
+
 class BatchIterator:
   """A Grain DataLoader iterator (get_state / set_state resume it) whose batches own no shared
   memory name, and which stops its worker processes on `close()`, at the end of a `with` block,
@@ -250,6 +276,7 @@ class BatchIterator:
     inner = getattr(self._iterator, "_iterator", None)  # the DataLoaderIterator's dataset iterator
     if inner is not None and hasattr(inner, "close"):
       inner.close()
+      _finish_unlinks()
     # Dropped now, not at interpreter teardown, where Grain's __del__ finds its modules gone and
     # prints a traceback.
     self._iterator = None
@@ -272,6 +299,8 @@ def _close_live_iterators() -> None:
   # their queues full.
   for it in list(_LIVE):
     it.close()
+  # And batches a closed iterator's threads dropped only after its close() had waited.
+  _finish_unlinks()
 
 
 class DataLoader(grain.DataLoader):

@@ -200,41 +200,43 @@ def generate_split(cfg, workdir: Path, split: str, out: Path, models=None, limit
   key = jax.random.key(s.seed)
   entries, grid_rows, used = [], [], set()
   bar = tqdm(desc=f"generate {split}", unit="frame", total=limit or None)
-  for batch in loader:
-    arrays = lego_ldm.batch_arrays(cfg, batch, text_ids)
-    b = len(arrays["input"])
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(batch["index"]))
-    decoded = np.asarray(run_batch(models, arrays, arrays["text_ids"], empty, cfg, keys))
-    inp = frames_uint8(batch["input"])
-    texts = text_ids.texts(batch)
-    # The last batch may reach past `limit`: only its first frames up to it are written.
-    n = min(b, limit - len(entries)) if limit else b
-    for i in range(n):
-      rid, index = str(batch["id"][i]), int(batch["index"][i])
-      size = output_size(int(batch["height"][i]), int(batch["width"][i]), decoded.shape[1])
-      if postprocess == "release":
-        gen = release_postprocess(decoded[i], size, s.output_norm)
-      else:
-        pil = Image.fromarray(to_uint8(decoded[i:i + 1], s.output_norm)[0])
-        gen = np.asarray(pil if pil.size == size[::-1] else pil.resize(size[::-1], Image.BICUBIC))
-      rel = output_relpath(rid, frames.get(rid))
-      if rel in used:  # two records naming one action frame: keep both, the second renamed
-        rel = str(PurePosixPath(rel).with_stem(f"{PurePosixPath(rel).stem}_{index}"))
-      used.add(rel)
-      record = records.to_python(source[index])
-      written = write_example(dirs, rel, gen, record, image_format)
-      src = frames.get(rid, ("", ""))
-      entries.append({"id": rid, **written, "action": str(batch["action"][i]),
-                      "description": texts[i], "index": index, "image_0": src[0],
-                      "image_1": src[1], "size": [size[0], size[1]]})
-      if len(grid_rows) < 8:
-        sq = np.asarray(Image.fromarray(gen).resize(inp[i].shape[1::-1], Image.BICUBIC))
-        ref = np.asarray(Image.fromarray(images_lib.decode_rgb(record["target_jpeg"])).resize(
-            inp[i].shape[1::-1], Image.BICUBIC))
-        grid_rows.append([inp[i], sq, ref])
-    bar.update(n)
-    if limit and len(entries) >= limit:
-      break
+  # closed on a `limit` break or an error too: the workers have the rest of the split queued
+  with iter(loader) as batches:
+    for batch in batches:
+      arrays = lego_ldm.batch_arrays(cfg, batch, text_ids)
+      b = len(arrays["input"])
+      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(batch["index"]))
+      decoded = np.asarray(run_batch(models, arrays, arrays["text_ids"], empty, cfg, keys))
+      inp = frames_uint8(batch["input"])
+      texts = text_ids.texts(batch)
+      # The last batch may reach past `limit`: only its first frames up to it are written.
+      n = min(b, limit - len(entries)) if limit else b
+      for i in range(n):
+        rid, index = str(batch["id"][i]), int(batch["index"][i])
+        size = output_size(int(batch["height"][i]), int(batch["width"][i]), decoded.shape[1])
+        if postprocess == "release":
+          gen = release_postprocess(decoded[i], size, s.output_norm)
+        else:
+          pil = Image.fromarray(to_uint8(decoded[i:i + 1], s.output_norm)[0])
+          gen = np.asarray(pil if pil.size == size[::-1] else pil.resize(size[::-1], Image.BICUBIC))
+        rel = output_relpath(rid, frames.get(rid))
+        if rel in used:  # two records naming one action frame: keep both, the second renamed
+          rel = str(PurePosixPath(rel).with_stem(f"{PurePosixPath(rel).stem}_{index}"))
+        used.add(rel)
+        record = records.to_python(source[index])
+        written = write_example(dirs, rel, gen, record, image_format)
+        src = frames.get(rid, ("", ""))
+        entries.append({"id": rid, **written, "action": str(batch["action"][i]),
+                        "description": texts[i], "index": index, "image_0": src[0],
+                        "image_1": src[1], "size": [size[0], size[1]]})
+        if len(grid_rows) < 8:
+          sq = np.asarray(Image.fromarray(gen).resize(inp[i].shape[1::-1], Image.BICUBIC))
+          ref = np.asarray(Image.fromarray(images_lib.decode_rgb(record["target_jpeg"])).resize(
+              inp[i].shape[1::-1], Image.BICUBIC))
+          grid_rows.append([inp[i], sq, ref])
+      bar.update(n)
+      if limit and len(entries) >= limit:
+        break
   bar.close()
   _atomic_write(out / "generated.json", json.dumps(entries, indent=2).encode())
   if grid_rows:

@@ -305,7 +305,8 @@ def training_sample_callback(cfg, workdir: Path, graphdefs, num: int = 4):
   (input | sample | target rows) under WORKDIR/samples/ and in TensorBoard."""
   text_ids = lego_ldm.TextIds(cfg, workdir)
   loader = lego_ldm.loader_for(cfg, workdir, "val", num, train=False)
-  arrays = lego_ldm.batch_arrays(cfg, next(iter(loader)), text_ids)
+  with iter(loader) as it:  # closed now: its workers have the rest of the split queued
+    arrays = lego_ldm.batch_arrays(cfg, next(it), text_ids)
   empty = text_ids.empty()
   out_dir = Path(workdir) / "samples"
   out_dir.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,8 @@ def load_trained(cfg, workdir: Path) -> VAE:
 def reconstruction_check(cfg, workdir: Path, model: VAE, num: int = 16) -> dict:
   """PSNR of mode reconstructions on held-out frames, and a PNG: originals over reconstructions."""
   loader = pipeline.eval_pairs(cfg, workdir, num, split="val", views=("ldm",))
-  batch = next(iter(loader))
+  with iter(loader) as it:  # closed now: its workers have the rest of the split queued
+    batch = next(it)
   x = jnp.asarray(images_lib.frames_to_unit_range(batch["target"]))
   recon = jax.jit(lambda m, a: m(a))(model, x)
   to01 = lambda a: np.clip((np.asarray(a) + 1) / 2, 0, 1)
