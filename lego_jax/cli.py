@@ -15,6 +15,7 @@ starts any backend.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -177,6 +178,20 @@ def _environment_error(e: OSError) -> bool:
   return any(e.errno == getattr(errno, n, None) for n in _ENVIRONMENT_ERRNOS)
 
 
+def _restore_record(record: Path | None, before: bytes | None) -> None:
+  """A refused invocation (a usage error, exit 2) leaves the workdir's record of the command's
+  config as it was: the earlier run's, or none. Runs that fail on data keep theirs: they ran as
+  recorded, and their checkpoints may already be written."""
+  if record is None:
+    return
+  if before is None:
+    record.unlink(missing_ok=True)
+  else:
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_bytes(before)
+    os.replace(tmp, record)
+
+
 def run(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -213,15 +228,19 @@ def run(argv: list[str] | None = None) -> None:
       return 2
     import jax
 
+    record, before = None, None
     try:
       if command not in READ_ONLY:
         workdir.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
-          config_lib.save(cfg, workdir, f"config.{command}.json")
+          record = workdir / f"config.{command}.json"
+          before = record.read_bytes() if record.is_file() else None
+          config_lib.save(cfg, workdir, record.name)
       return module.main(cfg, workdir) or 0
     except _user_error_types() as e:
       msg = str(e).strip() or type(e).__name__
       print(f"lego-jax {command}: error: {msg}", file=sys.stderr)
+      _restore_record(record, before)
       return 2
     except Preempted as e:
       print(f"lego-jax {command}: {e}", file=sys.stderr)

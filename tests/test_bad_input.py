@@ -102,9 +102,20 @@ def test_bad_sampler_settings_are_refused_before_any_model_loads(capsys, tmp_pat
   code, _, err = _cli(capsys, command, "--config=configs/tiny.py", f"--workdir={tmp_path}", flag)
   assert code == 2
   assert _one_line(err) == f"lego-jax {command}: error: {message}"
-  # nothing made but the CLI's record of the invocation (serve reads the workdir only)
-  record = [] if command in cli.READ_ONLY else [f"config.{command}.json"]
-  assert [f.name for f in tmp_path.iterdir()] == record
+  # nothing made, not even the CLI's record of the invocation (it was refused)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_invocation_keeps_the_record_of_the_run_before(capsys, tmp_path):
+  # The CLI records a command's config in WORKDIR/config.<command>.json before the command
+  # checks it; a refused invocation used to overwrite an earlier run's record there.
+  record = tmp_path / "config.train-vae.json"
+  record.write_text('{"the run before": true}')
+  code, _, err = _cli(capsys, "train-vae", f"--workdir={tmp_path}",
+                      "--config.vae_train.num_steps=-5")
+  assert code == 2 and "vae_train.num_steps=-5 is negative" in _one_line(err)
+  assert record.read_text() == '{"the run before": true}'
+  assert sorted(f.name for f in tmp_path.iterdir()) == ["config.train-vae.json"]
 
 
 def test_batch_split_over_data_parallel_devices():
