@@ -317,7 +317,7 @@ def test_full_size_param_count_rules_and_shardings():
   # depth-stacked transformer params carry the leading layer axis, also in their logical names
   assert shapes["down_blocks.0.attentions.0.transformer_blocks.attn1.to_q.kernel"] == (1, 320, 320)
   shardings = state_shardings(make_mesh((2, 2, 2)), nnx.state(model, nnx.Param))
-  specs = {".".join(map(str, p)): v.get_value().spec for p, v in shardings.flat_state()}
+  specs = {".".join(map(str, p)): v.get_value().spec for p, v in nnx.to_flat_state(shardings)}
   assert specs["down_blocks.0.attentions.0.transformer_blocks.attn1.to_q.kernel"] == P(
       None, "fsdp", "tensor")
   assert specs["up_blocks.1.resnets.0.conv1.kernel"] == P(None, None, None, "fsdp")
