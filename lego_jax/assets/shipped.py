@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -35,6 +36,10 @@ LDMS = {"lego": "ldm_lego.safetensors", "action_label": "ldm_action_label.safete
 SUMS = "SHA256SUMS"
 # ldm_train keys the sampler must share with training (lego_jax/infer/schedule.py)
 TRAINING_OPTIONS = ("prediction_type", "min_snr_gamma", "zero_terminal_snr")
+# unet keys that fix the weights' shapes: a file records its own, so shipped LDMs may be shaped
+# otherwise than the config's from-scratch UNet (a file without them has the config's)
+UNET_SHAPE = ("in_channels", "out_channels", "block_out_channels", "attention_levels",
+              "layers_per_block", "num_heads", "transformer_depth", "context_dim", "norm_groups")
 
 
 def sha256(path: Path) -> str:
@@ -96,6 +101,8 @@ def config_for(cfg, which: str, directory: Path = DIR):
   for k in TRAINING_OPTIONS:
     if k in meta.get("ldm_train", {}):
       t[k] = meta["ldm_train"][k]
+  for k, v in meta.get("unet", {}).items():
+    cfg.unet[k] = tuple(v) if isinstance(v, list) else v
   return cfg
 
 
@@ -229,7 +236,8 @@ def write_ldm(path: Path, models: tuple, cfg, trained_steps: int | None = None,
               "num_steps", "batch_size", "lr", "lr_schedule", "text_source", "train_text_source",
               "use_image_embedding",
               "use_text_embedding") if k in cfg.ldm_train},
-          "data": data_settings(cfg), "config": cfg.name}
+          "data": data_settings(cfg), "config": cfg.name,
+          "unet": {k: json.loads(json.dumps(cfg.unet[k])) for k in UNET_SHAPE if k in cfg.unet}}
   if trained_steps is not None:
     total = int(trained_steps)
     if init is not None:
@@ -241,18 +249,82 @@ def write_ldm(path: Path, models: tuple, cfg, trained_steps: int | None = None,
       "format": "pt", "source": "lego_jax", "lego_jax": json.dumps(meta, sort_keys=True)})
 
 
+# ------------------------------------------------------------------------- growing the UNet
+
+# A new transformer block starts as the identity: each of its residual branches ends in one of
+# these projections, zeroed; the rest copies block 0, so the grown UNet computes what the old
+# one did and training starts from the old one's quality.
+_BRANCH_OUT = re.compile(r"\.(attn1\.to_out\.0|attn2\.to_out\.0|ff\.net\.2)\.(weight|bias)$")
+
+
+def grow_transformer_depth(src: Path, dst: Path, depth: int) -> dict[str, str]:
+  """Copies the shipped-layout folder SRC to DST with both LDMs' UNets grown to `depth`
+  transformer blocks per spatial transformer (new blocks the identity at start, above), their
+  metadata saying so (`unet.transformer_depth`, read back by `config_for`). Returns DST's
+  {file: sha256} (also written to its SHA256SUMS)."""
+  from safetensors import safe_open
+  from safetensors.numpy import load_file
+
+  from lego_jax.weights import io as weights_io
+
+  src, dst = Path(src), Path(dst)
+  if src.resolve() == dst.resolve():
+    raise UserError(f"grow writes a new folder: {dst} is the source")
+  dst.mkdir(parents=True, exist_ok=True)
+  for name in (VLLM, TOKENIZER):
+    shutil.copyfile(src / name, dst / name)
+  for name in LDMS.values():
+    with safe_open(str(src / name), "numpy") as f:
+      header = f.metadata() or {}
+    meta = json.loads(header.get("lego_jax", "{}"))
+    have = int(meta.get("unet", {}).get("transformer_depth", 1))
+    if depth <= have:
+      raise UserError(f"{src / name} has transformer_depth {have}: nothing to grow to {depth}")
+    sd = load_file(str(src / name))
+    grown = dict(sd)
+    for k, v in sd.items():
+      if ".transformer_blocks.0." in k:
+        for j in range(have, depth):
+          grown[k.replace(".transformer_blocks.0.", f".transformer_blocks.{j}.")] = (
+              np.zeros_like(v) if _BRANCH_OUT.search(k) else v)
+    meta.setdefault("unet", {})["transformer_depth"] = depth
+    meta["grown_from"] = {"file": name, "sha256": sha256(src / name), "transformer_depth": have}
+    weights_io.write_safetensors(grown, dst / name, metadata={
+        **header, "lego_jax": json.dumps(meta, sort_keys=True)})
+  names = [VLLM, TOKENIZER, *LDMS.values()]
+  sums = {n: sha256(dst / n) for n in names}
+  (dst / SUMS).write_text("".join(f"{sums[n]}  {n}\n" for n in names))
+  return sums
+
+
 def main(argv: list[str]) -> int:
   """python -m lego_jax.assets.shipped CONFIG WORKDIR OUT [--ldms-only] [section.key=value ...]:
   export a demo-like run's trained VLLM and both LDMs (WORKDIR/baseline_action_label) as the
   shipped files in OUT, the config with the overrides the run was trained with. --ldms-only:
-  the two LDMs alone (fine-tuned next to the VLLM and tokenizer already in OUT)."""
+  the two LDMs alone (fine-tuned next to the VLLM and tokenizer already in OUT).
+
+  python -m lego_jax.assets.shipped grow SRC DST DEPTH: copy the shipped-layout folder SRC to
+  DST with both LDMs' UNets grown to DEPTH transformer blocks per spatial transformer, the new
+  blocks the identity at start (fine-tune them with --config.unet.transformer_depth=DEPTH)."""
   from lego_jax import config as config_lib
 
-  ldms_only = "--ldms-only" in argv
-  argv = [a for a in argv if a != "--ldms-only"]
-  if argv[:1] in (["-h"], ["--help"]):
+  if {"-h", "--help"} & set(argv):
     print(main.__doc__)
     return 0
+  if argv[:1] == ["grow"]:
+    if len(argv) != 4 or not argv[3].isdigit():
+      print(main.__doc__, file=sys.stderr)
+      return 2
+    try:
+      sums = grow_transformer_depth(Path(argv[1]), Path(argv[2]), int(argv[3]))
+    except (UserError, OSError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    for n, s in sums.items():
+      print(f"{s}  {n}")
+    return 0
+  ldms_only = "--ldms-only" in argv
+  argv = [a for a in argv if a != "--ldms-only"]
   if len(argv) < 3:
     print(main.__doc__, file=sys.stderr)
     return 2

@@ -103,6 +103,79 @@ def test_ldm_file_round_trip_keeps_weights_scale_and_options(tmp_path):
   assert "data.synthetic" in shipped.data_mismatch(other, tmp_path)
 
 
+def _random_ldm(cfg, seed=0):
+  from flax import nnx
+
+  from lego_jax.models import lego_ldm
+  from lego_jax.weights.state import load_params, param_shapes
+
+  rng = np.random.default_rng(seed)
+  built = nnx.eval_shape(lambda: lego_ldm.build(cfg, 0))
+  models = tuple(built[n] for n in lego_ldm.NAMES)
+  for m in models:
+    load_params(m, {k: rng.normal(size=s).astype(np.float32) * 0.1
+                    for k, s in param_shapes(m).items()})
+  return models
+
+
+def _unet_out(unet):
+  import jax.numpy as jnp
+
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 16, 16, 8)), jnp.float32)
+  ctx = jnp.asarray(rng.normal(size=(2, 5, unet.config.context_dim)), jnp.float32)
+  return np.asarray(unet(x, jnp.array([10.0, 700.0]), ctx))
+
+
+def test_grown_ldm_computes_what_the_old_one_did_and_says_its_shape(tmp_path, capsys):
+  """grow: both LDMs' UNets at transformer_depth 2, every old weight kept, the new blocks the
+  identity (same output as before on the same input), the shape in the metadata so that
+  config_for builds it from a config that says depth 1; then a write_ldm of the grown models
+  (a fine-tune's export) records the shape it was trained with."""
+  from lego_jax.weights.state import flat_params
+
+  cfg = config.load("configs/tiny.py")
+  assert cfg.unet.transformer_depth == 1
+  models = _random_ldm(cfg)
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  src.mkdir()
+  for name in (shipped.VLLM, shipped.TOKENIZER):
+    (src / name).write_bytes(name.encode())
+  for which in shipped.LDMS.values():
+    shipped.write_ldm(src / which, models, cfg, trained_steps=10)
+  assert shipped.main(["grow", str(src), str(dst), "2"]) == 0
+  assert set(shipped.verify(dst)) == {shipped.VLLM, shipped.TOKENIZER, *shipped.LDMS.values()}
+  c = shipped.config_for(cfg, "lego", dst)
+  assert c.unet.transformer_depth == 2 and cfg.unet.transformer_depth == 1
+  assert shipped.metadata("lego", dst)["grown_from"]["transformer_depth"] == 1
+  grown = shipped.load_ldm(c)
+  old = shipped.load_ldm(shipped.config_for(cfg, "lego", src))
+  np.testing.assert_array_equal(_unet_out(grown[0]), _unet_out(old[0]))
+  assert len(flat_params(grown[0])) == len(flat_params(old[0]))  # stacked along "layers"
+  assert sum(np.size(v) for v in flat_params(grown[0]).values()) > 1.3 * sum(
+      np.size(v) for v in flat_params(old[0]).values())
+  # Trained on (here: perturbed), the grown UNet differs from the old one and its export keeps
+  # the depth: a fresh depth-1 config loads it back whole.
+  from lego_jax.weights.state import load_params
+
+  load_params(grown[0], {k: v + 0.01 for k, v in flat_params(grown[0]).items()})
+  (tmp_path / "ft").mkdir()
+  shipped.write_ldm(tmp_path / "ft" / shipped.LDMS["lego"], grown, c, trained_steps=5)
+  for name in (shipped.VLLM, shipped.TOKENIZER):
+    (tmp_path / "ft" / name).write_bytes(name.encode())
+  back = shipped.load_ldm(shipped.config_for(cfg, "lego", tmp_path / "ft"))
+  assert shipped.metadata("lego", tmp_path / "ft")["unet"]["transformer_depth"] == 2
+  np.testing.assert_allclose(_unet_out(back[0]), _unet_out(grown[0]), atol=0.05)
+  assert not np.allclose(_unet_out(back[0]), _unet_out(old[0]), atol=0.05)
+  # Refused in one line: nothing to grow, a missing source file, a bad depth.
+  capsys.readouterr()
+  assert shipped.main(["grow", str(dst), str(tmp_path / "again"), "2"]) == 1
+  assert "has transformer_depth 2: nothing to grow to 2" in capsys.readouterr().err
+  assert shipped.main(["grow", str(tmp_path / "none"), str(tmp_path / "x"), "2"]) == 1
+  assert "vllm.safetensors" in capsys.readouterr().err
+  assert shipped.main(["grow", str(src), str(tmp_path / "y"), "two"]) == 2
+
+
 @needs_files
 def test_shipped_files_match_their_sha256_and_fit_the_budget():
   sums = shipped.verify()
