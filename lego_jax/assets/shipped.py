@@ -312,8 +312,9 @@ def main(argv: list[str]) -> int:
     print(main.__doc__)
     return 0
   if argv[:1] == ["grow"]:
-    if len(argv) != 4 or not argv[3].isdigit():
-      print(main.__doc__, file=sys.stderr)
+    if len(argv) != 4 or not argv[3].isdigit() or int(argv[3]) < 2:
+      print(f"error: grow takes SRC DST DEPTH (an integer >= 2), got {' '.join(argv[1:])!r}",
+            file=sys.stderr)
       return 2
     try:
       sums = grow_transformer_depth(Path(argv[1]), Path(argv[2]), int(argv[3]))

@@ -174,6 +174,9 @@ def test_grown_ldm_computes_what_the_old_one_did_and_says_its_shape(tmp_path, ca
   assert shipped.main(["grow", str(tmp_path / "none"), str(tmp_path / "x"), "2"]) == 1
   assert "vllm.safetensors" in capsys.readouterr().err
   assert shipped.main(["grow", str(src), str(tmp_path / "y"), "two"]) == 2
+  assert shipped.main(["grow", str(src), str(tmp_path / "y"), "1"]) == 2
+  assert "an integer >= 2" in capsys.readouterr().err
+  assert not (tmp_path / "y").exists()
 
 
 @needs_files
