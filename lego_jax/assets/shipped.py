@@ -184,9 +184,14 @@ def export(cfg, workdir: Path, baseline_dir: Path, out: Path = DIR,
   for which, (c, w) in runs.items():
     step, models = ldm_infer.load_trained_step(c, w, use_ema=True)
     write_ldm(out / LDMS[which], models, c, trained_steps=step, init=inits[which])
+  return write_sums(out)
+
+
+def write_sums(directory: Path) -> dict[str, str]:
+  """{file: sha256} of a shipped-layout folder's files, also written to its SHA256SUMS."""
   names = [VLLM, TOKENIZER, *LDMS.values()]
-  sums = {n: sha256(out / n) for n in names}
-  (out / SUMS).write_text("".join(f"{sums[n]}  {n}\n" for n in names))
+  sums = {n: sha256(directory / n) for n in names}
+  (directory / SUMS).write_text("".join(f"{sums[n]}  {n}\n" for n in names))
   return sums
 
 
@@ -268,18 +273,26 @@ def grow_transformer_depth(src: Path, dst: Path, depth: int) -> dict[str, str]:
   from lego_jax.weights import io as weights_io
 
   src, dst = Path(src), Path(dst)
-  if src.resolve() == dst.resolve():
-    raise UserError(f"grow writes a new folder: {dst} is the source")
+  if dst.exists() and any(dst.iterdir()):
+    raise UserError(f"grow writes a new folder: {dst} is not empty")
+  # every check before the first write, so a refusal leaves no half-grown folder behind
+  for name in (VLLM, TOKENIZER, *LDMS.values()):
+    if not (src / name).is_file():
+      raise UserError(f"{src / name} is missing: SRC must hold a shipped set's files")
+  headers = {}
+  for name in LDMS.values():
+    with safe_open(str(src / name), "numpy") as f:
+      headers[name] = f.metadata() or {}
+    have = int(json.loads(headers[name].get("lego_jax", "{}")).get("unet", {}).get(
+        "transformer_depth", 1))
+    if depth <= have:
+      raise UserError(f"{src / name} has transformer_depth {have}: nothing to grow to {depth}")
   dst.mkdir(parents=True, exist_ok=True)
   for name in (VLLM, TOKENIZER):
     shutil.copyfile(src / name, dst / name)
-  for name in LDMS.values():
-    with safe_open(str(src / name), "numpy") as f:
-      header = f.metadata() or {}
+  for name, header in headers.items():
     meta = json.loads(header.get("lego_jax", "{}"))
     have = int(meta.get("unet", {}).get("transformer_depth", 1))
-    if depth <= have:
-      raise UserError(f"{src / name} has transformer_depth {have}: nothing to grow to {depth}")
     sd = load_file(str(src / name))
     grown = dict(sd)
     for k, v in sd.items():
@@ -291,10 +304,7 @@ def grow_transformer_depth(src: Path, dst: Path, depth: int) -> dict[str, str]:
     meta["grown_from"] = {"file": name, "sha256": sha256(src / name), "transformer_depth": have}
     weights_io.write_safetensors(grown, dst / name, metadata={
         **header, "lego_jax": json.dumps(meta, sort_keys=True)})
-  names = [VLLM, TOKENIZER, *LDMS.values()]
-  sums = {n: sha256(dst / n) for n in names}
-  (dst / SUMS).write_text("".join(f"{sums[n]}  {n}\n" for n in names))
-  return sums
+  return write_sums(dst)
 
 
 def main(argv: list[str]) -> int:

@@ -171,8 +171,14 @@ def test_grown_ldm_computes_what_the_old_one_did_and_says_its_shape(tmp_path, ca
   capsys.readouterr()
   assert shipped.main(["grow", str(dst), str(tmp_path / "again"), "2"]) == 1
   assert "has transformer_depth 2: nothing to grow to 2" in capsys.readouterr().err
+  assert not (tmp_path / "again").exists()
   assert shipped.main(["grow", str(tmp_path / "none"), str(tmp_path / "x"), "2"]) == 1
-  assert "vllm.safetensors" in capsys.readouterr().err
+  assert "vllm.safetensors is missing" in capsys.readouterr().err
+  assert not (tmp_path / "x").exists()
+  before = shipped.sha256(dst / shipped.LDMS["lego"])
+  assert shipped.main(["grow", str(src), str(dst), "3"]) == 1   # DST holds a set: kept as it was
+  assert "is not empty" in capsys.readouterr().err
+  assert shipped.sha256(dst / shipped.LDMS["lego"]) == before
   assert shipped.main(["grow", str(src), str(tmp_path / "y"), "two"]) == 2
   assert shipped.main(["grow", str(src), str(tmp_path / "y"), "1"]) == 2
   assert "an integer >= 2" in capsys.readouterr().err
