@@ -101,6 +101,9 @@ def test_ldm_file_round_trip_keeps_weights_scale_and_options(tmp_path):
     shipped.init_record(run)
   other = config.load("configs/tiny.py", ["data.synthetic.num_train=32"])
   assert "data.synthetic" in shipped.data_mismatch(other, tmp_path)
+  # more or fewer test frames change no training example: still the shipped models' data
+  more = config.load("configs/tiny.py", ["data.synthetic.num_test=256"])
+  assert shipped.data_mismatch(more, tmp_path) is None
 
 
 def _random_ldm(cfg, seed=0):

@@ -331,3 +331,18 @@ def test_push_shows_every_kind_but_the_drawer_carried_in_the_training_pairs(tmp_
     Options(push=True)
   with pytest.raises(ValueError, match="'push drawer'"):
     Options(combination_rules=True, push=True, holdout=("push drawer",))
+
+
+def test_more_test_frames_keep_the_first_ones():
+  """The demo's test split can grow (data.synthetic.num_test) without changing the frames it
+  had: scenes come from per-(seed, split, index) streams, and a scene cut short at the end of a
+  smaller split draws the same first action. The shipped checkpoints rely on this
+  (shipped.EVALUATION_ONLY)."""
+  on = prepare.synthetic_options(config_lib.load("configs/tiny.py").data.synthetic)
+  big = list(synthetic.generate_split("test", 24, 0, 32, (1, 1), on))
+  for n in (5, 11, 23):
+    small = list(synthetic.generate_split("test", n, 0, 32, (1, 1), on))
+    assert len(small) == n
+    for (clip_a, k_a, a), (clip_b, k_b, b) in zip(small, big):
+      assert (clip_a, k_a, a.action, a.meta) == (clip_b, k_b, b.action, b.meta)
+      np.testing.assert_array_equal(a.target, b.target)
