@@ -341,3 +341,80 @@ def test_per_frame_keys_make_frames_independent_of_the_batch():
                                 jax.random.normal(jax.random.fold_in(key(1), 2), img.shape))
   with pytest.raises(ValueError, match="sampler"):
     sampler.sample(unet, img, cond, uncond, k[:2], kind="heun")
+
+
+# --- edit_mask: DiffEdit's mask from the text contrast, and the input kept outside it ----------
+
+
+def _local_unet(xp, x8, t, ctx, w, pattern):
+  """toy_unet plus a text term that lives where `pattern` (H,W,1) is large and depends on x, so
+  the text-vs-no-text contrast has a place and varies with the noise draw."""
+  c = ctx.mean(axis=(1, 2)).reshape(-1, 1, 1, 1)
+  return toy_unet(xp, x8, t, ctx, w) + c * pattern * xp.tanh(x8[..., :4])
+
+
+def ref_edit_mask(z_in, img, cond, uncond, draws, acp, t, threshold, w, pattern):
+  total = 0.0
+  for noise in draws:
+    x = np.sqrt(acp[t]) * z_in + np.sqrt(1 - acp[t]) * noise
+    tt = np.full((x.shape[0],), float(t))
+    e_ti = _local_unet(np, np.concatenate([x, img], -1), tt, cond, w, pattern)
+    e_0i = _local_unet(np, np.concatenate([x, img], -1), tt, uncond, w, pattern)
+    total = total + np.abs(e_ti - e_0i).mean(-1, keepdims=True)
+  lo = total.min(axis=(1, 2, 3), keepdims=True)
+  hi = total.max(axis=(1, 2, 3), keepdims=True)
+  return ((total - lo) / (hi - lo) > threshold).astype(np.float64)
+
+
+def test_edit_mask_matches_its_reference_and_the_samplers_keep_the_input_outside_it():
+  img, cond, uncond, w = _problem(b=2, seed=7)
+  pattern = np.linspace(0.0, 1.0, 16).reshape(4, 4, 1).astype(np.float32)
+  unet = functools.partial(_local_unet, jnp, w=jnp.asarray(w), pattern=jnp.asarray(pattern))
+  s, scale, k0, n = NoiseSchedule(), 0.7, key(9), 10
+  z_in = img.astype(np.float64) * scale
+  acp = s.alphas_cumprod.astype(np.float64)
+  draws = [_draw(sampler.fold_key(k0, 2), k, img.shape) for k in range(4)]
+  want = ref_edit_mask(z_in, img, cond, uncond, draws, acp, 500, 0.5, w.astype(np.float64),
+                       pattern.astype(np.float64))
+  got = sampler.edit_mask(unet, jnp.asarray(z_in, jnp.float32), img, cond, uncond,
+                          sampler.fold_key(k0, 2), 0.5, num_samples=4, schedule=s)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  assert 0 < want.mean() < 1   # both kinds of position are there
+
+  # DDIM: the reference trajectory with the input put back at each step where the mask is 0
+  x_T = _draw(sampler.fold_key(k0, 0), 0, img.shape)
+  ts = np.arange(0, 1000, 1000 // n) + 1
+  a_prev = np.concatenate([acp[:1], acp[ts[:-1]]])
+  eps_at = lambda x, t: ref_guided_eps_local(x, t, cond, uncond, img, 7.5, 1.5, w, pattern)  # noqa: E731
+  x = x_T
+  for i in range(n - 1, -1, -1):
+    e = eps_at(x, ts[i])
+    x0 = (x - np.sqrt(1 - acp[ts[i]]) * e) / np.sqrt(acp[ts[i]])
+    x = np.sqrt(a_prev[i]) * x0 + np.sqrt(1 - a_prev[i]) * e
+    x = want * x + (1 - want) * (np.sqrt(a_prev[i]) * z_in + np.sqrt(1 - a_prev[i]) * x_T)
+  kept = sampler.sample(unet, img, cond, uncond, k0, num_steps=n, kind="ddim", edit_mask=0.5,
+                        mask_samples=4, latent_scale=scale)
+  assert rel_l2(kept, x) <= 1e-5, rel_l2(kept, x)
+  plain = sampler.sample(unet, img, cond, uncond, k0, num_steps=n, kind="ddim")
+  inside = want[..., 0] > 0
+  # where the mask is 1 the trajectory is the model's (not the input's), outside it is the input
+  assert rel_l2(np.asarray(kept)[inside], np.asarray(plain)[inside]) < 0.2
+  assert rel_l2(np.asarray(kept)[~inside], z_in[~inside]) < 0.05
+  assert rel_l2(np.asarray(plain)[~inside], z_in[~inside]) > 0.1
+
+  # Euler ancestral ends at sigma 0: outside the mask the result IS the input latent
+  e = sampler.sample(unet, img, cond, uncond, k0, num_steps=n, edit_mask=0.5, mask_samples=4,
+                     latent_scale=scale)
+  np.testing.assert_allclose(np.asarray(e)[~inside], z_in[~inside], rtol=1e-5, atol=1e-5)
+  assert rel_l2(np.asarray(e)[inside], z_in[inside]) > 0.1
+  with pytest.raises(ValueError, match="edit_mask=1.0"):
+    sampler.sample(unet, img, cond, uncond, k0, num_steps=n, edit_mask=1.0)
+
+
+def ref_guided_eps_local(x_in, t, cond, uncond, img, st, si, w, pattern):
+  w, pattern = w.astype(np.float64), pattern.astype(np.float64)
+  tt = np.full((x_in.shape[0],), t)
+  e_ti = _local_unet(np, np.concatenate([x_in, img], -1), tt, cond, w, pattern)
+  e_0i = _local_unet(np, np.concatenate([x_in, img], -1), tt, uncond, w, pattern)
+  e_00 = _local_unet(np, np.concatenate([x_in, 0 * img], -1), tt, uncond, w, pattern)
+  return e_00 + st * (e_ti - e_0i) + si * (e_0i - e_00)
