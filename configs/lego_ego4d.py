@@ -108,12 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
   # inference.py); "project": min-max, rounding, PIL bicubic. image_format="release": each frame
   # under image_1's name (.jpg: JPEG at PIL's default quality 75, as the release saved them);
   # "png": lossless. Output size: height data.image_size, width round(W / H * height).
-  # edit_mask (0: off, the release) > 0: DiffEdit-style keeping of the input frame where the
-  # model's own text-vs-no-text contrast is under that threshold (lego_jax/infer/sampler.py
-  # edit_mask), from mask_samples noise draws.
   cfg.sampler = dict(kind="euler_ancestral", num_steps=100, text_guidance=7.5, image_guidance=1.5,
                      seed=0, use_ema=True, output_norm="minmax", postprocess="release",
-                     image_format="release", edit_mask=0.0, mask_samples=8)
+                     image_format="release")
   # blip_b / blip_l also need --edit_file (the annotation JSON with the enriched descriptions).
   # lpips_release_range=True: LPIPS on [0, 1] inputs, as the release computed the paper's column
   # (False: the lpips package's [-1, 1]; the table marks such rows).

@@ -94,9 +94,6 @@ def test_a_negative_generate_limit_is_refused_at_start(capsys, tmp_path):
     ("--config.sampler.output_norm=none", "cfg.sampler.output_norm='none': one of minmax, clamp"),
     ("--config.sampler.postprocess=pil", "cfg.sampler.postprocess='pil': one of release, project"),
     ("--config.sampler.num_steps=0", "cfg.sampler.num_steps=0: a whole number of steps, 1 or more"),
-    ("--config.sampler.edit_mask=1.5", "cfg.sampler.edit_mask=1.5: 0 (off) or a threshold in (0, 1)"),
-    ("--config.sampler.mask_samples=0",
-     "cfg.sampler.mask_samples=0: a whole number of noise draws, 1 or more"),
 ])
 def test_bad_sampler_settings_are_refused_before_any_model_loads(capsys, tmp_path, command, flag,
                                                                  message):

@@ -77,13 +77,12 @@ def frames_uint8(frames) -> np.ndarray:
 
 
 @nnx.jit(static_argnames=("num_steps", "kind", "use_image", "use_text", "scaling", "guided",
-                         "schedule", "prediction_type", "edit_mask", "mask_samples"))
+                         "schedule", "prediction_type"))
 def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, empty_ids, h_img,
                      h_txt, key, text_scale, image_scale, *, num_steps: int, kind: str,
                      use_image: bool, use_text: bool, scaling: float, guided: bool = True,
                      schedule: NoiseSchedule = NoiseSchedule(),
-                     prediction_type: str = "epsilon", edit_mask: float = 0.0,
-                     mask_samples: int = 8):
+                     prediction_type: str = "epsilon"):
   """input frames (B,H,W,3) (uint8, or float in [-1,1]) + text ids + VLLM features -> decoded
   frames (B,H,W,3)."""
   image_latent = vae.mode(images_lib.frames_to_unit_range(input_images))
@@ -94,8 +93,7 @@ def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, 
                                      use_text=use_text)
   z = sampler_lib.sample(unet, image_latent, cond, uncond, key, num_steps=num_steps, kind=kind,
                          text_scale=text_scale, image_scale=image_scale, guided=guided,
-                         schedule=schedule, prediction_type=prediction_type,
-                         edit_mask=edit_mask, mask_samples=mask_samples, latent_scale=scaling)
+                         schedule=schedule, prediction_type=prediction_type)
   return vae.decode(z / scaling)
 
 
@@ -116,7 +114,4 @@ def run_batch(models, batch: dict, text_ids: np.ndarray, empty_ids: np.ndarray, 
       scaling=float(vae.config.scaling_factor),
       guided=not sampler_lib.unguided(text_scale, image_scale),
       # the model's training schedule and target (ldm_train.zero_terminal_snr, prediction_type)
-      schedule=lego_ldm.schedule_of(cfg), prediction_type=lego_ldm.prediction_type_of(cfg),
-      # DiffEdit-style keeping of the input where the model's own map says nothing changes
-      # (sampler.edit_mask; 0 in the paper's configs)
-      edit_mask=float(s.get("edit_mask", 0.0)), mask_samples=int(s.get("mask_samples", 8)))
+      schedule=lego_ldm.schedule_of(cfg), prediction_type=lego_ldm.prediction_type_of(cfg))

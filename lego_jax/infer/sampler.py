@@ -30,7 +30,6 @@ from lego_jax.infer.schedule import NoiseSchedule, denoiser_scalings, x0_and_eps
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]   # (x, sigma scalar) -> denoised x
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]       # (x_t, t scalar) -> eps
 UNetApply = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-Keep = tuple[jax.Array, jax.Array, jax.Array]   # (mask (B,H,W,1), input latent, start noise)
 
 SAMPLERS = ("euler_ancestral", "ddim")
 # cfg.sampler's keys with a fixed set of values (generate's post-processing and file format too)
@@ -47,12 +46,6 @@ def check_settings(s, where: str = "cfg.sampler") -> None:
       raise ConfigError(f"{where}.{key}={s[key]!r}: one of {', '.join(allowed)}")
   if "num_steps" in s and not (isinstance(s["num_steps"], int) and s["num_steps"] >= 1):
     raise ConfigError(f"{where}.num_steps={s['num_steps']!r}: a whole number of steps, 1 or more")
-  if "edit_mask" in s and not (isinstance(s["edit_mask"], (int, float))
-                               and 0.0 <= float(s["edit_mask"]) < 1.0):
-    raise ConfigError(f"{where}.edit_mask={s['edit_mask']!r}: 0 (off) or a threshold in (0, 1)")
-  if "mask_samples" in s and not (isinstance(s["mask_samples"], int) and s["mask_samples"] >= 1):
-    raise ConfigError(f"{where}.mask_samples={s['mask_samples']!r}: a whole number of noise "
-                      "draws, 1 or more")
 
 
 def _typed_key(key: jax.Array) -> jax.Array:
@@ -94,7 +87,7 @@ def ancestral_step(sigma_from: jax.Array, sigma_to: jax.Array,
 
 
 def euler_ancestral(denoise_fn: DenoiseFn, x_T: jax.Array, sigmas: jax.Array, key: jax.Array,
-                    eta: float | jax.Array = 1.0, keep: Keep | None = None) -> jax.Array:
+                    eta: float | jax.Array = 1.0) -> jax.Array:
   """k-diffusion sample_euler_ancestral.
 
   Args:
@@ -103,8 +96,6 @@ def euler_ancestral(denoise_fn: DenoiseFn, x_T: jax.Array, sigmas: jax.Array, ke
     sigmas: (n + 1,) decreasing noise levels ending in 0 (`NoiseSchedule.get_sigmas(n)`).
     key: noise of step i is `step_noise(key, i, ...)`.
     eta: ancestral noise fraction (1 = LEGO; 0 = deterministic Euler).
-    keep: (mask (B,H,W,1), z_in, n0): after each step, where mask is 0 the latent is replaced by
-      the input's at the new level, z_in + sigma' n0 (`edit_mask`); None: no blending.
   Returns:
     x_0 (B, ...).
   """
@@ -118,9 +109,6 @@ def euler_ancestral(denoise_fn: DenoiseFn, x_T: jax.Array, sigmas: jax.Array, ke
     # the last step lands on sigma = 0 and adds nothing (sigma_up = min(0, ...) = 0 there too)
     noise = step_noise(key, i, x.shape, x.dtype)
     x = x + jnp.where(sigma_next > 0, sigma_up, 0.0).astype(x.dtype) * noise
-    if keep is not None:
-      mask, z_in, n0 = keep
-      x = mask * x + (1 - mask) * (z_in + sigma_next * n0).astype(x.dtype)
     return x, None
 
   x, _ = jax.lax.scan(step, x_T, jnp.arange(sigmas.shape[0] - 1))
@@ -129,7 +117,7 @@ def euler_ancestral(denoise_fn: DenoiseFn, x_T: jax.Array, sigmas: jax.Array, ke
 
 def ddim(eps_fn: EpsFn, x_T: jax.Array, timesteps: np.ndarray, alphas_cumprod: np.ndarray,
          key: jax.Array, eta: float | jax.Array = 0.0,
-         prediction_type: str = "epsilon", keep: Keep | None = None) -> jax.Array:
+         prediction_type: str = "epsilon") -> jax.Array:
   """CompVis DDIMSampler over the discrete schedule (variance-preserving x_t).
 
   Args:
@@ -140,8 +128,6 @@ def ddim(eps_fn: EpsFn, x_T: jax.Array, timesteps: np.ndarray, alphas_cumprod: n
     alphas_cumprod: (T,) the schedule's cumulative alphas.
     key: noise of the j-th step taken is `step_noise(key, j, ...)` (only used when eta > 0).
     eta: 0 = deterministic DDIM; 1 = DDPM-like ancestral noise.
-    keep: (mask (B,H,W,1), z_in, n0): after each step, where mask is 0 the latent is replaced by
-      the input's at the new level, sqrt(a') z_in + sqrt(1-a') n0 (`edit_mask`); None: none.
   Returns:
     x_0 (B, ...).
 
@@ -163,10 +149,6 @@ def ddim(eps_fn: EpsFn, x_T: jax.Array, timesteps: np.ndarray, alphas_cumprod: n
     x0, e = x0_and_eps(prediction_type, eps_fn(x, ts[j]).astype(x.dtype), x, a[j])
     x = (jnp.sqrt(a_prev[j]) * x0 + jnp.sqrt(jnp.maximum(1 - a_prev[j] - s[j] ** 2, 0.0)) * e
          + s[j] * step_noise(key, j, x.shape, x.dtype))
-    if keep is not None:
-      mask, z_in, n0 = keep
-      x = mask * x + (1 - mask) * (jnp.sqrt(a_prev[j]) * z_in
-                                   + jnp.sqrt(1 - a_prev[j]) * n0).astype(x.dtype)
     return x, None
 
   x, _ = jax.lax.scan(step, x_T, jnp.arange(len(timesteps)))
@@ -213,64 +195,13 @@ def conditional_eps(eps_fn: UNetApply, x: jax.Array, t: jax.Array, cond_ctx: jax
   return eps.astype(x.dtype)
 
 
-def edit_mask(eps_fn: UNetApply, z_in: jax.Array, image_latent: jax.Array, cond_ctx: jax.Array,
-              uncond_ctx: jax.Array, key: jax.Array, threshold: float | jax.Array, *,
-              num_samples: int, schedule: NoiseSchedule, t_frac: float = 0.5) -> jax.Array:
-  """Where the instruction changes the frame, from the model itself: DiffEdit's mask (Couairon et
-  al., ICLR 2023) with InstructPix2Pix's contrast (the text-conditioned against the text-free
-  noise estimate, both seeing the input frame, as Mirzaei et al. 2023, "Watch Your Steps").
-
-  The input latent is noised to t = t_frac * T with `num_samples` draws; the mean |e_TI - e_0I|
-  over draws and channels is scaled to [0, 1] per frame and thresholded. Returns (B,H,W,1) in
-  {0, 1}: 1 where the action is drawn, 0 where the sampler keeps the input (`keep`).
-
-  Args:
-    eps_fn: the UNet as in `dual_guidance_eps` (v-prediction outputs work too: at one x_t and t
-      the v difference is the eps difference times sqrt(acp)).
-    z_in: (B,H,W,c) the input latent in the diffusion's scale (image_latent * scaling).
-    image_latent: (B,H,W,c') the UNet's image condition (unscaled, as the sampler passes it).
-    cond_ctx, uncond_ctx: (B,L,C) contexts.
-    key: one key or (B,) per-frame keys; draw k is `step_noise(key, k, ...)`.
-    threshold: in (0, 1); DiffEdit's default is 0.5.
-    num_samples: noise draws averaged (DiffEdit: 10).
-    schedule: the training schedule (its alphas_cumprod gives the noise level).
-    t_frac: the noise level as a fraction of the T training steps (DiffEdit: 0.5).
-  """
-  b = z_in.shape[0]
-  t_index = int(round(t_frac * (schedule.num_timesteps - 1)))
-  a = float(schedule.alphas_cumprod[t_index])
-  t = jnp.full((2 * b,), float(t_index), jnp.float32)
-  img2 = jnp.concatenate([image_latent, image_latent], axis=0).astype(z_in.dtype)
-  ctx2 = jnp.concatenate([cond_ctx, uncond_ctx.astype(cond_ctx.dtype)], axis=0)
-
-  def one(total, k):
-    x = np.sqrt(a) * z_in + np.sqrt(1 - a) * step_noise(key, k, z_in.shape, z_in.dtype)
-    eps = eps_fn(jnp.concatenate([jnp.concatenate([x, x], axis=0), img2], axis=-1), t, ctx2)
-    e_ti, e_0i = jnp.split(eps.astype(jnp.float32), 2, axis=0)
-    return total + jnp.abs(e_ti - e_0i).mean(axis=-1, keepdims=True), None
-
-  diff, _ = jax.lax.scan(one, jnp.zeros(z_in.shape[:3] + (1,), jnp.float32),
-                         jnp.arange(num_samples))
-  lo = diff.min(axis=(1, 2, 3), keepdims=True)
-  hi = diff.max(axis=(1, 2, 3), keepdims=True)
-  scaled = (diff - lo) / jnp.maximum(hi - lo, 1e-12)
-  return (scaled > threshold).astype(z_in.dtype)
-
-
 def _sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
-            uncond_ctx: jax.Array, key: jax.Array, text_scale, image_scale, eta, mask_threshold,
-            latent_scale, *, num_steps: int, kind: str, schedule: NoiseSchedule, guided: bool,
-            prediction_type: str, mask_samples: int) -> jax.Array:
+            uncond_ctx: jax.Array, key: jax.Array, text_scale, image_scale, eta, *,
+            num_steps: int, kind: str, schedule: NoiseSchedule, guided: bool,
+            prediction_type: str) -> jax.Array:
   image_latent = jnp.asarray(image_latent, jnp.float32)
   shape = image_latent.shape
   init_key, loop_key = fold_key(key, 0), fold_key(key, 1)
-  keep = None
-  if mask_samples:
-    z_in = image_latent * latent_scale
-    mask = edit_mask(unet_apply, z_in, image_latent, cond_ctx, uncond_ctx, fold_key(key, 2),
-                     mask_threshold, num_samples=mask_samples, schedule=schedule)
-    # the input's own noise is the start noise, so kept and drawn regions share one trajectory
-    keep = (mask, z_in, step_noise(init_key, 0, shape, jnp.float32))
   if guided:
     guide = functools.partial(dual_guidance_eps, unet_apply, cond_ctx=cond_ctx,
                               uncond_ctx=uncond_ctx, image_latent=image_latent,
@@ -286,15 +217,15 @@ def _sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
       return x * c_skip + guide(x * c_in, schedule.sigma_to_t(sigma)) * c_out
 
     x_T = step_noise(init_key, 0, shape, jnp.float32) * sigmas[0]
-    return euler_ancestral(denoise, x_T, sigmas, loop_key, eta, keep)
+    return euler_ancestral(denoise, x_T, sigmas, loop_key, eta)
   if kind == "ddim":
     x_T = step_noise(init_key, 0, shape, jnp.float32)
     return ddim(lambda x, t: guide(x, t), x_T, schedule.ddim_timesteps(num_steps),
-                schedule.alphas_cumprod, loop_key, eta, prediction_type, keep)
+                schedule.alphas_cumprod, loop_key, eta, prediction_type)
   raise ValueError(f"unknown sampler {kind!r}; one of {SAMPLERS}")
 
 
-_STATIC = ("num_steps", "kind", "schedule", "guided", "prediction_type", "mask_samples")
+_STATIC = ("num_steps", "kind", "schedule", "guided", "prediction_type")
 _sample_fn = jax.jit(_sample, static_argnames=("unet_apply",) + _STATIC)
 _sample_module = nnx.jit(_sample, static_argnames=_STATIC)
 
@@ -303,8 +234,7 @@ def sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
            uncond_ctx: jax.Array, key: jax.Array, *, num_steps: int = 100,
            kind: str = "euler_ancestral", text_scale: float = 7.5, image_scale: float = 1.5,
            eta: float | None = None, schedule: NoiseSchedule = NoiseSchedule(),
-           guided: bool | None = None, prediction_type: str = "epsilon",
-           edit_mask: float = 0.0, mask_samples: int = 8, latent_scale: float = 1.0) -> jax.Array:
+           guided: bool | None = None, prediction_type: str = "epsilon") -> jax.Array:
   """Generates action-frame latents z_0 for a batch of frames: one compiled program.
 
   Args:
@@ -324,12 +254,6 @@ def sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
     schedule: the training noise schedule (zero_terminal_snr: its top sigma held finite,
       DDIM on trailing timesteps; see lego_jax/infer/schedule.py).
     prediction_type: what the UNet outputs, "epsilon" (LEGO) or "v_prediction".
-    edit_mask: 0 (LEGO): every latent position is sampled. In (0, 1): the threshold of
-      `edit_mask`'s map; where it is under, each step puts back the input's latent at the step's
-      noise level, so the frame is kept there exactly up to the VAE (DiffEdit's blending).
-    mask_samples: noise draws for the map (each one 2-row UNet batch, once per trajectory).
-    latent_scale: the VAE's scaling factor (the input latent in the diffusion's scale, for
-      edit_mask only).
   Returns:
     z_0 (B,H,W,c) float32, in the diffusion's latent scale (divide by 0.18215 before decoding).
   """
@@ -340,13 +264,10 @@ def sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
     eta = 1.0 if kind == "euler_ancestral" else 0.0
   if guided is None:
     guided = not unguided(text_scale, image_scale)
-  if not 0.0 <= float(edit_mask) < 1.0:
-    raise ValueError(f"edit_mask={edit_mask!r}: 0 (off) or a threshold in (0, 1)")
   fn = _sample_module if isinstance(unet_apply, nnx.Module) else _sample_fn
   return fn(unet_apply, image_latent, cond_ctx, uncond_ctx, key, text_scale, image_scale, eta,
-            float(edit_mask), float(latent_scale), num_steps=num_steps, kind=kind,
-            schedule=schedule, guided=bool(guided), prediction_type=prediction_type,
-            mask_samples=int(mask_samples) if edit_mask else 0)
+            num_steps=num_steps, kind=kind, schedule=schedule, guided=bool(guided),
+            prediction_type=prediction_type)
 
 
 def check_prediction(prediction_type: str, schedule: NoiseSchedule) -> None:
