@@ -292,20 +292,19 @@ def grow_transformer_depth(src: Path, dst: Path, depth: int) -> dict[str, str]:
   for name in (VLLM, TOKENIZER, *LDMS.values()):
     if not (src / name).is_file():
       raise UserError(f"{src / name} is missing: SRC must hold a shipped set's files")
-  headers = {}
+  headers = {}   # name -> (safetensors header, its lego_jax metadata, its transformer depth)
   for name in LDMS.values():
     with safe_open(str(src / name), "numpy") as f:
-      headers[name] = f.metadata() or {}
-    have = int(json.loads(headers[name].get("lego_jax", "{}")).get("unet", {}).get(
-        "transformer_depth", 1))
+      header = f.metadata() or {}
+    meta = json.loads(header.get("lego_jax", "{}"))
+    have = int(meta.get("unet", {}).get("transformer_depth", 1))
     if depth <= have:
       raise UserError(f"{src / name} has transformer_depth {have}: nothing to grow to {depth}")
+    headers[name] = (header, meta, have)
   dst.mkdir(parents=True, exist_ok=True)
   for name in (VLLM, TOKENIZER):
     shutil.copyfile(src / name, dst / name)
-  for name, header in headers.items():
-    meta = json.loads(header.get("lego_jax", "{}"))
-    have = int(meta.get("unet", {}).get("transformer_depth", 1))
+  for name, (header, meta, have) in headers.items():
     sd = load_file(str(src / name))
     grown = dict(sd)
     for k, v in sd.items():
