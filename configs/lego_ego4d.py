@@ -108,9 +108,11 @@ def get_config() -> ml_collections.ConfigDict:
   # inference.py); "project": min-max, rounding, PIL bicubic. image_format="release": each frame
   # under image_1's name (.jpg: JPEG at PIL's default quality 75, as the release saved them);
   # "png": lossless. Output size: height data.image_size, width round(W / H * height).
+  # strength < 1: an SDEdit start from the input frame's noised latent (Meng et al. 2022), only
+  # the last floor(num_steps * strength) steps run; 1 (the release) starts from pure noise.
   cfg.sampler = dict(kind="euler_ancestral", num_steps=100, text_guidance=7.5, image_guidance=1.5,
-                     seed=0, use_ema=True, output_norm="minmax", postprocess="release",
-                     image_format="release")
+                     strength=1.0, seed=0, use_ema=True, output_norm="minmax",
+                     postprocess="release", image_format="release")
   # blip_b / blip_l also need --edit_file (the annotation JSON with the enriched descriptions).
   # lpips_release_range=True: LPIPS on [0, 1] inputs, as the release computed the paper's column
   # (False: the lpips package's [-1, 1]; the table marks such rows).

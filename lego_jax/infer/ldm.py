@@ -77,12 +77,12 @@ def frames_uint8(frames) -> np.ndarray:
 
 
 @nnx.jit(static_argnames=("num_steps", "kind", "use_image", "use_text", "scaling", "guided",
-                         "schedule", "prediction_type"))
+                         "schedule", "prediction_type", "strength"))
 def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, empty_ids, h_img,
                      h_txt, key, text_scale, image_scale, *, num_steps: int, kind: str,
                      use_image: bool, use_text: bool, scaling: float, guided: bool = True,
                      schedule: NoiseSchedule = NoiseSchedule(),
-                     prediction_type: str = "epsilon"):
+                     prediction_type: str = "epsilon", strength: float = 1.0):
   """input frames (B,H,W,3) (uint8, or float in [-1,1]) + text ids + VLLM features -> decoded
   frames (B,H,W,3)."""
   image_latent = vae.mode(images_lib.frames_to_unit_range(input_images))
@@ -93,7 +93,8 @@ def generate_latents(unet, conditioner, clip_text, vae, input_images, text_ids, 
                                      use_text=use_text)
   z = sampler_lib.sample(unet, image_latent, cond, uncond, key, num_steps=num_steps, kind=kind,
                          text_scale=text_scale, image_scale=image_scale, guided=guided,
-                         schedule=schedule, prediction_type=prediction_type)
+                         schedule=schedule, prediction_type=prediction_type,
+                         strength=strength, latent_scale=scaling)
   return vae.decode(z / scaling)
 
 
@@ -114,4 +115,5 @@ def run_batch(models, batch: dict, text_ids: np.ndarray, empty_ids: np.ndarray, 
       scaling=float(vae.config.scaling_factor),
       guided=not sampler_lib.unguided(text_scale, image_scale),
       # the model's training schedule and target (ldm_train.zero_terminal_snr, prediction_type)
-      schedule=lego_ldm.schedule_of(cfg), prediction_type=lego_ldm.prediction_type_of(cfg))
+      schedule=lego_ldm.schedule_of(cfg), prediction_type=lego_ldm.prediction_type_of(cfg),
+      strength=float(s.strength))

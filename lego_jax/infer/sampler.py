@@ -46,6 +46,10 @@ def check_settings(s, where: str = "cfg.sampler") -> None:
       raise ConfigError(f"{where}.{key}={s[key]!r}: one of {', '.join(allowed)}")
   if "num_steps" in s and not (isinstance(s["num_steps"], int) and s["num_steps"] >= 1):
     raise ConfigError(f"{where}.num_steps={s['num_steps']!r}: a whole number of steps, 1 or more")
+  if "strength" in s:
+    st = s["strength"]
+    if isinstance(st, bool) or not isinstance(st, (int, float)) or not 0.0 < st <= 1.0:
+      raise ConfigError(f"{where}.strength={st!r}: a number in (0, 1] (1: start from pure noise)")
 
 
 def _typed_key(key: jax.Array) -> jax.Array:
@@ -195,10 +199,17 @@ def conditional_eps(eps_fn: UNetApply, x: jax.Array, t: jax.Array, cond_ctx: jax
   return eps.astype(x.dtype)
 
 
+def kept_steps(num_steps: int, strength: float) -> int:
+  """How many of a sampler's `num_steps` an SDEdit start at `strength` runs: the last
+  floor(num_steps * strength), as diffusers' img2img pipelines count them, and at least one (so
+  that any step count a server user picks samples)."""
+  return max(1, min(int(num_steps * strength), num_steps))
+
+
 def _sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
             uncond_ctx: jax.Array, key: jax.Array, text_scale, image_scale, eta, *,
             num_steps: int, kind: str, schedule: NoiseSchedule, guided: bool,
-            prediction_type: str) -> jax.Array:
+            prediction_type: str, strength: float = 1.0, latent_scale: float = 1.0) -> jax.Array:
   image_latent = jnp.asarray(image_latent, jnp.float32)
   shape = image_latent.shape
   init_key, loop_key = fold_key(key, 0), fold_key(key, 1)
@@ -216,16 +227,26 @@ def _sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
       c_skip, c_out, c_in = denoiser_scalings(sigma, prediction_type)
       return x * c_skip + guide(x * c_in, schedule.sigma_to_t(sigma)) * c_out
 
-    x_T = step_noise(init_key, 0, shape, jnp.float32) * sigmas[0]
-    return euler_ancestral(denoise, x_T, sigmas, loop_key, eta)
+    noise = step_noise(init_key, 0, shape, jnp.float32)
+    if strength < 1.0:
+      sigmas = sigmas[num_steps - kept_steps(num_steps, strength):]
+      return euler_ancestral(denoise, image_latent * latent_scale + noise * sigmas[0], sigmas,
+                             loop_key, eta)
+    return euler_ancestral(denoise, noise * sigmas[0], sigmas, loop_key, eta)
   if kind == "ddim":
     x_T = step_noise(init_key, 0, shape, jnp.float32)
-    return ddim(lambda x, t: guide(x, t), x_T, schedule.ddim_timesteps(num_steps),
+    timesteps = schedule.ddim_timesteps(num_steps)
+    if strength < 1.0:
+      timesteps = timesteps[:kept_steps(len(timesteps), strength)]   # the least noisy ones
+      a = float(np.asarray(schedule.alphas_cumprod, np.float64)[timesteps[-1]])
+      x_T = np.sqrt(a) * image_latent * latent_scale + np.sqrt(1 - a) * x_T
+    return ddim(lambda x, t: guide(x, t), x_T, timesteps,
                 schedule.alphas_cumprod, loop_key, eta, prediction_type)
   raise ValueError(f"unknown sampler {kind!r}; one of {SAMPLERS}")
 
 
-_STATIC = ("num_steps", "kind", "schedule", "guided", "prediction_type")
+_STATIC = ("num_steps", "kind", "schedule", "guided", "prediction_type", "strength",
+           "latent_scale")
 _sample_fn = jax.jit(_sample, static_argnames=("unet_apply",) + _STATIC)
 _sample_module = nnx.jit(_sample, static_argnames=_STATIC)
 
@@ -234,7 +255,8 @@ def sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
            uncond_ctx: jax.Array, key: jax.Array, *, num_steps: int = 100,
            kind: str = "euler_ancestral", text_scale: float = 7.5, image_scale: float = 1.5,
            eta: float | None = None, schedule: NoiseSchedule = NoiseSchedule(),
-           guided: bool | None = None, prediction_type: str = "epsilon") -> jax.Array:
+           guided: bool | None = None, prediction_type: str = "epsilon",
+           strength: float = 1.0, latent_scale: float = 1.0) -> jax.Array:
   """Generates action-frame latents z_0 for a batch of frames: one compiled program.
 
   Args:
@@ -254,11 +276,19 @@ def sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
     schedule: the training noise schedule (zero_terminal_snr: its top sigma held finite,
       DDIM on trailing timesteps; see lego_jax/infer/schedule.py).
     prediction_type: what the UNet outputs, "epsilon" (LEGO) or "v_prediction".
+    strength: 1 (LEGO, InstructPix2Pix) starts from pure noise. Below 1, an SDEdit start (Meng
+      et al. 2022, as diffusers' img2img pipelines): the input frame's latent, scaled by
+      `latent_scale` (the VAE's scaling factor), noised to the level of the first of the last
+      `kept_steps(num_steps, strength)` steps, which are then the only ones run. Static.
+    latent_scale: the diffusion latent's scale relative to `image_latent` (only read when
+      strength < 1).
   Returns:
     z_0 (B,H,W,c) float32, in the diffusion's latent scale (divide by 0.18215 before decoding).
   """
   if kind not in SAMPLERS:
     raise ValueError(f"unknown sampler {kind!r}; one of {SAMPLERS}")
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength={strength!r}: in (0, 1] (1: start from pure noise)")
   check_prediction(prediction_type, schedule)
   if eta is None:
     eta = 1.0 if kind == "euler_ancestral" else 0.0
@@ -267,7 +297,8 @@ def sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
   fn = _sample_module if isinstance(unet_apply, nnx.Module) else _sample_fn
   return fn(unet_apply, image_latent, cond_ctx, uncond_ctx, key, text_scale, image_scale, eta,
             num_steps=num_steps, kind=kind, schedule=schedule, guided=bool(guided),
-            prediction_type=prediction_type)
+            prediction_type=prediction_type, strength=float(strength),
+            latent_scale=float(latent_scale))
 
 
 def check_prediction(prediction_type: str, schedule: NoiseSchedule) -> None:

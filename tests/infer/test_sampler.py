@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lego_jax.config import ConfigError
 from lego_jax.infer import sampler
 from lego_jax.infer.schedule import NoiseSchedule, denoiser_scalings
 from helpers import rel_l2
@@ -341,3 +342,58 @@ def test_per_frame_keys_make_frames_independent_of_the_batch():
                                 jax.random.normal(jax.random.fold_in(key(1), 2), img.shape))
   with pytest.raises(ValueError, match="sampler"):
     sampler.sample(unet, img, cond, uncond, k[:2], kind="heun")
+
+
+def test_sdedit_start_matches_diffusers_ddim_img2img_and_the_kdiffusion_reference():
+  """strength < 1: the input's latent noised to the first kept step, then only the last
+  floor(n * strength) steps, as diffusers' img2img pipelines run DDIMScheduler."""
+  import torch
+  from diffusers import DDIMScheduler
+
+  img, cond, uncond, w = _problem(seed=4)
+  w64 = w.astype(np.float64)
+  n, strength, scale, k = 20, 0.7, 0.6756, key(9)
+  unet = functools.partial(toy_unet, jnp, w=jnp.asarray(w))
+  got = sampler.sample(unet, img, cond, uncond, k, num_steps=n, kind="ddim", text_scale=1.0,
+                       image_scale=1.0, strength=strength, latent_scale=scale)
+  assert sampler.kept_steps(n, strength) == 14
+  noise = _draw(sampler.fold_key(k, 0), 0, img.shape)
+  sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+  sched.set_timesteps(n)
+  timesteps = sched.timesteps[n - int(n * strength):]
+  x = sched.add_noise(torch.from_numpy(img * np.float64(scale)),
+                      torch.from_numpy(noise), timesteps[:1])
+  for t in timesteps:
+    e = toy_unet(np, np.concatenate([x.numpy(), img], -1), np.full((2,), float(t)), cond, w64)
+    x = sched.step(torch.from_numpy(e), t, x).prev_sample
+  assert rel_l2(got, x.numpy()) <= 1e-4, rel_l2(got, x.numpy())
+  # it starts near the input: far closer to it than the pure-noise start's result
+  full = sampler.sample(unet, img, cond, uncond, k, num_steps=n, kind="ddim", text_scale=1.0,
+                        image_scale=1.0)
+  assert rel_l2(got, img * scale) < 0.5 * rel_l2(full, img * scale)
+
+  # Euler ancestral: the last 14 of the 21 sigmas' 20 intervals, from z * scale + sigma * noise
+  got = sampler.sample(unet, img, cond, uncond, k, num_steps=n, text_scale=7.5, image_scale=1.5,
+                       strength=strength, latent_scale=scale)
+  sigmas = ref_get_sigmas(n)[n - 14:]
+  x = img * np.float64(scale) + noise * sigmas[0]
+  for i in range(14):
+    s, s_next = sigmas[i], sigmas[i + 1]
+    eps = ref_guided_eps(x / np.sqrt(s ** 2 + 1), ref_sigma_to_t(np.array([s]))[0], cond, uncond,
+                         img, 7.5, 1.5, w64)
+    sigma_up = min(s_next, np.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2))
+    x = x + eps * (np.sqrt(s_next ** 2 - sigma_up ** 2) - s)
+    if s_next > 0:
+      x = x + _draw(sampler.fold_key(k, 1), i, img.shape) * sigma_up
+  assert rel_l2(got, x) <= 1e-5, rel_l2(got, x)
+  # a strength below one step still runs the last step; outside (0, 1] it is refused, in the
+  # sampler and in the config
+  assert sampler.kept_steps(4, 0.2) == 1 and sampler.kept_steps(20, 1.0) == 20
+  for bad in (0.0, -0.5, 1.5):
+    with pytest.raises(ValueError, match="strength"):
+      sampler.sample(unet, img, cond, uncond, k, num_steps=n, strength=bad)
+  for bad in (0.0, 1.2, "0.5", True):
+    with pytest.raises(ConfigError, match="cfg.sampler.strength"):
+      sampler.check_settings({"strength": bad})
+  sampler.check_settings({"num_steps": 20, "strength": 0.8})
