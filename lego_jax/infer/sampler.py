@@ -228,11 +228,11 @@ def _sample(unet_apply: UNetApply, image_latent: jax.Array, cond_ctx: jax.Array,
       return x * c_skip + guide(x * c_in, schedule.sigma_to_t(sigma)) * c_out
 
     noise = step_noise(init_key, 0, shape, jnp.float32)
-    if strength < 1.0:
+    start = 0.0
+    if strength < 1.0:   # k-diffusion's x = z + sigma * noise at the first kept sigma
       sigmas = sigmas[num_steps - kept_steps(num_steps, strength):]
-      return euler_ancestral(denoise, image_latent * latent_scale + noise * sigmas[0], sigmas,
-                             loop_key, eta)
-    return euler_ancestral(denoise, noise * sigmas[0], sigmas, loop_key, eta)
+      start = image_latent * latent_scale
+    return euler_ancestral(denoise, start + noise * sigmas[0], sigmas, loop_key, eta)
   if kind == "ddim":
     x_T = step_noise(init_key, 0, shape, jnp.float32)
     timesteps = schedule.ddim_timesteps(num_steps)
