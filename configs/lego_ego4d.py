@@ -110,8 +110,10 @@ def get_config() -> ml_collections.ConfigDict:
   # "png": lossless. Output size: height data.image_size, width round(W / H * height).
   # strength < 1: an SDEdit start from the input frame's noised latent (Meng et al. 2022), only
   # the last floor(num_steps * strength) steps run; 1 (the release) starts from pure noise.
+  # colour_match="median": each decoded frame shifted by the per-channel median of (input -
+  # frame), undoing a whole-frame colour drift (infer/ldm.py, match_colour); "none": the release.
   cfg.sampler = dict(kind="euler_ancestral", num_steps=100, text_guidance=7.5, image_guidance=1.5,
-                     strength=1.0, seed=0, use_ema=True, output_norm="minmax",
+                     strength=1.0, colour_match="none", seed=0, use_ema=True, output_norm="minmax",
                      postprocess="release", image_format="release")
   # blip_b / blip_l also need --edit_file (the annotation JSON with the enriched descriptions).
   # lpips_release_range=True: LPIPS on [0, 1] inputs, as the release computed the paper's column

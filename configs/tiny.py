@@ -98,12 +98,14 @@ def get_config() -> ml_collections.ConfigDict:
   # `lego-jax demo` (lego_jax/demo.py): scale multiplies every training stage's steps (0.05 for a
   # quick look), num_test limits the held-out frames generated (0: all), grid_rows the report's.
   # shipped_sampler: how the demo's shipped block samples the shipped LDMs (lego_jax/assets/tiny,
-  # 8800 steps, the last 1600 annealed): DDIM with image guidance 1.5 from the input frame's
-  # latent noised to 90% of the way (an SDEdit start, the last 18 of 20 steps), the setting of a
-  # 3x3 grid (strength 0.7-0.9, guidance 1-1.5) farthest inside all three of issue 16's goals
-  # (scene within 1 dB of the VAE's ceiling, hand hit >= 0.6, placement >= 0.3), in standard
-  # errors, on a dev split (data.synthetic.seed=1; docs/experiments/heldout-combinations.md,
-  # Run 17). The from-scratch LDMs sample with cfg.sampler above.
+  # 8800 steps, the last 1600 annealed): DDIM without guidance from the input frame's latent
+  # noised to 90% of the way (an SDEdit start, the last 18 of 20 steps), each decoded frame's
+  # colour then shifted onto the input's (colour_match="median"): the setting of a 3x3 grid
+  # (strength 0.8-1, image guidance 1-1.5, colour-matched) farthest inside all three of issue
+  # 16's goals (scene within 1 dB of the VAE's ceiling, hand hit >= 0.6, placement >= 0.3), in
+  # standard errors, on a dev split (data.synthetic.seed=1; docs/experiments/
+  # heldout-combinations.md, Runs 17-18). The from-scratch LDMs sample with cfg.sampler above.
   cfg.demo = dict(scale=1.0, num_test=0, grid_rows=8,
-                  shipped_sampler=dict(kind="ddim", image_guidance=1.5, strength=0.9))
+                  shipped_sampler=dict(kind="ddim", image_guidance=1.0, strength=0.9,
+                                       colour_match="median"))
   return cfg

@@ -419,7 +419,8 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
 
 SHIPPED_DIR = "shipped"
 # the sampler settings metrics.json records for each block
-SAMPLER_SHOWN = ("kind", "num_steps", "text_guidance", "image_guidance", "strength")
+SAMPLER_SHOWN = ("kind", "num_steps", "text_guidance", "image_guidance", "strength",
+                 "colour_match")
 
 
 def shipped_rows(cfg, workdir: Path, limit: int, stages: Stages, grid_rows: int,

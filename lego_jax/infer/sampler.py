@@ -34,7 +34,8 @@ UNetApply = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 SAMPLERS = ("euler_ancestral", "ddim")
 # cfg.sampler's keys with a fixed set of values (generate's post-processing and file format too)
 CHOICES = {"kind": SAMPLERS, "output_norm": ("minmax", "clamp"),
-           "postprocess": ("release", "project"), "image_format": ("release", "png")}
+           "postprocess": ("release", "project"), "image_format": ("release", "png"),
+           "colour_match": ("none", "median")}
 
 
 def check_settings(s, where: str = "cfg.sampler") -> None:

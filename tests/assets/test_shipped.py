@@ -16,6 +16,7 @@ from lego_jax.data import synthetic
 from lego_jax.data.tokenizer import load_clip_tokenizer
 from lego_jax.errors import UserError
 from lego_jax.infer import generate
+from lego_jax.infer.ldm import match_colour
 from lego_jax.train import vllm
 
 BUDGET_BYTES = 40 * 1024 * 1024
@@ -224,3 +225,12 @@ def test_shipped_ldm_loads_and_generates_the_kept_scene(tmp_path):
   assert frames.shape == (2, 64, 64, 3)
   outside = [_psnr(f, e.target, e.mask < 128) for f, e in zip(frames, examples)]
   assert min(outside) > 20.0, outside
+  # the shipped sampler's colour match is the median shift of the same frames without it
+  assert c.sampler.colour_match == "median"
+  c.sampler.colour_match = "none"
+  plain = generate.run_batch(models, batch, tok([e.action for e in examples]), tok([""]), c,
+                             keys, num_steps=8)
+  unit = batch["input"].astype(np.float32) / 127.5 - 1
+  np.testing.assert_allclose(np.asarray(decoded), np.asarray(match_colour(plain, unit)),
+                             atol=1e-5)
+  assert not np.allclose(np.asarray(decoded), np.asarray(plain), atol=1e-3)
